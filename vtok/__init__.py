@@ -1,0 +1,1 @@
+"""vtok: visual-token compression for VLMs and ViTs."""
