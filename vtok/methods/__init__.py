@@ -1,0 +1,3 @@
+"""Built-in methods; each file registers itself by name on import."""
+
+from . import fastv, pool, random  # noqa: F401

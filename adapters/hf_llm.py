@@ -1,0 +1,184 @@
+"""Decoder-LM side of HF models: sequence compaction, positions, masks, KV cache, attention probes.
+
+Everything here speaks in terms of one HF decoder stack (``model.layers``, ``model.rotary_emb``,
+``model.config``), Llama-style attention modules (``q_proj``/``k_proj``, optional ``q_norm``/``k_norm``,
+``scaling``) and transformers' own ``create_causal_mask``, so the user's attention implementation
+builds its own masks from our shorter 2-D masks.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+__all__ = ["SeqState", "attention_rows", "build_layer_kwargs", "remap_mask"]
+
+
+@dataclass
+class SeqState:
+    """One layout of the LLM sequence (per sample, left-padded).
+
+    valid [B, S]: real tokens; positions [B, S]: RoPE position ids; visual [B, S]: visual tokens;
+    orig_index [B, S]: index in the user's original sequence. ``index`` [B, S] maps into the previous
+    layout (None: this is the original layout); ``prev_len`` its length; ``shift`` [B]: how much
+    decode-step position ids are lowered relative to the original numbering (compact policies).
+    """
+
+    valid: torch.Tensor
+    positions: torch.Tensor
+    visual: torch.Tensor
+    orig_index: torch.Tensor
+    index: torch.Tensor | None = None
+    prev_len: int = 0
+    shift: torch.Tensor | None = None
+    step_shift: torch.Tensor | None = None
+
+    @classmethod
+    def original(cls, valid, positions, visual):
+        b, s = valid.shape
+        zero = torch.zeros(b, dtype=torch.long, device=valid.device)
+        return cls(valid, positions, visual, torch.arange(s, device=valid.device).expand(b, s), shift=zero, step_shift=zero)
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def visual_index(self) -> list[torch.Tensor]:
+        return [row.nonzero().squeeze(1) for row in self.visual]
+
+    def compact(self, keep: torch.Tensor, policy: str) -> "SeqState":
+        """New left-padded layout holding the tokens where ``keep`` [B, S] is True, in order."""
+        keep = keep & self.valid
+        b, s = keep.shape
+        dev = keep.device
+        counts = keep.sum(1)
+        s_new = int(counts.max())
+        ar = torch.arange(s, device=dev)
+        order = torch.argsort((~keep).long() * s + ar, dim=1)  # kept first, in index order
+        slot = torch.arange(s_new, device=dev).unsqueeze(0) - (s_new - counts).unsqueeze(1)
+        valid = slot >= 0
+        index = order.gather(1, slot.clamp_min(0))
+        removed = (self.valid & ~keep).long()
+        if policy == "compact":
+            pos = self.positions - removed.cumsum(1)
+            step = removed.sum(1)
+        elif policy == "keep":
+            pos = self.positions
+            step = torch.zeros(b, dtype=torch.long, device=dev)
+        else:  # pragma: no cover - validated by Method
+            raise ValueError(f"unknown position policy {policy!r}")
+        return SeqState(
+            valid=valid,
+            positions=pos.gather(1, index).masked_fill(~valid, 0),
+            visual=self.visual.gather(1, index) & valid,
+            orig_index=self.orig_index.gather(1, index),
+            index=index,
+            prev_len=s,
+            shift=self.shift + step,
+            step_shift=step,
+        )
+
+    def is_identity(self) -> bool:
+        return self.index is None
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Gather [B, S_prev, ...] into this layout; pad slots are zero."""
+        idx = self.index.reshape(*self.index.shape, *([1] * (x.dim() - 2))).expand(*self.index.shape, *x.shape[2:])
+        out = x.gather(1, idx)
+        return out * self.valid.reshape(*self.valid.shape, *([1] * (x.dim() - 2))).to(out.dtype)
+
+
+def remap_mask(state: SeqState, mask2d: torch.Tensor) -> torch.Tensor:
+    """Map a 2-D mask over [previous layout + new tokens] to [this layout + new tokens]."""
+    head = mask2d[:, : state.prev_len].gather(1, state.index) * state.valid.to(mask2d.dtype)
+    return torch.cat([head, mask2d[:, state.prev_len :]], dim=1)
+
+
+def build_layer_kwargs(lm, hidden, mask2d, positions, cache, layer_idx):
+    """attention_mask, position_ids and position_embeddings for decoder layers from ``layer_idx`` on."""
+    pe = lm.rotary_emb(hidden, position_ids=positions)
+    mask = create_causal_mask(
+        config=lm.config,
+        inputs_embeds=hidden,
+        attention_mask=mask2d,
+        past_key_values=cache,
+        position_ids=positions,
+        layer_idx=layer_idx,
+    )
+    return {"attention_mask": mask, "position_ids": positions, "position_embeddings": pe}
+
+
+def _rope(attn_module):
+    mod = sys.modules[type(attn_module).__module__]
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise ValueError(
+            f"cannot compute attention probes for {type(attn_module).__name__}: its module has no apply_rotary_pos_emb"
+        )
+    return fn
+
+
+def _project(attn, proj, norm_name, h, n_heads, head_dim):
+    x = getattr(attn, proj)(h).view(*h.shape[:-1], n_heads, head_dim)
+    norm = getattr(attn, norm_name, None)
+    if norm is not None:
+        x = norm(x)
+    return x.transpose(1, 2)
+
+
+@torch.no_grad()
+def attention_rows(attn, hidden, position_embeddings, valid, query: str, row_chunk: int = 256):
+    """Head-averaged attention of chosen query rows of a Llama-style attention module.
+
+    hidden [B, S, D]: the module's input (after the layer norm); valid [B, S]: keys that exist.
+    query "last": the last valid row per sample; "mean": the mean of all valid rows' (causal)
+    attention, in chunks of rows. Returns [B, S] in fp32. The [S, S] map is never formed whole.
+    """
+    cfg = attn.config
+    n_q = cfg.num_attention_heads
+    n_kv = cfg.num_key_value_heads
+    head_dim = attn.head_dim
+    scaling = getattr(attn, "scaling", head_dim**-0.5)
+    rope = _rope(attn)
+    cos, sin = position_embeddings
+    b, s, _ = hidden.shape
+    if cos.shape[0] != b:
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    k = _project(attn, "k_proj", "k_norm", hidden, n_kv, head_dim)
+    k, _ = rope(k, k, cos, sin)
+    k = k.repeat_interleave(n_q // n_kv, dim=1).float()  # [B, Hq, S, d]
+    ar = torch.arange(s, device=hidden.device)
+    if query == "last":
+        rows = [(valid.long() * ar).argmax(1, keepdim=True)]
+    elif query == "mean":
+        rows = [ar[i : i + row_chunk].expand(b, -1) for i in range(0, s, row_chunk)]
+    else:
+        raise ValueError(f"query={query!r} must be 'last' or 'mean'")
+    total = torch.zeros(b, s, dtype=torch.float32, device=hidden.device)
+    for r in rows:  # r [B, R]
+        h_r = hidden.gather(1, r.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        q = _project(attn, "q_proj", "q_norm", h_r, n_q, head_dim)
+        cr = cos.gather(1, r.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
+        sr = sin.gather(1, r.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
+        q, _ = rope(q, q, cr, sr)
+        scores = torch.einsum("bhrd,bhsd->bhrs", q.float(), k) * scaling
+        allowed = valid.unsqueeze(1) & (ar.view(1, 1, s) <= r.unsqueeze(-1))  # [B, R, S]
+        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)  # [B, R, S]
+        row_ok = valid.gather(1, r).unsqueeze(-1).float()
+        total += (probs * row_ok).sum(1)
+    if query == "mean":
+        total = total / valid.sum(1, keepdim=True).clamp_min(1)
+    return total
+
+
+def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
+    ar = torch.arange(valid.shape[1], device=valid.device)
+    return (valid.long() * ar).argmax(1)
+
+
+def with_state(state: SeqState, **kw) -> SeqState:
+    return replace(state, **kw)

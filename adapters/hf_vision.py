@@ -1,0 +1,62 @@
+"""HF vision towers (CLIP, SigLIP, DINOv2): where the blocks are and their attention statistics.
+
+The statistics are side computations from the block's own q/k projections on the block input:
+the tower keeps the attention implementation the user chose and no full map is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["vision_blocks", "attention_module", "has_cls_token", "vit_attention_stats"]
+
+
+def vision_blocks(tower: nn.Module) -> nn.ModuleList:
+    """The encoder blocks of an HF vision tower (CLIPVisionModel, SiglipVisionModel, Dinov2Model...)."""
+    root = getattr(tower, "vision_model", tower)
+    enc = getattr(root, "encoder", None)
+    for name in ("layers", "layer"):
+        blocks = getattr(enc, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise ValueError(f"cannot find the encoder blocks of vision tower {type(tower).__name__}")
+
+
+def attention_module(block: nn.Module) -> nn.Module:
+    """The attention module of a block: the submodule owning q_proj and k_proj."""
+    for mod in block.modules():
+        if hasattr(mod, "q_proj") and hasattr(mod, "k_proj"):
+            return mod
+    raise ValueError(f"cannot find q_proj/k_proj in vision block {type(block).__name__}")
+
+
+def has_cls_token(tower: nn.Module) -> bool:
+    root = getattr(tower, "vision_model", tower)
+    emb = getattr(root, "embeddings", None)
+    return hasattr(emb, "class_embedding") or hasattr(emb, "cls_token")
+
+
+@torch.no_grad()
+def vit_attention_stats(attn: nn.Module, hidden: torch.Tensor, kind: str, row_chunk: int = 256) -> torch.Tensor:
+    """Head-averaged attention statistics of a ViT block from its input ``hidden`` [U, N, D].
+
+    kind "cls": row of token 0 over all N tokens; "colmean": attention received by every token,
+    averaged over all queries (row chunks, never the whole [N, N] map). Returns [U, N] fp32.
+    """
+    n_heads = attn.config.num_attention_heads
+    u, n, d = hidden.shape
+    head_dim = d // n_heads
+    scale = head_dim**-0.5
+    k = attn.k_proj(hidden).view(u, n, n_heads, head_dim).transpose(1, 2).float()
+    if kind == "cls":
+        q = attn.q_proj(hidden[:, :1]).view(u, 1, n_heads, head_dim).transpose(1, 2).float()
+        return torch.softmax(q @ k.transpose(-1, -2) * scale, -1).mean(1)[:, 0]
+    if kind != "colmean":
+        raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")
+    total = torch.zeros(u, n, dtype=torch.float32, device=hidden.device)
+    for i in range(0, n, row_chunk):
+        q = attn.q_proj(hidden[:, i : i + row_chunk])
+        q = q.view(u, -1, n_heads, head_dim).transpose(1, 2).float()
+        total += torch.softmax(q @ k.transpose(-1, -2) * scale, -1).mean(1).sum(1)
+    return total / n

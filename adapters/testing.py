@@ -1,0 +1,110 @@
+"""Tiny random models built from the real transformers classes, with matching inputs.
+
+Used by the test suite (every adapter registers a factory here) and by quick CPU examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["TinyCase", "TINY_CASES", "tiny_llava", "left_pad_batch"]
+
+
+@dataclass
+class TinyCase:
+    """A tiny model of one adapter family and a way to make prompts for it."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    #: (model, prompt_spec list, seed) -> list of per-sample dicts of unbatched inputs
+    make_samples: Callable
+
+
+def _llama_text_config(vocab=160, layers=4):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8):
+    """A LlavaForConditionalGeneration with a 2-block CLIP tower (16 patches) and a 4-layer Llama."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=_llama_text_config(),
+        image_token_id=150,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def llava_samples(model, specs, seed=0):
+    """specs: list of (n_text_before, n_images, n_text_after). One unbatched sample per spec."""
+    cfg = model.config
+    vc = cfg.vision_config
+    n_tok = (vc.image_size // vc.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for before, n_img, after in specs:
+        ids = [1] + torch.randint(3, 140, (before,), generator=g).tolist()
+        for _ in range(n_img):
+            ids += [cfg.image_token_id] * n_tok + torch.randint(3, 140, (1,), generator=g).tolist()
+        ids += torch.randint(3, 140, (after,), generator=g).tolist()
+        pix = torch.randn(n_img, 3, vc.image_size, vc.image_size, generator=g)
+        out.append({"input_ids": torch.tensor(ids), "pixel_values": pix})
+    return out
+
+
+def left_pad_batch(samples, pad_id: int = 0, side: str = "left"):
+    """Batch unbatched samples with padding; position_ids as generate computes them."""
+    n = max(s["input_ids"].numel() for s in samples)
+    ids, mask = [], []
+    for s in samples:
+        t = s["input_ids"]
+        p = n - t.numel()
+        pad = torch.full((p,), pad_id, dtype=t.dtype)
+        ids.append(torch.cat([pad, t]) if side == "left" else torch.cat([t, pad]))
+        m = torch.cat([torch.zeros(p), torch.ones(t.numel())]) if side == "left" else torch.cat(
+            [torch.ones(t.numel()), torch.zeros(p)]
+        )
+        mask.append(m.long())
+    mask = torch.stack(mask)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    batch = {"input_ids": torch.stack(ids), "attention_mask": mask, "position_ids": pos}
+    pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    if pix:
+        batch["pixel_values"] = torch.cat(pix)
+    return batch
+
+
+TINY_CASES: dict[str, TinyCase] = {
+    "llava": TinyCase("llava", tiny_llava, llava_samples),
+}

@@ -1,0 +1,379 @@
+"""Shared machinery of LLaVA-style VLM adapters: before_llm splicing, in_llm compaction, decode.
+
+A subclass knows its model family: where the vision tower, projector and language model are,
+and how projected features map to placeholder tokens (``visual_tokens``). This class does the
+rest for any HF decoder LM: it shortens the sequence at the LM entry (before_llm) and at decoder
+layer K (in_llm), keeps per-layer KV-cache lengths consistent during ``generate``, and maps
+decode-step masks and positions to the shorter layouts.
+
+Prefill: a forward whose cache is empty (or absent) and whose input_ids hold visual placeholders.
+Decode: a forward with a non-empty cache that is the one returned by our last prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vtok.method import LLMAttention, LLMView, TextQuery, ViTAttention
+from vtok.stats import Reduction
+from vtok.tokens import VisualTokens
+
+from .base import Adapter
+from .hf_llm import SeqState, attention_rows, build_layer_kwargs, remap_mask
+
+__all__ = ["VLMAdapter"]
+
+
+@dataclass
+class _Forward:
+    prefill: bool
+    active: bool = False
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    probes: dict = field(default_factory=dict)
+    units: VisualTokens | None = None  # visual tokens entering before_llm
+    spans: list = field(default_factory=list)  # per unit: sequence indices of its placeholders
+    reduced: VisualTokens | None = None
+    states: list = field(default_factory=list)  # SeqState per layout (entry, then one per in_llm stage)
+    layer_kwargs: dict | None = None
+    mask2d: torch.Tensor | None = None  # decode: 2-D mask of the current layout
+    pos: torch.Tensor | None = None  # decode: position ids of the current layout
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class _Generation:
+    """What a prefill leaves for the decode steps that follow it."""
+
+    states: list
+    orig_len: int
+    cache: object = None
+
+
+class VLMAdapter(Adapter):
+    stages = ("before_llm", "in_llm")
+    probe_types = (ViTAttention, LLMAttention, TextQuery)
+
+    # subclass interface ------------------------------------------------------
+    #: placeholder token id(s) whose positions hold visual features
+    def placeholder_ids(self) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def core(self):
+        """The module that takes input_ids/pixel_values and calls the language model."""
+        return self.model.model
+
+    @property
+    def lm(self):
+        return self.model.model.language_model
+
+    def attach_vision(self) -> None:  # pragma: no cover - abstract
+        """Install hooks that capture visual features (and ViT probes) and call ``run_before_llm``."""
+        raise NotImplementedError
+
+    def vocab_size(self) -> int:
+        cfg = self.model.config
+        return getattr(getattr(cfg, "text_config", cfg), "vocab_size")
+
+    # checks ------------------------------------------------------------------
+    def num_llm_layers(self) -> int:
+        return len(self.lm.layers)
+
+    # attach ------------------------------------------------------------------
+    def attach(self) -> None:
+        self._fw: _Forward | None = None
+        self._gen: _Generation | None = None
+        self.hook(self.model, self._top_pre, pre=True)
+        self.hook(self.model, self._top_post, pre=False)
+        self.hook(self.core, self._core_pre, pre=True)
+        self.hook(self.lm, self._lm_pre, pre=True)
+        self.attach_vision()
+        method = self.methods.get("in_llm")
+        self._stage_layers = sorted(method.llm_layers()) if method else []
+        if self._stage_layers:
+            for layer in range(self._stage_layers[0], len(self.lm.layers)):
+                self.hook(self.lm.layers[layer], self._make_layer_pre(layer), pre=True)
+        probe_layers = {}
+        for m in self.methods.values():
+            for p in m.probes():
+                if isinstance(p, LLMAttention):
+                    probe_layers.setdefault(p.layer, []).append(p)
+        for layer, probes in probe_layers.items():
+            self.hook(self.lm.layers[layer].self_attn, self._make_probe_pre(probes), pre=True)
+
+    # top level: labels and logits --------------------------------------------
+    def _top_pre(self, module, args, kwargs):
+        labels = kwargs.pop("labels", None)
+        self._pending_labels = labels
+        return args, kwargs
+
+    def _top_post(self, module, args, kwargs, output):
+        fw = self._fw
+        labels, self._pending_labels = self._pending_labels, None
+        if fw is None:
+            return output
+        if fw.prefill and fw.active and self._gen is not None:
+            self._gen.cache = getattr(output, "past_key_values", None)
+        final = next((s for s in reversed(fw.states) if s is not None and not s.is_identity()), None)
+        logits = getattr(output, "logits", None)
+        if final is not None and fw.prefill and logits is not None and logits.shape[1] == final.length > 1:
+            b, _, v = logits.shape
+            s0 = fw.input_ids.shape[1]
+            full = logits.new_zeros(b, s0 + 1, v)
+            idx = torch.where(final.valid, final.orig_index, s0)
+            full.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, v), logits)
+            output.logits = full[:, :s0]
+        if labels is not None:
+            output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=self.vocab_size())
+        self._fw = None
+        return output
+
+    # forward start -------------------------------------------------------------
+    def _core_pre(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            self._gen = None
+            has_visual = input_ids is not None and bool(torch.isin(input_ids, self._placeholder_tensor(input_ids)).any())
+            if input_ids is None and self._has_visual_inputs(kwargs):
+                raise ValueError(
+                    "vtok finds visual spans from input_ids; this call passed inputs_embeds only. "
+                    "Pass input_ids (as the processor made them) together with pixel_values"
+                )
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() != 2:
+                raise ValueError("vtok needs a 2-D attention_mask [batch, seq] (got a prepared 4-D mask)")
+            self._fw = _Forward(
+                prefill=True,
+                active=has_visual,
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=kwargs.get("position_ids"),
+            )
+            if has_visual:
+                self.handle.stats.clear()
+        else:
+            if self._gen is not None and self._gen.cache is not cache:
+                self._gen = None
+            self._fw = _Forward(prefill=False)
+        return None
+
+    def _placeholder_tensor(self, ref):
+        return torch.tensor(self.placeholder_ids(), device=ref.device)
+
+    def _has_visual_inputs(self, kwargs) -> bool:
+        return any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+
+    # before_llm ----------------------------------------------------------------
+    def run_before_llm(self, units: VisualTokens, spans: list[torch.Tensor]) -> None:
+        """Called by the subclass once the projected visual tokens exist (prefill only)."""
+        fw = self._fw
+        fw.units, fw.spans = units, spans
+        method = self.methods.get("before_llm")
+        if method is None:
+            return
+        probes = self._collect_probes(method, units)
+        out = method.before_llm(units, probes)
+        if not isinstance(out, VisualTokens):
+            raise TypeError(f"{method.name}.before_llm must return VisualTokens, got {type(out).__name__}")
+        fw.reduced = out
+        self._record_units(method, "before_llm", units, out)
+
+    def _collect_probes(self, method, units):
+        fw = self._fw
+        res = {}
+        for p in method.probes():
+            if isinstance(p, TextQuery):
+                res[p] = self._text_query()
+            elif p in fw.probes:
+                res[p] = fw.probes[p]
+            else:
+                raise RuntimeError(f"probe {p!r} was not computed in this forward")
+        return res
+
+    def _text_query(self):
+        fw = self._fw
+        ids = fw.input_ids
+        text = ~torch.isin(ids, self._placeholder_tensor(ids))
+        if fw.attention_mask is not None:
+            text &= fw.attention_mask.bool()
+        emb = self.lm.get_input_embeddings()
+        out = []
+        for b in range(ids.shape[0]):
+            t = ids[b][text[b]]
+            out.append((t, emb(t)))
+        return out
+
+    def _record_units(self, method, stage, units: VisualTokens, out: VisualTokens):
+        b = int(self._fw.input_ids.shape[0])
+        owner = units.owner.tolist()
+        n_in, n_out = units.counts().tolist(), out.counts().tolist()
+        tin, tout = [0] * b, [0] * b
+        kept = [[] for _ in range(b)]
+        offset = [0] * b
+        for u, o in enumerate(owner):
+            tin[o] += n_in[u]
+            tout[o] += n_out[u]
+            kept[o].append(out.positions[u, : n_out[u]] + offset[o])
+            offset[o] += n_in[u]
+        kept_t = None
+        if getattr(method, "kept_meaningful", True):
+            kept_t = [torch.cat(k).sort().values.cpu() if k else torch.zeros(0, dtype=torch.long) for k in kept]
+        self.handle.stats.append(Reduction(method.name, stage, None, tin, tout, kept_t))
+
+    # LM entry ------------------------------------------------------------------
+    def _lm_pre(self, module, args, kwargs):
+        fw = self._fw
+        if fw is None:
+            return None
+        if fw.prefill:
+            return self._lm_prefill(kwargs) if fw.active else None
+        return self._lm_decode(kwargs)
+
+    def _lm_prefill(self, kwargs):
+        fw = self._fw
+        embeds = kwargs["inputs_embeds"]
+        b, s0, _ = embeds.shape
+        dev = embeds.device
+        valid = fw.attention_mask.bool() if fw.attention_mask is not None else torch.ones(b, s0, dtype=torch.bool, device=dev)
+        pos = fw.position_ids
+        if pos is None:
+            pos = torch.arange(s0, device=dev).expand(b, s0)
+        pos = pos.expand(b, s0)
+        visual = torch.isin(fw.input_ids, self._placeholder_tensor(fw.input_ids))
+        state = SeqState.original(valid, pos, visual)
+        out, method = fw.reduced, self.methods.get("before_llm")
+        changed = out is not None and (
+            out.features.shape != fw.units.features.shape or not torch.equal(out.features, fw.units.features)
+        )
+        if changed:
+            keep = valid & ~visual
+            embeds = embeds.clone()
+            counts = out.counts().tolist()
+            for u, span in enumerate(fw.spans):
+                b_u = int(out.owner[u])
+                k = counts[u]
+                p = out.positions[u, :k]
+                slots = span[p] if torch.unique(p).numel() == k and bool((p < span.numel()).all()) else span[:k]
+                keep[b_u, slots] = True
+                embeds[b_u, slots] = out.features[u, :k].to(embeds.dtype)
+            state = state.compact(keep, method.position_policy)
+            kwargs["inputs_embeds"] = state.gather(embeds)
+            kwargs["attention_mask"] = state.valid.long()
+            kwargs["position_ids"] = state.positions
+        fw.states = [state]
+        self._gen = _Generation(states=fw.states, orig_len=s0)
+        return (), kwargs
+
+    def _lm_decode(self, kwargs):
+        fw, gen = self._fw, self._gen
+        if gen is None:
+            return None
+        entry = gen.states[0]
+        embeds = kwargs.get("inputs_embeds")
+        b, q = embeds.shape[:2]
+        dev = embeds.device
+        cache = kwargs.get("past_key_values")
+        decoded = cache.get_seq_length() - entry.length
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("vtok needs a 2-D attention_mask [batch, seq] during decoding (got a 4-D mask)")
+        if mask is None:
+            mask = torch.ones(b, gen.orig_len + decoded + q, dtype=torch.long, device=dev)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = (gen.orig_len + decoded + torch.arange(q, device=dev)).expand(b, q)
+        if not entry.is_identity():
+            mask = remap_mask(entry, mask)
+            pos = pos - entry.shift.unsqueeze(1)
+            kwargs["attention_mask"], kwargs["position_ids"] = mask, pos
+        fw.mask2d, fw.pos = mask, pos
+        return (), kwargs
+
+    # in_llm --------------------------------------------------------------------
+    def _make_probe_pre(self, probes):
+        def pre(module, args, kwargs):
+            fw = self._fw
+            if fw is None or not fw.prefill or not fw.active:
+                return None
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            for p in probes:
+                fw.probes[p] = attention_rows(
+                    module, hidden, kwargs["position_embeddings"], fw.states[-1].valid, p.query
+                )
+            return None
+
+        return pre
+
+    def _make_layer_pre(self, layer):
+        stage_index = {k: i + 1 for i, k in enumerate(self._stage_layers)}
+
+        def pre(module, args, kwargs):
+            fw = self._fw
+            if fw is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if fw.prefill:
+                if not fw.active:
+                    return None
+                if layer in stage_index:
+                    hidden = self._prefill_stage(layer, hidden, kwargs)
+            else:
+                gen = self._gen
+                if gen is None:
+                    return None
+                if layer in stage_index:
+                    state = gen.states[stage_index[layer]]
+                    if state is not None:
+                        mask = remap_mask(state, fw.mask2d)
+                        pos = fw.pos - state.step_shift.unsqueeze(1)
+                        fw.mask2d, fw.pos = mask, pos
+                        fw.layer_kwargs = build_layer_kwargs(
+                            self.lm, hidden, mask, pos, kwargs.get("past_key_values"), layer
+                        )
+            if fw.layer_kwargs is None:
+                return None
+            kwargs.update(fw.layer_kwargs)
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return pre
+
+    def _prefill_stage(self, layer, hidden, kwargs):
+        fw = self._fw
+        method = self.methods["in_llm"]
+        prev = next(s for s in reversed(fw.states) if s is not None)
+        vis_idx = prev.visual_index()
+        probes = self._collect_probes(method, None)
+        view = LLMView(layer, hidden, prev.valid, prev.visual, vis_idx, probes)
+        kept = method.in_llm(view)
+        keep = prev.valid & ~prev.visual
+        for b, (idx, k) in enumerate(zip(vis_idx, kept)):
+            keep[b, idx[k.to(idx.device)]] = True
+        self.handle.stats.append(
+            Reduction(
+                method.name,
+                "in_llm",
+                layer,
+                [int(i.numel()) for i in vis_idx],
+                [int(k.numel()) for k in kept],
+                [k.sort().values.cpu() for k in kept],
+            )
+        )
+        if torch.equal(keep, prev.valid):
+            fw.states.append(None)
+            return hidden
+        state = prev.compact(keep, method.position_policy)
+        fw.states.append(state)
+        hidden = state.gather(hidden)
+        fw.layer_kwargs = build_layer_kwargs(
+            self.lm, hidden, state.valid.long(), state.positions, kwargs.get("past_key_values"), layer
+        )
+        return hidden

@@ -1,0 +1,211 @@
+"""Methods, stages, probe requests and the method registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tokens import VisualTokens
+
+__all__ = [
+    "STAGES",
+    "Method",
+    "Probe",
+    "ViTAttention",
+    "LLMAttention",
+    "TextQuery",
+    "register",
+    "get_method_class",
+    "list_methods",
+    "describe",
+    "hparam",
+    "LLMView",
+]
+
+STAGES = ("in_vit", "before_llm", "in_llm", "projector")
+POSITION_POLICIES = ("keep", "compact")
+
+
+def hparam(default, help: str, **kw):
+    """A method hyper-parameter: a dataclass field with a one-line description."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# ---------------------------------------------------------------- probes
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Something a method needs from the adapter, computed as a side computation."""
+
+
+@dataclass(frozen=True)
+class ViTAttention(Probe):
+    """Attention statistics of vision-encoder block ``layer`` (0-based, negative from the end).
+
+    kind="cls": the CLS query's attention row over the tokens, head-averaged.
+    kind="colmean": attention received by each token, averaged over all queries and heads.
+    The result is aligned with the visual tokens handed to the method: [U, N].
+    """
+
+    layer: int = -2
+    kind: str = "cls"
+
+
+@dataclass(frozen=True)
+class LLMAttention(Probe):
+    """Head-averaged attention of chosen query rows of decoder layer ``layer`` (prefill).
+
+    query="last": the last prompt token of each sample; "mean": the mean over all valid rows
+    (computed in row chunks). Result: [B, S] over the sequence entering that layer.
+    """
+
+    layer: int
+    query: str = "last"
+
+
+@dataclass(frozen=True)
+class TextQuery(Probe):
+    """The prompt's text tokens per sample: ids and input embeddings (visual tokens excluded)."""
+
+
+# ---------------------------------------------------------------- in-LLM view
+
+
+@dataclass
+class LLMView:
+    """What an ``in_llm`` stage sees at its decoder layer during prefill.
+
+    hidden: [B, S, D] hidden states entering the layer; valid: [B, S] real (non-pad) tokens;
+    visual: [B, S] True at visual tokens; visual_index: list (per sample) of the sequence
+    indices of its visual tokens, in order; probes: results of the method's probes.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    visual_index: list
+    probes: dict
+
+
+# ---------------------------------------------------------------- methods
+
+
+@dataclass
+class Method:
+    """Base class of every method: a dataclass of validated hyper-parameters.
+
+    Subclasses set ``name`` and ``stages`` and implement the hooks of their stages:
+    ``before_llm(tokens, probes) -> VisualTokens``; ``in_llm(view) -> list[LongTensor]``
+    (per sample, the kept positions among the visual tokens entering the layer) together with
+    ``llm_layers()``; ``probes()`` lists what they need from the adapter.
+    """
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ()
+    #: hyper-parameters that make the method a no-op (invariant 2); None if it has none
+    noop: ClassVar[dict | None] = None
+    #: a setting that really reduces tokens on tiny test models
+    example: ClassVar[dict] = {}
+    #: whether results depend on a random generator (then ``seed`` must exist)
+    needs_scores: ClassVar[bool] = False
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name == "position_policy" and getattr(self, f.name) not in POSITION_POLICIES:
+                raise ValueError(
+                    f"{self.name}: position_policy={getattr(self, f.name)!r} is not one of {POSITION_POLICIES}"
+                )
+        self.validate()
+
+    def validate(self) -> None:
+        """Check hyper-parameters; raise ValueError naming the bad value and the valid range."""
+
+    def probes(self) -> list[Probe]:
+        return []
+
+    # stage hooks ---------------------------------------------------------
+    def before_llm(self, tokens: "VisualTokens", probes: dict) -> "VisualTokens":
+        raise NotImplementedError
+
+    def llm_layers(self) -> list[int]:
+        return []
+
+    def in_llm(self, view: LLMView) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # helpers --------------------------------------------------------------
+    def config(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def check_retain(method: str, retain: float) -> None:
+    if not isinstance(retain, (int, float)) or isinstance(retain, bool) or not (0.0 < float(retain) <= 1.0):
+        raise ValueError(
+            f"{method}: retain={retain!r} is out of range; it is the fraction of visual tokens kept, "
+            "a number in (0, 1] (e.g. retain=0.25 keeps a quarter)"
+        )
+
+
+def keep_count(n: int, retain: float) -> int:
+    """Tokens kept out of ``n`` at ratio ``retain``: round half up, at least 1 when n > 0."""
+    if n <= 0:
+        return 0
+    return max(1, min(n, int(n * float(retain) + 0.5)))
+
+
+# ---------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    bad = [s for s in cls.stages if s not in STAGES]
+    if bad or not cls.stages:
+        raise ValueError(f"{cls.__name__}: stages {cls.stages} must be a non-empty subset of {STAGES}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (registers the built-in methods on import)
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    _load_builtin_methods()
+    if not isinstance(name, str):
+        raise TypeError(f"a method is given by name (str) or as a vtok Method instance, not {type(name).__name__}")
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def describe(name: str) -> str:
+    """Every hyper-parameter of a method with its default, one line each."""
+    cls = get_method_class(name)
+    lines = [f"{cls.name}: {(cls.__doc__ or '').strip().splitlines()[0]}", f"  stages: {', '.join(cls.stages)}"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else "(required)"
+        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""`random`: keep a seeded random subset of each image's visual tokens (before the LLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..method import Method, check_retain, hparam, keep_count, register
+from ..tokens import VisualTokens
+
+
+@register
+@dataclass
+class RandomPrune(Method):
+    """Keep a seeded random subset of each image's tokens, in their original order."""
+
+    name = "random"
+    stages = ("before_llm",)
+    noop = {"retain": 1.0}
+    example = {"retain": 0.5}
+
+    retain: float = hparam(0.25, "fraction of each image's visual tokens kept, in (0, 1]")
+    seed: int = hparam(0, "random seed; image j of a sample draws from seed and j, so batching does not change it")
+    position_policy: str = hparam("compact", "'compact' renumbers RoPE positions, 'keep' keeps the original ones")
+
+    def validate(self):
+        check_retain(self.name, self.retain)
+        if not isinstance(self.seed, int):
+            raise TypeError(f"random: seed must be an int, got {type(self.seed).__name__}")
+
+    def before_llm(self, tokens: VisualTokens, probes: dict) -> VisualTokens:
+        keep = torch.zeros_like(tokens.mask)
+        owner = tokens.owner.tolist()
+        counts = tokens.counts().tolist()
+        for u in range(tokens.num_units):
+            j = owner[:u].count(owner[u])  # index of this image within its sample
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+            n = counts[u]
+            perm = torch.randperm(n, generator=gen)[: keep_count(n, self.retain)]
+            valid_idx = tokens.mask[u].nonzero().squeeze(1)
+            keep[u, valid_idx[perm.to(valid_idx.device)]] = True
+        return tokens.select(keep)

@@ -1,0 +1,31 @@
+"""Records of what a method did in the last prefill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Reduction"]
+
+
+@dataclass
+class Reduction:
+    """One reduction event of the last prefill.
+
+    method, stage ('in_vit', 'before_llm', 'in_llm', 'projector'), layer (or None);
+    tokens_in / tokens_out: visual tokens per sample before and after; kept: per sample, the sorted
+    positions (within the visual tokens that entered the stage) of the tokens that survive as
+    themselves or as merge destinations, or None where that has no meaning (pooling).
+    """
+
+    method: str
+    stage: str
+    layer: int | None
+    tokens_in: list[int]
+    tokens_out: list[int]
+    kept: list[torch.Tensor] | None
+
+    def __repr__(self) -> str:
+        where = f" layer {self.layer}" if self.layer is not None else ""
+        return f"Reduction({self.method} @ {self.stage}{where}: {self.tokens_in} -> {self.tokens_out})"

@@ -1,0 +1,132 @@
+"""`VisualTokens`: the visual tokens of a batch, with the bookkeeping every method needs.
+
+A *unit* is one image (or one frame group, one crop) whose tokens a method reduces together.
+Several units may belong to one batch row (``owner``). Tensors are padded on the right inside
+``VisualTokens``; ``mask`` says which slots hold a real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+__all__ = ["VisualTokens", "weighted_merge", "gather_tokens"]
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[u, idx[u, j]]`` for x of shape [U, N, ...] and idx [U, K]."""
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    shape = idx.shape + x.shape[2:]
+    flat = idx.reshape(idx.shape[0], idx.shape[1], *([1] * (x.dim() - 2))).expand(shape)
+    return x.gather(1, flat)
+
+
+def weighted_merge(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+    """Size-weighted merge of tokens ``src`` into ``dst`` (per unit).
+
+    x [U, N, D], sizes [U, N], src/dst [U, r] indices into N. Each destination becomes
+    ``sum(x_i * size_i) / sum(size_i)`` over itself and its sources, its size the sum of sizes.
+    Sources are left in place; the caller drops them. Accumulates in fp32.
+    """
+    xf = x.float() * sizes.float().unsqueeze(-1)
+    sf = sizes.float().clone()
+    if src.numel():
+        xf = xf.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(xf, src))
+        sf = sf.scatter_add(1, dst, gather_tokens(sf, src))
+    out = xf / sf.clamp_min(1e-12).unsqueeze(-1)
+    return out.to(x.dtype), sf.to(sizes.dtype)
+
+
+@dataclass
+class VisualTokens:
+    """Visual tokens of the units of a batch.
+
+    Attributes:
+        features: [U, N, D] token features.
+        mask: [U, N] bool, True where a real token sits (ragged units are right-padded).
+        positions: [U, N] long, index of each token in its unit's original token layout
+            (raster index in the patch grid; merged tokens carry their destination's index).
+        sizes: [U, N] float, how many original patches each token stands for.
+        owner: [U] long, the batch row each unit belongs to.
+        grid: (H, W) of the original patch grid of every unit, or None if unknown.
+        frames: [U, N] long frame index of each token (video), or None.
+        extra: adapter-specific per-token data (crop id, row...), [U, N] tensors keyed by name.
+    """
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    sizes: torch.Tensor
+    owner: torch.Tensor
+    grid: tuple[int, int] | None = None
+    frames: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, owner: torch.Tensor, grid=None, frames=None):
+        u, n, _ = features.shape
+        dev = features.device
+        return cls(
+            features=features,
+            mask=torch.ones(u, n, dtype=torch.bool, device=dev),
+            positions=torch.arange(n, device=dev).expand(u, n).clone(),
+            sizes=torch.ones(u, n, dtype=torch.float32, device=dev),
+            owner=owner,
+            grid=grid,
+            frames=frames,
+        )
+
+    @property
+    def num_units(self) -> int:
+        return self.features.shape[0]
+
+    def counts(self) -> torch.Tensor:
+        """Number of real tokens per unit, [U]."""
+        return self.mask.sum(1)
+
+    def _gather_all(self, idx: torch.Tensor, valid: torch.Tensor, features=None, sizes=None) -> "VisualTokens":
+        g = lambda t: None if t is None else gather_tokens(t, idx)  # noqa: E731
+        feats = gather_tokens(self.features if features is None else features, idx)
+        feats = feats * valid.unsqueeze(-1).to(feats.dtype)
+        return replace(
+            self,
+            features=feats,
+            mask=valid,
+            positions=g(self.positions),
+            sizes=g(self.sizes if sizes is None else sizes) * valid.to(self.sizes.dtype),
+            frames=g(self.frames),
+            extra={k: g(v) for k, v in self.extra.items()},
+        )
+
+    def select(self, keep: torch.Tensor, *, features=None, sizes=None) -> "VisualTokens":
+        """Keep the tokens where ``keep`` [U, N] is True, in their current order.
+
+        ``features``/``sizes`` optionally replace the current ones before gathering (merges).
+        """
+        if keep.shape != self.mask.shape:
+            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {tuple(self.mask.shape)}")
+        keep = keep & self.mask
+        counts = keep.sum(1)
+        k = int(counts.max()) if counts.numel() else 0
+        # stable order-preserving compaction: kept slots first, in index order
+        n = keep.shape[1]
+        order = torch.argsort((~keep).to(torch.int8) * n + torch.arange(n, device=keep.device), dim=1)
+        idx = order[:, :k]
+        valid = torch.arange(k, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
+        return self._gather_all(idx, valid, features, sizes)
+
+    def select_indices(self, idx: list[torch.Tensor]) -> "VisualTokens":
+        """Keep the given token indices per unit (any order in, original order out)."""
+        keep = torch.zeros_like(self.mask)
+        for u, ix in enumerate(idx):
+            keep[u, ix.to(keep.device)] = True
+        return self.select(keep)
+
+    def merge(self, src: torch.Tensor, dst: torch.Tensor) -> "VisualTokens":
+        """Size-weighted merge of ``src`` tokens into ``dst`` tokens ([U, r] each); sources are dropped."""
+        feats, sizes = weighted_merge(self.features, self.sizes, src, dst)
+        keep = self.mask.clone()
+        keep.scatter_(1, src, False)
+        return self.select(keep, features=feats, sizes=sizes)
