@@ -1,0 +1,61 @@
+"""`vtok` command line: `vtok list`, `vtok describe NAME`, and subcommands that eval/ registers.
+
+Subcommands live beside what they run: each module in ``SUBCOMMANDS`` exposes
+``add_parser(subparsers)`` which registers its parser and sets ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: modules that add subcommands (module path, subcommand name) -- imported lazily
+SUBCOMMANDS = [
+    ("vtok.eval.cli", "eval"),
+    ("vtok.eval.demo", "demo"),
+]
+
+
+def _list(args) -> int:
+    from vtok import list_methods
+    from vtok.adapters import list_adapters
+
+    print("methods: " + ", ".join(list_methods()))
+    print("adapters: " + ", ".join(list_adapters()))
+    return 0
+
+
+def _describe(args) -> int:
+    from vtok import describe
+
+    print(describe(args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vtok", description="Visual-token compression for VLMs and ViTs")
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("list", help="list methods and adapters")
+    sp.set_defaults(func=_list)
+    sp = sub.add_parser("describe", help="hyper-parameters of a method")
+    sp.add_argument("name")
+    sp.set_defaults(func=_describe)
+    for module, name in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # that part of vtok is not built yet
+        mod.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
