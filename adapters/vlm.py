@@ -254,14 +254,7 @@ class VLMAdapter(Adapter):
         if changed:
             keep = valid & ~visual
             embeds = embeds.clone()
-            counts = out.counts().tolist()
-            for u, span in enumerate(fw.spans):
-                b_u = int(out.owner[u])
-                k = counts[u]
-                p = out.positions[u, :k]
-                slots = span[p] if torch.unique(p).numel() == k and bool((p < span.numel()).all()) else span[:k]
-                keep[b_u, slots] = True
-                embeds[b_u, slots] = out.features[u, :k].to(embeds.dtype)
+            self.place_reduced(out, fw.spans, keep, embeds)
             state = state.compact(keep, method.position_policy)
             kwargs["inputs_embeds"] = state.gather(embeds)
             kwargs["attention_mask"] = state.valid.long()
@@ -269,6 +262,24 @@ class VLMAdapter(Adapter):
         fw.states = [state]
         self._gen = _Generation(states=fw.states, orig_len=s0)
         return (), kwargs
+
+    def place_reduced(self, out: VisualTokens, spans: list, keep: torch.Tensor, embeds: torch.Tensor) -> None:
+        """Put each unit's surviving tokens into placeholder slots of its span (in place).
+
+        ``keep`` [B, S] starts with the text tokens; the slots set here survive. A token goes to the
+        slot of its ``position`` when positions are unique (so original RoPE positions stay
+        meaningful); otherwise the unit's first slots are used in output order. Families with
+        layout tokens (image newlines) override this to re-insert them.
+        """
+        counts = out.counts().tolist()
+        for u, span in enumerate(spans):
+            b_u = int(out.owner[u])
+            k = counts[u]
+            p = out.positions[u, :k]
+            ok = k == 0 or (torch.unique(p).numel() == k and bool((p < span.numel()).all()))
+            slots = span[p] if ok else span[:k]
+            keep[b_u, slots] = True
+            embeds[b_u, slots] = out.features[u, :k].to(embeds.dtype)
 
     def _lm_decode(self, kwargs):
         fw, gen = self._fw, self._gen
