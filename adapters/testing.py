@@ -21,6 +21,16 @@ class TinyCase:
     build: Callable[[], torch.nn.Module]
     #: (model, prompt_spec list, seed) -> list of per-sample dicts of unbatched inputs
     make_samples: Callable
+    #: "vlm" (prompts with visual placeholders; generate works) or "vision" (a vision encoder)
+    kind: str = "vlm"
+    #: list of per-sample dicts -> one batch (left padding for VLMs)
+    collate: Callable = None
+    #: three prompt specs of different lengths for make_samples (the invariant suite's batch)
+    specs: list = None
+
+    def batch(self, samples, side: str = "left"):
+        collate = self.collate or left_pad_batch
+        return collate(samples, side=side) if self.kind == "vlm" else collate(samples)
 
 
 def _llama_text_config(vocab=160, layers=4):
@@ -106,5 +116,5 @@ def left_pad_batch(samples, pad_id: int = 0, side: str = "left"):
 
 
 TINY_CASES: dict[str, TinyCase] = {
-    "llava": TinyCase("llava", tiny_llava, llava_samples),
+    "llava": TinyCase("llava", tiny_llava, llava_samples, specs=[(3, 1, 4), (9, 1, 2), (1, 2, 6)]),
 }

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models per adapter (built once per session) and the method x adapter matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtok
+from vtok.adapters import find_adapter
+from vtok.adapters.testing import TINY_CASES
+from vtok.method import get_method_class
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+_MODELS: dict = {}
+
+
+def tiny_model(case_name: str):
+    if case_name not in _MODELS:
+        _MODELS[case_name] = TINY_CASES[case_name].build()
+    return _MODELS[case_name]
+
+
+def supported_pairs(kind=None, stage=None):
+    """(case, method) pairs where the case's adapter runs every stage of the method."""
+    pairs = []
+    for case_name, case in TINY_CASES.items():
+        if kind is not None and case.kind != kind:
+            continue
+        adapter = find_adapter(tiny_model(case_name))
+        for name in vtok.list_methods():
+            cls = get_method_class(name)
+            if stage is not None and stage not in cls.stages:
+                continue
+            if set(cls.stages) <= set(adapter.stages):
+                pairs.append(pytest.param(case_name, name, id=f"{case_name}-{name}"))
+    return pairs
+
+
+@pytest.fixture
+def make_method():
+    def make(name, **override):
+        cls = get_method_class(name)
+        return cls(**{**cls.example, **override})
+
+    return make

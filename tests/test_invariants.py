@@ -1,0 +1,274 @@
+"""The invariants of design.md for every registered method x every adapter that supports it.
+
+New methods (registry) and new adapters (adapters.testing.TINY_CASES) are picked up automatically.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import supported_pairs, tiny_model
+
+import vtok
+from vtok.adapters.testing import TINY_CASES
+from vtok.method import get_method_class
+
+
+def forward(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out[0]
+
+
+def attn_impls(model):
+    return {
+        name: mod.config._attn_implementation
+        for name, mod in model.named_modules()
+        if hasattr(getattr(mod, "config", None), "_attn_implementation")
+    }
+
+
+def hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def setup(case_name, seed=0):
+    case = TINY_CASES[case_name]
+    model = tiny_model(case_name)
+    samples = case.make_samples(model, case.specs, seed)
+    return case, model, samples
+
+
+def example(name, **override):
+    cls = get_method_class(name)
+    return cls(**{**cls.example, **override})
+
+
+# ------------------------------------------------------------------ 1. remove() is exact
+
+
+@pytest.mark.parametrize("case_name,method", supported_pairs())
+def test_remove_is_exact(case_name, method):
+    case, model, samples = setup(case_name)
+    batch = case.batch(samples)
+    ref = forward(model, batch)
+    hooks_before = hook_counts(model)
+    handle = vtok.apply(model, example(method))
+    reduced = forward(model, batch)
+    assert handle.stats, f"{method} recorded no reduction on {case_name}"
+    handle.remove()
+    handle.remove()  # idempotent
+    assert torch.equal(forward(model, batch), ref)
+    assert not hasattr(model, "_vtok_handle")
+    assert hook_counts(model) == hooks_before
+    assert reduced.shape[0] == ref.shape[0]
+
+
+# ------------------------------------------------------------------ 2. no-op setting
+
+
+@pytest.mark.parametrize("case_name,method", supported_pairs())
+def test_noop_setting_gives_untouched_outputs(case_name, method):
+    cls = get_method_class(method)
+    if cls.noop is None:
+        pytest.skip(f"{method} has no no-op setting (declared noop=None)")
+    case, model, samples = setup(case_name)
+    batch = case.batch(samples)
+    ref = forward(model, batch)
+    with vtok.apply(model, cls(**{**cls.example, **cls.noop})) as h:
+        out = forward(model, batch)
+    assert all(r.tokens_in == r.tokens_out for r in h.stats)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ 3. attention implementation
+
+
+@pytest.mark.parametrize("case_name,method", supported_pairs())
+def test_attention_implementation_unchanged(case_name, method):
+    case, model, samples = setup(case_name)
+    before = attn_impls(model)
+    assert "sdpa" in set(before.values())
+    with vtok.apply(model, example(method)):
+        forward(model, case.batch(samples))
+        assert attn_impls(model) == before
+    assert attn_impls(model) == before
+
+
+# ------------------------------------------------------------------ 4. batch invariance
+
+
+@pytest.mark.parametrize("case_name,method", supported_pairs())
+def test_left_padded_batch_equals_one_by_one(case_name, method):
+    case, model, samples = setup(case_name, seed=1)
+    batch = case.batch(samples)
+    with vtok.apply(model, example(method)) as h:
+        out = forward(model, batch)
+        stats = [(r.tokens_in, r.tokens_out) for r in h.stats]
+        for i, s in enumerate(samples):
+            single = forward(model, case.batch([s]))
+            assert [(r.tokens_in, r.tokens_out) for r in h.stats] == [([a[i]], [b[i]]) for a, b in stats]
+            if case.kind == "vlm":
+                n = single.shape[1]
+                torch.testing.assert_close(out[i, -n:], single[0], atol=2e-5, rtol=1e-4)
+            else:
+                torch.testing.assert_close(out[i : i + 1], single, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case_name,method", supported_pairs(kind="vlm"))
+def test_generate_batch_equals_one_by_one(case_name, method):
+    case, model, samples = setup(case_name, seed=2)
+    batch = case.batch(samples)
+    batch.pop("position_ids")
+    with vtok.apply(model, example(method)):
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+        for i, s in enumerate(samples):
+            b1 = case.batch([s])
+            b1.pop("position_ids")
+            one = model.generate(**b1, max_new_tokens=8, do_sample=False)
+            assert torch.equal(out[i, -8:], one[0, -8:])
+
+
+# ------------------------------------------------------------------ 5./6. in-LLM: drop equals mask, generate
+
+
+class MaskedReference:
+    """The untouched model with given tokens masked out as keys from layer K on (and, for the
+    'compact' policy, the later layers' RoPE positions renumbered) -- written from the definition."""
+
+    def __init__(self, model, layer, pruned, policy):
+        self.model, self.layer, self.pruned, self.policy = model, layer, pruned, policy
+        self.lm = model.model.language_model
+        self.hooks = []
+
+    def __enter__(self):
+        for layer_idx in range(self.layer, len(self.lm.layers)):
+            self.hooks.append(self.lm.layers[layer_idx].register_forward_pre_hook(self.pre, with_kwargs=True))
+        self.hooks.append(self.lm.register_forward_pre_hook(self.lm_pre, with_kwargs=True))
+        return self
+
+    def __exit__(self, *a):
+        for h in self.hooks:
+            h.remove()
+
+    def lm_pre(self, module, args, kwargs):
+        self.mask2d = kwargs["attention_mask"].bool()
+        self.pos = kwargs["position_ids"]
+
+    def pre(self, module, args, kwargs):
+        hidden = args[0]
+        q = hidden.shape[1]
+        kv = self.mask2d.shape[1]
+        s0 = self.pruned.shape[1]
+        pruned = torch.zeros_like(self.mask2d)
+        pruned[:, :s0] = self.pruned
+        keys = self.mask2d & ~pruned
+        qi = torch.arange(kv - q, kv)
+        allowed = keys[:, None, :] & (torch.arange(kv)[None, None, :] <= qi[None, :, None])
+        allowed |= torch.eye(kv, dtype=torch.bool)[kv - q :][None]  # masked rows see themselves
+        kwargs["attention_mask"] = allowed[:, None]
+        if self.policy == "compact":
+            removed = pruned.long()
+            if q > 1:
+                pos = self.pos - removed.cumsum(1)[:, kv - q :]
+            else:
+                pos = self.pos - removed.sum(1, keepdim=True)
+            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, pos)
+        return args, kwargs
+
+
+def pruned_mask(batch, stats, image_token_id):
+    """[B, S] True at visual tokens that the in_llm stage dropped (kept = stats positions)."""
+    visual = batch["input_ids"] == image_token_id
+    pruned = torch.zeros_like(visual)
+    for b in range(visual.shape[0]):
+        idx = visual[b].nonzero().squeeze(1)
+        drop = torch.ones(idx.numel(), dtype=torch.bool)
+        drop[stats.kept[b]] = False
+        pruned[b, idx[drop]] = True
+    return pruned
+
+
+IN_LLM = [p for p in supported_pairs(kind="vlm", stage="in_llm")]
+
+
+@pytest.mark.parametrize("policy", ["keep", "compact"])
+@pytest.mark.parametrize("case_name,method", IN_LLM)
+def test_in_llm_drop_equals_mask_and_generate(case_name, method, policy):
+    case, model, samples = setup(case_name, seed=3)
+    if not hasattr(model, "model") or not hasattr(model.model, "language_model"):
+        pytest.skip("masked reference is written for HF LLaVA-family models")
+    batch = case.batch(samples)
+    gen_batch = {k: v for k, v in batch.items() if k != "position_ids"}
+    m = example(method, position_policy=policy)
+    with vtok.apply(model, m) as h:
+        out = forward(model, batch)
+        (stage,) = [r for r in h.stats if r.stage == "in_llm"]
+        generated = model.generate(**gen_batch, max_new_tokens=8, do_sample=False)
+    assert any(a > b for a, b in zip(stage.tokens_in, stage.tokens_out)), "nothing was pruned"
+    pruned = pruned_mask(batch, stage, model.config.image_token_id)
+    with MaskedReference(model, stage.layer, pruned, policy):
+        ref = forward(model, batch)
+        ref_gen = model.generate(**gen_batch, max_new_tokens=8, do_sample=False)
+    keep = batch["attention_mask"].bool() & ~pruned
+    torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=1e-4)
+    assert torch.equal(generated, ref_gen)
+    # the decode steps ran against per-layer cache lengths: layers >= K hold fewer entries
+    cache = model.generate(**gen_batch, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    assert cache.sequences.shape[1] == gen_batch["input_ids"].shape[1] + 1
+
+
+@pytest.mark.parametrize("case_name,method", IN_LLM)
+def test_in_llm_cache_lengths_per_layer(case_name, method):
+    case, model, samples = setup(case_name, seed=4)
+    batch = case.batch(samples)
+    batch.pop("position_ids")
+    with vtok.apply(model, example(method)) as h:
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        (stage,) = [r for r in h.stats if r.stage == "in_llm"]
+    cache = out.past_key_values
+    lens = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
+    s = batch["input_ids"].shape[1]
+    removed = min(a - b for a, b in zip(stage.tokens_in, stage.tokens_out))
+    assert lens[: stage.layer] == [s + 2] * stage.layer
+    assert all(n == lens[stage.layer] for n in lens[stage.layer :])
+    assert lens[stage.layer] <= s + 2 - removed
+
+
+# ------------------------------------------------------------------ 7. determinism
+
+
+@pytest.mark.parametrize("case_name,method", supported_pairs())
+def test_deterministic(case_name, method):
+    case, model, samples = setup(case_name, seed=5)
+    batch = case.batch(samples)
+    with vtok.apply(model, example(method)) as h:
+        a = forward(model, batch)
+        ka = [None if r.kept is None else [k.tolist() for k in r.kept] for r in h.stats]
+        b = forward(model, batch)
+        kb = [None if r.kept is None else [k.tolist() for k in r.kept] for r in h.stats]
+    assert torch.equal(a, b)
+    assert ka == kb
+
+
+# ------------------------------------------------------------------ stats semantics
+
+
+@pytest.mark.parametrize("case_name,method", supported_pairs())
+def test_stats_records(case_name, method):
+    case, model, samples = setup(case_name)
+    with vtok.apply(model, example(method)) as h:
+        forward(model, case.batch(samples))
+    for r in h.stats:
+        assert r.method == method and r.stage in vtok.method.STAGES
+        assert len(r.tokens_in) == len(r.tokens_out) == len(samples)
+        assert all(o <= i for i, o in zip(r.tokens_in, r.tokens_out))
+        if r.kept is not None:
+            for k, n_in, n_out in zip(r.kept, r.tokens_in, r.tokens_out):
+                assert k.numel() == n_out and k.dtype == torch.long
+                assert torch.equal(k, k.sort().values) and (k.numel() == 0 or int(k.max()) < n_in)
+                assert k.unique().numel() == k.numel()
