@@ -78,28 +78,33 @@ class LlavaAdapter(VLMAdapter):
     def _make_vit_probe(self, probes):
         def pre(module, args, kwargs):
             fw = self._fw
-            if fw is None or not fw.prefill or not fw.active:
+            if fw is not None and not fw.prefill:
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             for p in probes:
                 stats = vit_attention_stats(module, hidden, p.kind)
-                fw.probes[p] = stats[:, 1:] if self._drops_cls() and has_cls_token(self.vision_tower) else stats
+                self.capture_probe(p, stats[:, 1:] if self._drops_cls() and has_cls_token(self.vision_tower) else stats)
             return None
 
         return pre
 
     def _projector_post(self, module, args, kwargs, output):
-        fw = self._fw
-        if fw is None or not fw.prefill or not fw.active:
+        self.capture_features(output)
+        return None
+
+    def features_from_encoder_outputs(self, mm_encoder_outputs: dict):
+        image = mm_encoder_outputs.get("image")
+        if image is None:
             return None
-        if output.dim() != 3:
-            raise ValueError(f"expected projected image features [images, tokens, dim], got {tuple(output.shape)}")
-        n_img, n_tok, _ = output.shape
-        ids = fw.input_ids
-        placeholder = ids == self.placeholder_ids()[0]
+        return torch.stack(list(image.pooler_output))
+
+    def build_units(self, features, input_ids):
+        if features.dim() != 3:
+            raise ValueError(f"expected projected image features [images, tokens, dim], got {tuple(features.shape)}")
+        n_img, n_tok, _ = features.shape
+        placeholder = input_ids == self.placeholder_ids()[0]
         per_sample = placeholder.sum(1).tolist()
-        total = sum(per_sample)
-        if total != n_img * n_tok or any(c % n_tok for c in per_sample):
+        if sum(per_sample) != n_img * n_tok or any(c % n_tok for c in per_sample):
             raise ValueError(
                 f"image placeholder count does not match the image features: input_ids hold {per_sample} "
                 f"placeholder tokens (id {self.placeholder_ids()[0]}) per sample, but the vision tower produced "
@@ -109,6 +114,4 @@ class LlavaAdapter(VLMAdapter):
         rows, cols = placeholder.nonzero(as_tuple=True)  # row-major: the order masked_scatter fills
         owner = rows.view(n_img, n_tok)[:, 0]
         spans = list(cols.view(n_img, n_tok))
-        units = VisualTokens.from_features(output, owner, grid=self.grid(n_tok))
-        self.run_before_llm(units, spans)
-        return None
+        return VisualTokens.from_features(features, owner, grid=self.grid(n_tok)), spans

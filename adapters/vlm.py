@@ -72,8 +72,26 @@ class VLMAdapter(Adapter):
         return self.model.model.language_model
 
     def attach_vision(self) -> None:  # pragma: no cover - abstract
-        """Install hooks that capture visual features (and ViT probes) and call ``run_before_llm``."""
+        """Install hooks on the vision side: a projector hook that calls ``capture_features`` and the
+        ViT probe hooks that call ``capture_probe``."""
         raise NotImplementedError
+
+    def build_units(self, features, input_ids) -> tuple[VisualTokens, list]:  # pragma: no cover - abstract
+        """Projected features -> (VisualTokens, per-unit placeholder spans); validates the counts."""
+        raise NotImplementedError
+
+    def features_from_encoder_outputs(self, mm_encoder_outputs: dict):  # pragma: no cover - abstract
+        """The projected features held in ``mm_encoder_outputs`` (what ``generate`` pre-computes)."""
+        raise NotImplementedError
+
+    # capture (vision hooks call these; in generate the tower runs before the prefill forward) -----
+    def capture_probe(self, probe, value) -> None:
+        self._captured[probe] = value
+
+    def capture_features(self, features) -> None:
+        fw = self._fw
+        if fw is not None and fw.prefill and fw.active and fw.units is None:
+            fw.units, fw.spans = self.build_units(features, fw.input_ids)
 
     def vocab_size(self) -> int:
         cfg = self.model.config
@@ -87,6 +105,8 @@ class VLMAdapter(Adapter):
     def attach(self) -> None:
         self._fw: _Forward | None = None
         self._gen: _Generation | None = None
+        self._captured: dict = {}  # ViT probes captured while the vision tower ran
+        self._pending_labels = None
         self.hook(self.model, self._top_pre, pre=True)
         self.hook(self.model, self._top_post, pre=False)
         self.hook(self.core, self._core_pre, pre=True)
@@ -126,10 +146,11 @@ class VLMAdapter(Adapter):
             full = logits.new_zeros(b, s0 + 1, v)
             idx = torch.where(final.valid, final.orig_index, s0)
             full.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, v), logits)
-            output.logits = full[:, :s0]
+            output.logits = full[:, :s0].contiguous()
         if labels is not None:
             output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=self.vocab_size())
         self._fw = None
+        self._captured = {}
         return output
 
     # forward start -------------------------------------------------------------
@@ -157,6 +178,11 @@ class VLMAdapter(Adapter):
             )
             if has_visual:
                 self.handle.stats.clear()
+                mm = kwargs.get("mm_encoder_outputs")
+                if mm:
+                    feats = self.features_from_encoder_outputs(mm)
+                    if feats is not None:
+                        self._fw.units, self._fw.spans = self.build_units(feats, input_ids)
         else:
             if self._gen is not None and self._gen.cache is not cache:
                 self._gen = None
@@ -170,30 +196,38 @@ class VLMAdapter(Adapter):
         return any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
 
     # before_llm ----------------------------------------------------------------
-    def run_before_llm(self, units: VisualTokens, spans: list[torch.Tensor]) -> None:
-        """Called by the subclass once the projected visual tokens exist (prefill only)."""
+    def _run_before_llm(self) -> None:
         fw = self._fw
-        fw.units, fw.spans = units, spans
         method = self.methods.get("before_llm")
         if method is None:
             return
-        probes = self._collect_probes(method, units)
+        if fw.units is None:
+            raise RuntimeError("the visual features of this prefill were not captured")
+        units = fw.units
+        probes = self._collect_probes(method, ("vit", "text"))
         out = method.before_llm(units, probes)
         if not isinstance(out, VisualTokens):
             raise TypeError(f"{method.name}.before_llm must return VisualTokens, got {type(out).__name__}")
         fw.reduced = out
         self._record_units(method, "before_llm", units, out)
 
-    def _collect_probes(self, method, units):
+    def _collect_probes(self, method, kinds=("vit", "text", "llm")):
         fw = self._fw
+        fw.probes.update(self._captured)
         res = {}
         for p in method.probes():
-            if isinstance(p, TextQuery):
+            kind = "text" if isinstance(p, TextQuery) else "llm" if isinstance(p, LLMAttention) else "vit"
+            if kind not in kinds:
+                continue
+            if kind == "text":
                 res[p] = self._text_query()
             elif p in fw.probes:
                 res[p] = fw.probes[p]
             else:
-                raise RuntimeError(f"probe {p!r} was not computed in this forward")
+                raise ValueError(
+                    f"{method.name} needs {p!r}, which was not computed in this forward "
+                    "(were the visual features passed in pre-computed, without running the vision tower?)"
+                )
         return res
 
     def _text_query(self):
@@ -237,6 +271,7 @@ class VLMAdapter(Adapter):
 
     def _lm_prefill(self, kwargs):
         fw = self._fw
+        self._run_before_llm()
         embeds = kwargs["inputs_embeds"]
         b, s0, _ = embeds.shape
         dev = embeds.device
@@ -362,7 +397,7 @@ class VLMAdapter(Adapter):
         method = self.methods["in_llm"]
         prev = next(s for s in reversed(fw.states) if s is not None)
         vis_idx = prev.visual_index()
-        probes = self._collect_probes(method, None)
+        probes = self._collect_probes(method)
         view = LLMView(layer, hidden, prev.valid, prev.visual, vis_idx, probes)
         kept = method.in_llm(view)
         keep = prev.valid & ~prev.visual

@@ -112,8 +112,10 @@ class Method:
     noop: ClassVar[dict | None] = None
     #: a setting that really reduces tokens on tiny test models
     example: ClassVar[dict] = {}
-    #: whether results depend on a random generator (then ``seed`` must exist)
+    #: whether the method reads attention scores (documented per method; serving engines avoid those)
     needs_scores: ClassVar[bool] = False
+    #: whether output tokens are kept input tokens or merge destinations (False: new tokens, e.g. pooling)
+    kept_meaningful: ClassVar[bool] = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

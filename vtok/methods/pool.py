@@ -20,6 +20,7 @@ class Pool(Method):
     stages = ("before_llm",)
     noop = {"factor": 1}
     example = {"factor": 2}
+    kept_meaningful = False  # pooled tokens are new tokens
 
     factor: int = hparam(2, "pooling window and stride along each grid axis (ceil mode at the borders)")
     retain: float | None = hparam(

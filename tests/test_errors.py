@@ -1,0 +1,153 @@
+"""Bad input gets a clear error naming the problem and the way out (invariant 8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import vtok
+from vtok.adapters.testing import TINY_CASES
+from vtok.method import Method, Probe
+
+
+@pytest.fixture
+def llava():
+    return tiny_model("llava")
+
+
+def test_unknown_method_lists_known_ones(llava):
+    with pytest.raises(ValueError, match=r"unknown method 'fastvv'.*known methods: .*fastv.*pool.*random"):
+        vtok.apply(llava, "fastvv")
+
+
+def test_unsupported_model_lists_adapters():
+    with pytest.raises(ValueError, match=r"no adapter for Linear; supported model families: .*llava"):
+        vtok.apply(torch.nn.Linear(2, 2), "random")
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="needs a torch.nn.Module"):
+        vtok.apply("model", "random")
+
+
+@pytest.mark.parametrize("method", ["random", "fastv"])
+@pytest.mark.parametrize("retain", [0, -0.5, 1.5, 0.0])
+def test_retain_out_of_range(llava, method, retain):
+    with pytest.raises(ValueError, match=r"retain=.* out of range.*\(0, 1\]"):
+        vtok.apply(llava, method, retain=retain)
+
+
+def test_pool_bad_factor(llava):
+    with pytest.raises(ValueError, match="factor=0 must be an int >= 1"):
+        vtok.apply(llava, "pool", factor=0)
+
+
+def test_layer_outside_model(llava):
+    n = len(llava.model.language_model.layers)
+    with pytest.raises(ValueError, match=rf"fastv layer = {n + 3} is outside the language model.*0\.\.{n - 1}"):
+        vtok.apply(llava, "fastv", layer=n + 3)
+    with pytest.raises(ValueError, match="layer=0 must be an int >= 1"):
+        vtok.apply(llava, "fastv", layer=0)
+
+
+def test_unknown_hyperparameter_names_the_valid_ones(llava):
+    with pytest.raises(TypeError, match=r"hyper-parameters are \['layer', 'retain', 'query', 'position_policy'\]"):
+        vtok.apply(llava, "fastv", ratio=0.5)
+
+
+def test_bad_position_policy(llava):
+    with pytest.raises(ValueError, match="position_policy='shift' is not one of"):
+        vtok.apply(llava, "fastv", position_policy="shift")
+
+
+@dataclass(frozen=True)
+class DepthProbe(Probe):
+    """A probe no adapter serves."""
+
+
+@dataclass
+class NeedsDepth(Method):
+    name = "needs_depth"
+    stages = ("before_llm",)
+
+    def probes(self):
+        return [DepthProbe()]
+
+    def before_llm(self, tokens, probes):
+        return tokens
+
+
+def test_probe_the_adapter_cannot_serve(llava):
+    with pytest.raises(ValueError, match=r"needs the probe DepthProbe\(\), which the llava adapter cannot serve"):
+        vtok.apply(llava, NeedsDepth())
+
+
+def test_cls_probe_on_tower_without_cls():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from vtok.adapters.testing import _llama_text_config
+
+    cfg = LlavaConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+        ),
+        text_config=_llama_text_config(),
+        image_token_id=150,
+        vision_feature_select_strategy="full",
+    )
+    model = LlavaForConditionalGeneration(cfg)
+
+    @dataclass
+    class NeedsCls(Method):
+        name = "needs_cls"
+        stages = ("before_llm",)
+
+        def probes(self):
+            return [vtok.ViTAttention(layer=0, kind="cls")]
+
+        def before_llm(self, tokens, probes):
+            return tokens
+
+    with pytest.raises(ValueError, match="has no CLS token.*use kind='colmean'"):
+        vtok.apply(model, NeedsCls())
+
+
+def test_two_methods_for_the_same_stage(llava):
+    with pytest.raises(ValueError, match=r"two methods for the same stage 'before_llm': 'random' and 'pool'"):
+        vtok.apply(llava, ["random", "pool"])
+
+
+def test_list_hparams_must_be_per_method(llava):
+    with pytest.raises(TypeError, match="give hyper-parameters per method"):
+        vtok.apply(llava, ["random", "fastv"], retain=0.5)
+
+
+def test_attached_twice(llava):
+    with vtok.apply(llava, "random"):
+        with pytest.raises(ValueError, match="already has vtok methods attached"):
+            vtok.apply(llava, "pool")
+
+
+@pytest.mark.parametrize("method", ["random", "fastv"])
+def test_placeholder_count_mismatch(llava, method):
+    case = TINY_CASES["llava"]
+    (sample,) = case.make_samples(llava, [(3, 1, 4)], 0)
+    ids = sample["input_ids"]
+    first = int((ids == llava.config.image_token_id).nonzero()[0])
+    sample["input_ids"] = torch.cat([ids[:first], ids[first + 1 :]])  # one placeholder short
+    with vtok.apply(llava, method):
+        with pytest.raises(ValueError, match=r"placeholder count does not match the image features.*\[15\].*1 image\(s\) x 16 features.*exactly as the processor made them"):
+            with torch.no_grad():
+                llava(**case.batch([sample]))
+
+
+def test_inputs_embeds_without_input_ids(llava):
+    case = TINY_CASES["llava"]
+    (sample,) = case.make_samples(llava, [(3, 1, 4)], 0)
+    emb = llava.get_input_embeddings()(sample["input_ids"][None])
+    with vtok.apply(llava, "random"):
+        with pytest.raises(ValueError, match="Pass input_ids"):
+            llava(inputs_embeds=emb, pixel_values=sample["pixel_values"])
