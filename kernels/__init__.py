@@ -1,0 +1,143 @@
+"""vtok.kernels: the merging and selection core, as Triton kernels beside torch references.
+
+Public functions (dispatching):
+
+* :func:`bipartite_match`, :func:`merge_weighted`, :func:`nearest_merge` (``bipartite.py``)
+* :func:`greedy_select` (``greedy.py``)
+* :func:`attention_rows`, :func:`attention_colmean` (``attn_probe.py``)
+
+Each has a ``*_torch`` reference and a ``*_triton`` implementation with the same signature,
+both exported here for comparisons. Dispatch: Triton when the first tensor argument is on CUDA
+and Triton is importable, torch otherwise. The environment variable ``VTOK_KERNELS`` forces a
+backend (``torch`` or ``triton``; ``auto`` or unset = the rule above). It exists for tests and
+A/B comparisons, not as configuration. Forcing ``triton`` for CPU tensors works only under the
+Triton interpreter (``TRITON_INTERPRET=1``); otherwise a ``RuntimeError`` says so.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._common import HAS_TRITON
+from .attn_probe import (
+    attention_colmean_torch,
+    attention_colmean_triton,
+    attention_rows_torch,
+    attention_rows_triton,
+)
+from .bipartite import (
+    bipartite_match_torch,
+    bipartite_match_triton,
+    merge_weighted_torch,
+    merge_weighted_triton,
+    nearest_merge_torch,
+    nearest_merge_triton,
+)
+from .greedy import greedy_select_torch, greedy_select_triton
+
+__all__ = [
+    "ENV_VAR",
+    "backend_for",
+    "bipartite_match",
+    "merge_weighted",
+    "nearest_merge",
+    "greedy_select",
+    "attention_rows",
+    "attention_colmean",
+    "bipartite_match_torch",
+    "bipartite_match_triton",
+    "merge_weighted_torch",
+    "merge_weighted_triton",
+    "nearest_merge_torch",
+    "nearest_merge_triton",
+    "greedy_select_torch",
+    "greedy_select_triton",
+    "attention_rows_torch",
+    "attention_rows_triton",
+    "attention_colmean_torch",
+    "attention_colmean_triton",
+]
+
+ENV_VAR = "VTOK_KERNELS"
+_CHOICES = ("auto", "torch", "triton")
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """The backend (``"torch"`` or ``"triton"``) a call on tensor ``t`` will use."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join(_CHOICES)}")
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError(f"{ENV_VAR}=triton but the `triton` package is not importable (pip install triton)")
+        if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                f"{ENV_VAR}=triton on a {t.device.type} tensor needs a CUDA device, or TRITON_INTERPRET=1 "
+                "to run the kernels under the Triton interpreter (slow; for tests)."
+            )
+        return "triton"
+    return "triton" if (HAS_TRITON and t.device.type == "cuda") else "torch"
+
+
+def bipartite_match(metric, *, r, protected=None, a_idx=None, b_idx=None):
+    """Best B partner of every A token by cosine similarity; the r most similar A tokens.
+
+    ``metric [B, N, C]``; default split A = even, B = odd positions (ToMe). ``protected``: int
+    count of leading tokens, or bool mask ``[B, N]`` / ``[N]``; protected tokens are neither
+    sources nor destinations. Returns ``(src_idx [B, r], dst_idx [B, r], scores [B, r])``,
+    most similar first, ties to the lowest token index; r is clamped to the mergeable A count.
+    See :mod:`vtok.kernels.bipartite`.
+    """
+    impl = bipartite_match_triton if backend_for(metric) == "triton" else bipartite_match_torch
+    return impl(metric, r=r, protected=protected, a_idx=a_idx, b_idx=b_idx)
+
+
+def merge_weighted(x, sizes, src_idx, dst_idx):
+    """Size-weighted merge of sources into destinations -> ``(x_kept, sizes_kept, kept_idx)``.
+
+    Survivors keep their original order; fp32 accumulation; outputs in the input dtypes.
+    See :mod:`vtok.kernels.bipartite`.
+    """
+    impl = merge_weighted_triton if backend_for(x) == "triton" else merge_weighted_torch
+    return impl(x, sizes, src_idx, dst_idx)
+
+
+def nearest_merge(x, sizes, keep_idx, *, metric=None):
+    """Merge every token outside ``keep_idx [B, K]`` into its most cosine-similar kept token.
+
+    Returns ``(x_kept [B, K, C], sizes_kept [B, K])`` in ``keep_idx`` (sorted) order.
+    """
+    impl = nearest_merge_triton if backend_for(x) == "triton" else nearest_merge_torch
+    return impl(x, sizes, keep_idx, metric=metric)
+
+
+def greedy_select(x, k, *, mode="kcenter", pivot=None, mask=None):
+    """Greedy diverse selection (``mode="kcenter"`` or ``"maxsum"``) of k tokens from a pivot.
+
+    Returns ``idx [B, k]`` int64 in selection order (``idx[:, 0]`` is the pivot), ``-1`` where a
+    sample has fewer than k valid tokens. See :mod:`vtok.kernels.greedy`.
+    """
+    impl = greedy_select_triton if backend_for(x) == "triton" else greedy_select_torch
+    return impl(x, k, mode=mode, pivot=pivot, mask=mask)
+
+
+def attention_rows(q, k, *, scale=None, key_mask=None, causal_offset=None):
+    """Head-averaged softmax rows ``[B, R, Nk]`` for query rows ``q [B, Hq, R, d]`` (GQA-aware).
+
+    See :mod:`vtok.kernels.attn_probe`.
+    """
+    impl = attention_rows_triton if backend_for(q) == "triton" else attention_rows_torch
+    return impl(q, k, scale=scale, key_mask=key_mask, causal_offset=causal_offset)
+
+
+def attention_colmean(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False):
+    """Attention received per key ``[B, Nk]``, mean over valid queries and heads, no N x N map.
+
+    See :mod:`vtok.kernels.attn_probe`.
+    """
+    impl = attention_colmean_triton if backend_for(q) == "triton" else attention_colmean_torch
+    return impl(q, k, scale=scale, key_mask=key_mask, query_mask=query_mask, causal=causal)

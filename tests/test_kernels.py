@@ -1,0 +1,662 @@
+"""vtok.kernels: torch references against hand-checked cases, Triton against torch on CPU.
+
+The Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1). ``triton.jit`` picks
+compiled vs interpreted when a module is imported, which here may already have happened (pytest
+imports everything at collection); ``vtok.kernels._common.launchable`` therefore builds the
+interpreted kernel at launch time from the current value of the variable, and
+``test_interpreter_independent_of_import_order`` checks that. The variable is set at the top of
+this module (before triton is imported, where that is still possible) only when there is no
+CUDA device, so GPU runs of other test modules keep compiled kernels; the autouse fixture sets
+it for the duration of each test here in any case.
+
+Shapes are tiny (the interpreter runs every program in Python): N <= 33, C <= 24.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import vtok.kernels as K  # noqa: E402
+from vtok.kernels import _common  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _common.HAS_TRITON, reason="triton is not installed (Linux-only dependency)")
+
+HYP = settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Output tolerance of merged features: one rounding of the output dtype (both sides sum in fp32,
+# in different orders, then round once).
+FEAT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("VTOK_KERNELS", raising=False)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _tokens(B, N, C, dtype, kind, seed, dup=True):
+    """'int': small integers (exact dot products; ties are exact), with duplicated tokens.
+    'float': Gaussian."""
+    g = _gen(seed)
+    if kind == "int":
+        x = torch.randint(-2, 3, (B, N, C), generator=g).float()
+        if dup and N >= 4:
+            x[:, N - 1] = x[:, 1]  # an exact duplicate of a B token ...
+            x[:, 2] = x[:, 0]  # ... and of an A token
+    else:
+        x = torch.randn(B, N, C, generator=g)
+    return x.to(dtype)
+
+
+def _cos64(x):
+    xf = x.double()
+    xn = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return xn @ xn.transpose(1, 2)
+
+
+# =============================================================================================
+# torch references: hand-checked cases and brute-force oracles
+# =============================================================================================
+
+
+def _five_tokens():
+    # A = {0, 2, 4}, B = {1, 3}. cos(0,1) = 1, cos(2,3) = 1, cos(4,1) = cos(4,3) = 1/sqrt2.
+    v = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1], [1, 1]])
+    return v[None]
+
+
+def test_bipartite_torch_five_tokens():
+    m = _five_tokens()
+    src, dst, sc = K.bipartite_match_torch(m, r=2)
+    assert src.tolist() == [[0, 2]]  # both score 1.0: lowest index first
+    assert dst.tolist() == [[1, 3]]
+    assert torch.allclose(sc, torch.ones(1, 2))
+    src, dst, sc = K.bipartite_match_torch(m, r=3)
+    assert src.tolist() == [[0, 2, 4]]
+    assert dst.tolist() == [[1, 3, 1]]  # token 4 ties between 1 and 3: lowest index
+    assert sc[0, 2].item() == pytest.approx(1 / math.sqrt(2), abs=1e-6)
+    # r is clamped to the A count; a protected CLS (token 0) is never a source
+    src, dst, _ = K.bipartite_match_torch(m, r=10, protected=1)
+    assert src.tolist() == [[2, 4]] and dst.tolist() == [[3, 1]]
+    # a protected destination (token 1) is not a destination either
+    prot = torch.tensor([False, True, False, False, False])
+    src, dst, _ = K.bipartite_match_torch(m, r=3, protected=prot)
+    assert src.tolist() == [[2, 4, 0]] and dst.tolist() == [[3, 3, 3]]
+
+
+def test_bipartite_torch_given_sets_and_no_destination():
+    m = _five_tokens()
+    src, dst, _ = K.bipartite_match_torch(m, r=1, a_idx=torch.tensor([4]))  # B = complement
+    assert src.tolist() == [[4]] and dst.tolist() == [[0]]  # ties 0,1,2,3 at 1/sqrt2 -> 0
+    src, dst, sc = K.bipartite_match_torch(m, r=2, protected=2)  # A={2,4} ok, B={3}
+    assert src.tolist() == [[2, 4]] and dst.tolist() == [[3, 3]]
+    e = K.bipartite_match_torch(m, r=2, protected=torch.tensor([False, True, False, True, False]))
+    assert all(t.shape == (1, 0) for t in e)  # no admissible destination: nothing merges
+
+
+def test_bipartite_torch_matches_bruteforce():
+    x = _tokens(3, 21, 8, torch.float32, "float", 0)
+    prot = torch.zeros(3, 21, dtype=torch.bool)
+    prot[1, [0, 3, 4]] = True
+    src, dst, sc = K.bipartite_match_torch(x, r=6, protected=prot)
+    cos = _cos64(x)
+    for b in range(3):
+        A = [i for i in range(0, 21, 2) if not prot[b, i]]
+        Bs = [j for j in range(1, 21, 2) if not prot[b, j]]
+        best = {i: max(Bs, key=lambda j: (cos[b, i, j].item(), -j)) for i in A}
+        order = sorted(A, key=lambda i: (-cos[b, i, best[i]].item(), i))[:6]
+        assert src[b].tolist() == order
+        assert dst[b].tolist() == [best[i] for i in order]
+        assert torch.allclose(sc[b].double(), torch.tensor([cos[b, i, best[i]] for i in order]), atol=1e-6)
+
+
+def test_merge_weighted_torch_hand_case():
+    x = torch.tensor([1.0, 2, 3, 4, 5]).view(1, 5, 1)
+    sizes = torch.tensor([[1.0, 1, 2, 1, 1]])
+    xk, sk, kept = K.merge_weighted_torch(x, sizes, torch.tensor([[0, 2]]), torch.tensor([[1, 3]]))
+    assert kept.tolist() == [[1, 3, 4]]
+    assert torch.allclose(xk.flatten(), torch.tensor([1.5, 10 / 3, 5.0]))
+    assert sk.tolist() == [[2.0, 3.0, 1.0]]
+    # two sources into one destination, sizes None = ones, bf16 in -> bf16 out
+    xk, sk, kept = K.merge_weighted_torch(x.bfloat16(), None, torch.tensor([[0, 4]]), torch.tensor([[2, 2]]))
+    assert xk.dtype == torch.bfloat16 and kept.tolist() == [[1, 2, 3]]
+    assert xk.float().flatten().tolist() == [2.0, 3.0, 4.0] and sk.tolist() == [[1.0, 3.0, 1.0]]
+
+
+def test_nearest_merge_torch_hand_case():
+    v = torch.tensor([[1.0, 0], [0, 1], [2, 0.1], [0.1, 3], [5, 0]])[None]  # 0,2,4 ~ e1; 1,3 ~ e2
+    sizes = torch.tensor([[1.0, 1, 1, 2, 1]])
+    xk, sk = K.nearest_merge_torch(v, sizes, torch.tensor([[0, 1]]))
+    assert sk.tolist() == [[3.0, 3.0]]
+    assert torch.allclose(xk[0, 0], (v[0, 0] + v[0, 2] + v[0, 4]) / 3)
+    assert torch.allclose(xk[0, 1], (v[0, 1] + 2 * v[0, 3]) / 3)
+
+
+def _greedy_oracle(x, k, mode, pivot, mask=None):
+    """Plain Python, fp64, straight from the definitions (min distance / summed similarity)."""
+    cos = _cos64(x)
+    B, N, _ = x.shape
+    out = []
+    for b in range(B):
+        valid = [mask is None or bool(mask[b, i]) for i in range(N)]
+        sel = [int(pivot[b])]
+        while len(sel) < min(k, sum(valid)):
+            cand = [i for i in range(N) if valid[i] and i not in sel]
+            if mode == "kcenter":
+                score = {i: -min(1 - cos[b, i, c].item() for c in sel) for i in cand}
+            else:
+                score = {i: sum(cos[b, i, c].item() for c in sel) for i in cand}
+            sel.append(min(cand, key=lambda i: (score[i], i)))
+        out.append(sel + [-1] * (min(k, N) - len(sel)))
+    return torch.tensor(out)
+
+
+def test_greedy_torch_circle_kcenter():
+    ang = torch.tensor([0.0, 20, 90, 180, 100]) * math.pi / 180
+    x = torch.stack([ang.cos(), ang.sin()], -1)[None]
+    assert K.greedy_select_torch(x, 5, mode="kcenter").tolist() == [[0, 3, 2, 1, 4]]
+    assert K.greedy_select_torch(x, 2, mode="kcenter", pivot=torch.tensor([3])).tolist() == [[3, 0]]
+
+
+@pytest.mark.parametrize("mode", ["kcenter", "maxsum"])
+def test_greedy_torch_matches_oracle(mode):
+    x = _tokens(3, 19, 6, torch.float32, "float", 1)
+    mask = torch.ones(3, 19, dtype=torch.bool)
+    mask[1, 15:] = False
+    mask[2, :4] = False
+    pivot = torch.tensor([5, 0, 4])
+    got = K.greedy_select_torch(x, 17, mode=mode, pivot=pivot, mask=mask)
+    assert got.tolist() == _greedy_oracle(x, 17, mode, pivot, mask).tolist()
+    assert (got[1, 15:] == -1).all() and (got[1, :15] >= 0).all()
+
+
+def test_greedy_torch_default_pivot_is_first_valid_token():
+    x = _tokens(2, 9, 4, torch.float32, "float", 2)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :3] = False
+    got = K.greedy_select_torch(x, 3, mode="maxsum", mask=mask)
+    assert got[:, 0].tolist() == [0, 3]
+
+
+def _attn_oracle(q, k, scale, allowed):
+    """Full per-head softmax in fp64; allowed [B, M, Nk] or None; probs [B, Hq, M, Nk]."""
+    B, Hq, M, d = q.shape
+    kk = k.double().repeat_interleave(Hq // k.shape[1], dim=1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed[:, None], float("-inf"))
+    p = torch.softmax(s, -1)
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def test_attention_rows_torch_oracle_and_hand_case():
+    # one head, two keys with scores 0 and log(3) -> probabilities 1/4, 3/4
+    q = torch.tensor([[[[1.0, 0.0]]]])
+    k = torch.tensor([[[[0.0, 0.0], [math.log(3.0), 0.0]]]])
+    p = K.attention_rows_torch(q, k, scale=1.0)
+    assert torch.allclose(p, torch.tensor([[[0.25, 0.75]]]))
+    g = _gen(3)
+    q = torch.randn(2, 4, 3, 8, generator=g)
+    k = torch.randn(2, 2, 11, 8, generator=g)
+    km = torch.rand(2, 11, generator=g) > 0.3
+    pos = torch.tensor([[0, 5, 10], [2, 3, 4]])
+    allowed = km[:, None, :] & (torch.arange(11)[None, None] <= pos[..., None])
+    want = _attn_oracle(q, k, 8**-0.5, allowed).mean(1)
+    got = K.attention_rows_torch(q, k, key_mask=km, causal_offset=pos)
+    assert torch.allclose(got.double(), want, atol=1e-6)
+
+
+def test_attention_colmean_torch_oracle():
+    g = _gen(4)
+    q = torch.randn(2, 4, 9, 8, generator=g)
+    k = torch.randn(2, 2, 12, 8, generator=g)
+    km = torch.rand(2, 12, generator=g) > 0.2
+    qm = torch.rand(2, 9, generator=g) > 0.3
+    qpos = torch.arange(9) + 3
+    allowed = km[:, None, :] & (torch.arange(12)[None, None, :] <= qpos[None, :, None])
+    p = _attn_oracle(q, k, 8**-0.5, allowed) * qm[:, None, :, None]
+    want = p.sum((1, 2)) / (qm.sum(1) * 4)[:, None]
+    for chunk in (1, 4, None):
+        got = K.attention_colmean_torch(q, k, key_mask=km, query_mask=qm, causal=True, chunk=chunk)
+        assert torch.allclose(got.double(), want, atol=1e-6)
+    # without masks every row sums to one: the column means sum to one
+    got = K.attention_colmean_torch(q, k)
+    assert torch.allclose(got.sum(1), torch.ones(2), atol=1e-5)
+
+
+# =============================================================================================
+# Triton (interpreted) against torch
+# =============================================================================================
+
+
+def _protected(draw_kind, B, N, seed):
+    if draw_kind == "none":
+        return None
+    if draw_kind == "int":
+        return min(2, N)
+    g = _gen(seed + 7)
+    return torch.rand(B, N, generator=g) < 0.25
+
+
+def _assert_match_equivalent(ref, tri, metric, protected, a_idx, exact):
+    rs, rd, rsc = ref
+    ts, td, tsc = tri
+    assert ts.shape == rs.shape and td.shape == rd.shape and tsc.shape == rsc.shape
+    assert ts.dtype == torch.long and td.dtype == torch.long and tsc.dtype == torch.float32
+    if exact:
+        assert torch.equal(ts, rs) and torch.equal(td, rd) and torch.equal(tsc, rsc)
+        return
+    tol = 1e-5
+    assert torch.allclose(tsc, rsc, atol=tol)
+    # Near-ties may pick a different but equally good pair: check optimality within tolerance.
+    cos = _cos64(metric.float())
+    B, N, _ = metric.shape
+    pm = K.bipartite._protected_mask(protected, B, N, metric.device)
+    for b in range(B):
+        srcs = ts[b].tolist()
+        assert len(set(srcs)) == len(srcs)
+        for s, d, sc in zip(srcs, td[b].tolist(), tsc[b].tolist()):
+            assert pm is None or not (pm[b, s] or pm[b, d])
+            assert abs(cos[b, s, d].item() - sc) < 1e-4
+        if rs.shape[1]:
+            assert min(tsc[b].tolist()) >= rsc[b, -1].item() - tol
+
+
+@HYP
+@given(
+    B=st.integers(1, 3),
+    N=st.integers(2, 33),
+    C=st.integers(1, 24),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["int", "float"]),
+    prot=st.sampled_from(["none", "int", "mask"]),
+    split=st.sampled_from(["alternating", "given"]),
+    r_frac=st.floats(0, 1.2),
+    seed=st.integers(0, 2**16),
+)
+def test_bipartite_match_triton_vs_torch(B, N, C, dtype, kind, prot, split, r_frac, seed):
+    x = _tokens(B, N, C, dtype, kind, seed)
+    protected = _protected(prot, B, N, seed)
+    a_idx = None
+    if split == "given":
+        a_idx = torch.randperm(N, generator=_gen(seed))[: max(1, N // 3)]
+    r = int(r_frac * N)
+    kw = dict(r=r, protected=protected, a_idx=a_idx)
+    ref = K.bipartite_match_torch(x, **kw)
+    tri = K.bipartite_match_triton(x, **kw)
+    _assert_match_equivalent(ref, tri, x, protected, a_idx, exact=(kind == "int"))
+
+
+def test_bipartite_match_triton_multi_tile_ties():
+    """Several A and B tiles (16 wide); identical B tokens in different tiles: lowest index wins."""
+    x = _tokens(2, 70, 20, torch.float32, "int", 5)
+    x[:, 63] = x[:, 3]  # B token 63 (tile 1 of B) duplicates B token 3 (tile 0)
+    x[:, 45] = x[:, 3]
+    ref = K.bipartite_match_torch(x, r=30)
+    tri = K.bipartite_match_triton(x, r=30)
+    _assert_match_equivalent(ref, tri, x, None, None, exact=True)
+    assert 63 not in tri[1].flatten().tolist() and 45 not in tri[1].flatten().tolist()
+
+
+@HYP
+@given(
+    B=st.integers(1, 3),
+    N=st.integers(2, 33),
+    C=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES),
+    sizes_kind=st.sampled_from(["none", "ones", "random"]),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_weighted_triton_vs_torch(B, N, C, dtype, sizes_kind, seed):
+    x = _tokens(B, N, C, dtype, "float", seed)
+    g = _gen(seed + 1)
+    sizes = None if sizes_kind == "none" else (
+        torch.ones(B, N) if sizes_kind == "ones" else torch.rand(B, N, generator=g) * 3 + 0.5)
+    src, dst, _ = K.bipartite_match_torch(x, r=N // 2)
+    ref = K.merge_weighted_torch(x, sizes, src, dst)
+    tri = K.merge_weighted_triton(x, sizes, src, dst)
+    assert torch.equal(ref[2], tri[2])
+    assert tri[0].dtype == dtype and tri[0].shape == (B, N - src.shape[1], C)
+    assert torch.allclose(ref[0].float(), tri[0].float(), atol=FEAT_TOL[dtype], rtol=FEAT_TOL[dtype])
+    assert torch.allclose(ref[1], tri[1], rtol=1e-6)
+
+
+def test_merge_weighted_triton_many_sources_one_destination():
+    x = _tokens(2, 9, 5, torch.float32, "float", 11)
+    sizes = torch.arange(1.0, 19.0).view(2, 9)
+    src = torch.tensor([[0, 2, 4, 6, 8], [8, 1, 5, 0, 2]])
+    dst = torch.tensor([[1, 1, 1, 1, 3], [3, 3, 3, 3, 3]])
+    ref = K.merge_weighted_torch(x, sizes, src, dst)
+    tri = K.merge_weighted_triton(x, sizes, src, dst)
+    for a, b in zip(ref, tri):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert tri[2].tolist() == [[1, 3, 5, 7], [3, 4, 6, 7]]
+
+
+@HYP
+@given(
+    B=st.integers(1, 3),
+    N=st.integers(2, 33),
+    C=st.integers(1, 24),
+    dtype=st.sampled_from(DTYPES),
+    keep_frac=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_nearest_merge_triton_vs_torch(B, N, C, dtype, keep_frac, seed):
+    x = _tokens(B, N, C, dtype, "int", seed)  # exact similarities: identical assignments
+    Kk = max(1, int(keep_frac * N))
+    g = _gen(seed)
+    keep = torch.stack([torch.sort(torch.randperm(N, generator=g)[:Kk]).values for _ in range(B)])
+    sizes = torch.rand(B, N, generator=g) + 0.5
+    ref = K.nearest_merge_torch(x, sizes, keep)
+    tri = K.nearest_merge_triton(x, sizes, keep)
+    assert tri[0].shape == (B, Kk, C) and tri[0].dtype == dtype
+    assert torch.allclose(ref[0].float(), tri[0].float(), atol=FEAT_TOL[dtype], rtol=FEAT_TOL[dtype])
+    assert torch.allclose(ref[1], tri[1], rtol=1e-6)
+    assert torch.allclose(tri[1].sum(1), sizes.sum(1), rtol=1e-5)  # size is conserved
+
+
+def _replay_greedy(x, idx, mode, mask, tol):
+    """Each step's choice is optimal within ``tol`` given the previous choices (fp64)."""
+    cos = _cos64(x.float())
+    B, N, _ = x.shape
+    for b in range(B):
+        seq = [i for i in idx[b].tolist() if i >= 0]
+        valid = torch.ones(N, dtype=torch.bool) if mask is None else mask[b]
+        assert len(set(seq)) == len(seq) and all(bool(valid[i]) for i in seq)
+        assert len(seq) == min(idx.shape[1], int(valid.sum()))
+        for t in range(1, len(seq)):
+            cand = [i for i in range(N) if valid[i] and i not in seq[:t]]
+            sims = cos[b][cand][:, seq[:t]]
+            score = sims.max(1).values if mode == "kcenter" else sims.sum(1)
+            chosen = score[cand.index(seq[t])].item()
+            assert chosen <= score.min().item() + tol
+
+
+@HYP
+@given(
+    B=st.integers(1, 3),
+    N=st.integers(1, 33),
+    C=st.integers(1, 24),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["int", "float"]),
+    mode=st.sampled_from(["kcenter", "maxsum"]),
+    path=st.sampled_from(["regs", "gram", "stream"]),
+    use_mask=st.booleans(),
+    pivot_kind=st.sampled_from(["default", "given"]),
+    k_frac=st.floats(0, 1.2),
+    seed=st.integers(0, 2**16),
+)
+def test_greedy_select_triton_vs_torch(B, N, C, dtype, kind, mode, path, use_mask, pivot_kind, k_frac, seed):
+    x = _tokens(B, N, C, dtype, kind, seed)
+    g = _gen(seed)
+    mask = None
+    if use_mask:
+        mask = torch.rand(B, N, generator=g) < 0.8
+        mask[:, N // 2] = True  # at least one valid token per sample
+    pivot = None
+    if pivot_kind == "given":
+        valid = torch.ones(B, N, dtype=torch.bool) if mask is None else mask
+        pivot = torch.stack([torch.multinomial(valid[b].float(), 1, generator=g)[0] for b in range(B)])
+    k = int(k_frac * N)
+    ref = K.greedy_select_torch(x, k, mode=mode, pivot=pivot, mask=mask)
+    tri = K.greedy_select_triton(x, k, mode=mode, pivot=pivot, mask=mask, _path=path)
+    assert tri.dtype == torch.long and tri.shape == ref.shape == (B, min(k, N))
+    if kind == "int":
+        assert torch.equal(tri, ref)
+    else:
+        assert torch.equal(tri[:, :1], ref[:, :1])
+        _replay_greedy(x, tri, mode, mask, tol=1e-4 * max(1, k))
+        assert torch.equal(tri < 0, ref < 0)
+
+
+def test_greedy_select_triton_stream_multi_block_ties():
+    """Scratch-state path with 16-wide blocks over N=40: cross-block ties go to the lowest index."""
+    x = _tokens(2, 40, 12, torch.float16, "int", 9)
+    x[:, 35] = x[:, 7]
+    x[:, 20] = x[:, 7]
+    for mode in ("kcenter", "maxsum"):
+        ref = K.greedy_select_torch(x, 24, mode=mode)
+        for path in ("stream", "gram", "regs"):
+            assert torch.equal(K.greedy_select_triton(x, 24, mode=mode, _path=path), ref), (mode, path)
+
+
+def _probe_inputs(B, Hkv, G, M, Nk, d, dtype, seed):
+    g = _gen(seed)
+    q = torch.randn(B, Hkv * G, M, d, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Nk, d, generator=g).to(dtype)
+    return q, k, g
+
+
+@HYP
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 2),
+    G=st.integers(1, 3),
+    R=st.integers(1, 5),
+    Nk=st.integers(1, 37),
+    d=st.integers(2, 24),
+    dtype=st.sampled_from(DTYPES),
+    key_mask=st.booleans(),
+    causal=st.sampled_from(["none", "int", "tensor"]),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_rows_triton_vs_torch(B, Hkv, G, R, Nk, d, dtype, key_mask, causal, seed):
+    q, k, g = _probe_inputs(B, Hkv, G, R, Nk, d, dtype, seed)
+    km = (torch.rand(B, Nk, generator=g) < 0.75) if key_mask else None
+    co = None
+    if causal == "int":
+        co = Nk - R
+    elif causal == "tensor":
+        co = torch.randint(-1, Nk + 1, (B, R), generator=g)
+    ref = K.attention_rows_torch(q, k, key_mask=km, causal_offset=co)
+    tri = K.attention_rows_triton(q, k, key_mask=km, causal_offset=co)
+    assert tri.shape == (B, R, Nk) and tri.dtype == torch.float32
+    assert torch.allclose(ref, tri, atol=2e-6, rtol=1e-4)
+
+
+@HYP
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 2),
+    G=st.integers(1, 2),
+    Nq=st.integers(1, 35),
+    Nk=st.integers(1, 35),
+    d=st.integers(2, 24),
+    dtype=st.sampled_from(DTYPES),
+    key_mask=st.booleans(),
+    query_mask=st.booleans(),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_colmean_triton_vs_torch(B, Hkv, G, Nq, Nk, d, dtype, key_mask, query_mask, causal, seed):
+    q, k, g = _probe_inputs(B, Hkv, G, Nq, Nk, d, dtype, seed)
+    km = (torch.rand(B, Nk, generator=g) < 0.75) if key_mask else None
+    qm = (torch.rand(B, Nq, generator=g) < 0.75) if query_mask else None
+    ref = K.attention_colmean_torch(q, k, key_mask=km, query_mask=qm, causal=causal)
+    tri = K.attention_colmean_triton(q, k, key_mask=km, query_mask=qm, causal=causal)
+    assert tri.shape == (B, Nk) and tri.dtype == torch.float32
+    assert torch.allclose(ref, tri, atol=2e-6, rtol=1e-4)
+
+
+def test_attention_probes_scale_and_noncontiguous_inputs():
+    q, k, _ = _probe_inputs(2, 2, 2, 6, 19, 16, torch.float16, 12)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    ref = K.attention_rows_torch(q, k, scale=0.3)
+    assert torch.allclose(K.attention_rows_triton(qt, kt, scale=0.3), ref, atol=2e-6)
+    ref = K.attention_colmean_torch(q, k, scale=0.3, causal=True)
+    assert torch.allclose(K.attention_colmean_triton(qt, kt, scale=0.3, causal=True), ref, atol=2e-6)
+
+
+# =============================================================================================
+# dispatch, environment variable, errors
+# =============================================================================================
+
+
+def test_dispatch_default_cpu_is_torch(monkeypatch):
+    x = torch.randn(1, 5, 4)
+    assert K.backend_for(x) == "torch"
+    monkeypatch.setenv("VTOK_KERNELS", "auto")
+    assert K.backend_for(x) == "torch"
+
+
+def test_dispatch_env_forces_each_backend(monkeypatch):
+    x = _tokens(2, 11, 6, torch.float32, "int", 3)
+    calls = []
+    monkeypatch.setattr(K, "bipartite_match_triton", lambda *a, **kw: calls.append("triton") or "T")
+    monkeypatch.setattr(K, "bipartite_match_torch", lambda *a, **kw: calls.append("torch") or "R")
+    monkeypatch.setenv("VTOK_KERNELS", "triton")
+    assert K.bipartite_match(x, r=2) == "T"
+    monkeypatch.setenv("VTOK_KERNELS", "torch")
+    assert K.bipartite_match(x, r=2) == "R"
+    assert calls == ["triton", "torch"]
+
+
+def test_dispatch_public_functions_agree_across_backends(monkeypatch):
+    x = _tokens(2, 13, 8, torch.float32, "int", 4)
+    q, k, _ = _probe_inputs(2, 1, 2, 3, 13, 8, torch.float32, 4)
+    keep = torch.tensor([[0, 3, 5, 12], [1, 2, 3, 4]])
+    out = {}
+    for be in ("torch", "triton"):
+        monkeypatch.setenv("VTOK_KERNELS", be)
+        m = K.bipartite_match(x, r=4, protected=1)
+        out[be] = [
+            *m,
+            *K.merge_weighted(x, None, m[0], m[1]),
+            *K.nearest_merge(x, None, keep),
+            K.greedy_select(x, 5, mode="maxsum"),
+            K.attention_rows(q, k),
+            K.attention_colmean(q, k),
+        ]
+    for a, b in zip(out["torch"], out["triton"]):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_dispatch_errors(monkeypatch):
+    x = torch.randn(1, 5, 4)
+    monkeypatch.setenv("VTOK_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="VTOK_KERNELS"):
+        K.bipartite_match(x, r=1)
+    monkeypatch.setenv("VTOK_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        K.bipartite_match(x, r=1)
+    monkeypatch.delenv("VTOK_KERNELS")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        K.bipartite_match_triton(x, r=1)  # direct call on CPU without the interpreter
+
+
+def test_interpreter_independent_of_import_order():
+    """Interpreted launches work even when triton was imported before TRITON_INTERPRET=1
+    (pytest's conftest imports it here): tl.max/tl.sum, themselves @triton.jit, are swapped
+    for interpreted twins during the launch and restored afterwards."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import triton.language as tl
+
+    kern = _common.launchable(K.bipartite._match_kernel, torch.device("cpu"))
+    assert isinstance(kern.fn, InterpretedFunction)
+    assert _common.launchable(K.bipartite._match_kernel, torch.device("cpu")) is kern  # cached
+    before = tl.max
+    x = _tokens(1, 9, 5, torch.float32, "int", 0)
+    assert torch.equal(K.bipartite_match_triton(x, r=2)[0], K.bipartite_match_torch(x, r=2)[0])
+    assert tl.max is before
+
+
+def test_input_validation_errors():
+    x = torch.randn(2, 7, 4)
+    with pytest.raises(ValueError, match=r"\[B, N, C\]"):
+        K.bipartite_match_torch(x[0], r=1)
+    with pytest.raises(ValueError, match="protected"):
+        K.bipartite_match_torch(x, r=1, protected=torch.zeros(3, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="r must be an int"):
+        K.bipartite_match_torch(x, r=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        K.greedy_select_torch(x, 3, mode="dpp")
+    with pytest.raises(ValueError, match="pivot out of range"):
+        K.greedy_select_torch(x, 3, pivot=torch.tensor([0, 9]))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 0] = False
+    with pytest.raises(ValueError, match="masked"):
+        K.greedy_select_torch(x, 3, pivot=torch.tensor([0, 0]), mask=mask)
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        K.attention_rows_torch(torch.randn(1, 3, 1, 4), torch.randn(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="sizes"):
+        K.merge_weighted_torch(x, torch.ones(2, 6), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="keep_idx is empty"):
+        K.nearest_merge_torch(x, None, torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_zero_sizes_edge_cases():
+    x = torch.randn(2, 1, 4)
+    assert K.bipartite_match_triton(x, r=3)[0].shape == (2, 0)  # N=1: no B token
+    assert K.greedy_select_triton(x, 0).shape == (2, 0)
+    xk, sk, kept = K.merge_weighted_triton(x, None, *K.bipartite_match_triton(x, r=0)[:2])
+    assert torch.equal(xk, x) and kept.tolist() == [[0], [0]]
+
+
+# =============================================================================================
+# GPU counterparts (skipped without CUDA): compiled Triton against torch at realistic sizes
+# =============================================================================================
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_bipartite_and_merge(dtype, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(4, 577, 256, device="cuda", dtype=dtype)
+    ref = K.bipartite_match_torch(x, r=144, protected=1)
+    tri = K.bipartite_match_triton(x, r=144, protected=1)
+    _assert_match_equivalent(ref, tri, x, 1, None, exact=False)
+    sizes = torch.rand(4, 577, device="cuda") + 0.5
+    a = K.merge_weighted_torch(x, sizes, ref[0], ref[1])
+    b = K.merge_weighted_triton(x, sizes, ref[0], ref[1])
+    assert torch.equal(a[2], b[2])
+    assert torch.allclose(a[0].float(), b[0].float(), atol=FEAT_TOL[dtype], rtol=FEAT_TOL[dtype])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mode", ["kcenter", "maxsum"])
+def test_gpu_greedy(mode, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randint(-3, 4, (2, 700, 64), device="cuda").to(torch.bfloat16)
+    ref = K.greedy_select_torch(x, 70, mode=mode)
+    for path in ("regs", "gram", "stream"):
+        assert torch.equal(K.greedy_select_triton(x, 70, mode=mode, _path=path), ref), path
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_attention_probes(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(2, 8, 300, 72, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 4, 300, 72, device="cuda", dtype=torch.bfloat16)
+    assert torch.allclose(K.attention_colmean_triton(q, k, causal=True),
+                          K.attention_colmean_torch(q, k, causal=True), atol=1e-5, rtol=1e-3)
+    assert torch.allclose(K.attention_rows_triton(q[:, :, -4:], k, causal_offset=296),
+                          K.attention_rows_torch(q[:, :, -4:], k, causal_offset=296), atol=1e-5, rtol=1e-3)
