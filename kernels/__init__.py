@@ -64,8 +64,13 @@ ENV_VAR = "VTOK_KERNELS"
 _CHOICES = ("auto", "torch", "triton")
 
 
-def backend_for(t: torch.Tensor) -> str:
-    """The backend (``"torch"`` or ``"triton"``) a call on tensor ``t`` will use."""
+def backend_for(t: torch.Tensor, *, needs_grad: bool = False) -> str:
+    """The backend (``"torch"`` or ``"triton"``) a call on tensor ``t`` will use.
+
+    ``needs_grad``: the call must be differentiable. The Triton merges are forward-only, so the
+    automatic choice is then torch, and forcing Triton is an error rather than silently dropping
+    the gradient.
+    """
     choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join(_CHOICES)}")
@@ -79,8 +84,17 @@ def backend_for(t: torch.Tensor) -> str:
                 f"{ENV_VAR}=triton on a {t.device.type} tensor needs a CUDA device, or TRITON_INTERPRET=1 "
                 "to run the kernels under the Triton interpreter (slow; for tests)."
             )
+        if needs_grad:
+            raise RuntimeError(
+                f"{ENV_VAR}=triton, but this merge needs gradients and the Triton merge is forward-only; "
+                "unset the variable (or use VTOK_KERNELS=torch), or call it under torch.no_grad()."
+            )
         return "triton"
-    return "triton" if (HAS_TRITON and t.device.type == "cuda") else "torch"
+    return "triton" if (HAS_TRITON and t.device.type == "cuda" and not needs_grad) else "torch"
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def bipartite_match(metric, *, r, protected=None, a_idx=None, b_idx=None):
@@ -100,9 +114,10 @@ def merge_weighted(x, sizes, src_idx, dst_idx):
     """Size-weighted merge of sources into destinations -> ``(x_kept, sizes_kept, kept_idx)``.
 
     Survivors keep their original order; fp32 accumulation; outputs in the input dtypes.
+    Differentiable through the torch path, which is chosen when ``x`` or ``sizes`` needs grad.
     See :mod:`vtok.kernels.bipartite`.
     """
-    impl = merge_weighted_triton if backend_for(x) == "triton" else merge_weighted_torch
+    impl = merge_weighted_triton if backend_for(x, needs_grad=_needs_grad(x, sizes)) == "triton" else merge_weighted_torch
     return impl(x, sizes, src_idx, dst_idx)
 
 
@@ -111,7 +126,7 @@ def nearest_merge(x, sizes, keep_idx, *, metric=None):
 
     Returns ``(x_kept [B, K, C], sizes_kept [B, K])`` in ``keep_idx`` (sorted) order.
     """
-    impl = nearest_merge_triton if backend_for(x) == "triton" else nearest_merge_torch
+    impl = nearest_merge_triton if backend_for(x, needs_grad=_needs_grad(x, sizes)) == "triton" else nearest_merge_torch
     return impl(x, sizes, keep_idx, metric=metric)
 
 

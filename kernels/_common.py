@@ -70,7 +70,17 @@ def _lang_jit_functions():
 
 
 class _Interpreted:
-    """``kernel[grid](...)`` under the interpreter, whatever the import order of triton was."""
+    """``kernel[grid](...)`` under the interpreter, whatever the import order of triton was.
+
+    Two things are undone after every launch so that compiled kernels keep working in the same
+    process (e.g. a test session that also compiles for a GPU target):
+
+    * the interpreted twins of ``triton.language`` helpers are swapped back for the originals;
+    * the interpreter patches ``triton.language`` builtins while a kernel runs and restores them,
+      but an interpreted *helper* call (``tl.max`` inside the kernel) patches them again and
+      never restores (Triton 3.x). Every attribute the interpreter sets during the launch is
+      recorded with its first (pristine) value and put back.
+    """
 
     def __init__(self, fn):
         from triton.runtime.interpreter import InterpretedFunction
@@ -79,7 +89,18 @@ class _Interpreted:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            from triton.runtime import interpreter
+
+            scope_cls = interpreter._LangPatchScope
+            plain_set_attr = scope_cls.set_attr
+            pristine: dict = {}
+
+            def recording_set_attr(scope, obj, name, value):
+                pristine.setdefault((id(obj), name), (obj, name, getattr(obj, name, interpreter._MISSING)))
+                plain_set_attr(scope, obj, name, value)
+
             swapped = []
+            scope_cls.set_attr = recording_set_attr
             try:
                 for mod, name, jit_fn, interp in _lang_jit_functions():
                     if vars(mod).get(name) is jit_fn:
@@ -87,6 +108,13 @@ class _Interpreted:
                         swapped.append((mod, name, jit_fn))
                 return self.fn[grid](*args, **kwargs)
             finally:
+                scope_cls.set_attr = plain_set_attr
+                for obj, name, original in pristine.values():
+                    if original is interpreter._MISSING:
+                        if hasattr(obj, name):
+                            delattr(obj, name)
+                    else:
+                        setattr(obj, name, original)
                 for mod, name, jit_fn in swapped:
                     setattr(mod, name, jit_fn)
 

@@ -108,6 +108,7 @@ def _probs_torch(q, k, scale, allowed):
     return torch.where(a.any(-1, keepdim=True), p, torch.zeros((), device=p.device))
 
 
+@torch.no_grad()
 def attention_rows_torch(q, k, *, scale=None, key_mask=None, causal_offset=None):
     """Torch reference of :func:`vtok.kernels.attention_rows` (see the module docstring)."""
     B, Hq, Hkv, d = _check_qk(q, k)
@@ -126,6 +127,7 @@ def attention_rows_torch(q, k, *, scale=None, key_mask=None, causal_offset=None)
     return p.sum(dim=(1, 2)) / Hq
 
 
+@torch.no_grad()
 def attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False, chunk=None):
     """Torch reference of :func:`vtok.kernels.attention_colmean`, chunked over query rows."""
     B, Hq, Hkv, d = _check_qk(q, k)
@@ -333,6 +335,7 @@ def _kmask8(key_mask, B, Nk, device):
     return key_mask.to(torch.int8).contiguous()
 
 
+@torch.no_grad()
 def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None):
     """Triton implementation of :func:`vtok.kernels.attention_rows` (two passes, no map)."""
     B, Hq, Hkv, d = _check_qk(q, k)
@@ -365,6 +368,7 @@ def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None
     return out
 
 
+@torch.no_grad()
 def attention_colmean_triton(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False):
     """Triton implementation of :func:`vtok.kernels.attention_colmean` (LSE pass + column pass)."""
     B, Hq, Hkv, d = _check_qk(q, k)

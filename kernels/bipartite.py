@@ -166,6 +166,7 @@ def _empty_match(B, device):
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
     """Torch reference of :func:`vtok.kernels.bipartite_match` (see the module docstring)."""
     B = metric.shape[0]
@@ -197,7 +198,7 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
 @jit
 def _match_kernel(
     xa_ptr, xb_ptr, inva_ptr, invb_ptr, a_ok_ptr, b_ok_ptr, best_ptr, part_ptr,
-    NA, NB, C,
+    NA, NB, C, SPLIT, BATCH,
     stride_ab, stride_an, stride_ac,
     stride_bb, stride_bn, stride_bc,
     stride_ia, stride_ib, stride_oka, stride_okb,
@@ -207,10 +208,18 @@ def _match_kernel(
     """For A rows [pid_a tile] of sample pid_b: running (max, argmax) of cos(A, B) over B tiles.
 
     xa / xb are strided views of the tokens of A and B (for the alternating split, the even and
-    odd rows of ``metric`` itself: no copy). Only ``best``/``part`` ([B, NA]) are written.
+    odd rows of ``metric`` itself: no copy). With ``SPLIT > 1`` program ``pid_s`` scans only its
+    share of the B tiles (more programs for small batches) and writes a partial (best, part) to
+    slot ``pid_s`` of ``[SPLIT, BATCH, NA]``; the host keeps the first maximal slot. Only these
+    ``SPLIT * BATCH * NA`` values reach global memory.
     """
     pid_b = tl.program_id(0)
     pid_a = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b_tiles = tl.cdiv(NB, BLOCK_B)
+    per_split = tl.cdiv(b_tiles, SPLIT)
+    b_start = pid_s * per_split * BLOCK_B
+    b_end = tl.minimum(NB, b_start + per_split * BLOCK_B)
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     in_a = offs_a < NA
     a_ok = tl.load(a_ok_ptr + pid_b * stride_oka + offs_a, mask=in_a, other=0) != 0
@@ -221,9 +230,9 @@ def _match_kernel(
 
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     part = tl.zeros([BLOCK_A], tl.int32)
-    for b0 in range(0, NB, BLOCK_B):
+    for b0 in range(b_start, b_end, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        in_b = offs_b < NB
+        in_b = offs_b < b_end
         b_ok = (tl.load(b_ok_ptr + pid_b * stride_okb + offs_b, mask=in_b, other=0) != 0) & in_b
         inv_b = tl.load(invb_ptr + pid_b * stride_ib + offs_b, mask=in_b, other=0.0)
         pa = a_base + offs_a[:, None].to(tl.int64) * stride_an + offs_c[None, :] * stride_ac
@@ -246,8 +255,9 @@ def _match_kernel(
         best = tl.where(take, tile_best, best)
         part = tl.where(take, tile_arg + b0, part)
     best = tl.where(a_ok, best, float("-inf"))
-    tl.store(best_ptr + pid_b * NA + offs_a, best, mask=in_a)
-    tl.store(part_ptr + pid_b * NA + offs_a, part, mask=in_a)
+    out = (pid_s * BATCH + pid_b).to(tl.int64) * NA + offs_a
+    tl.store(best_ptr + out, best, mask=in_a)
+    tl.store(part_ptr + out, part, mask=in_a)
 
 
 _MATCH_CONFIGS = [
@@ -270,7 +280,7 @@ def _get_match_tuned():
             triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c}, num_warps=w, num_stages=s)
             for a, b, c, w, s in _MATCH_CONFIGS
         ]
-        _match_tuned = triton.autotune(configs=cfgs, key=["NA", "NB", "C"])(_match_kernel)
+        _match_tuned = triton.autotune(configs=cfgs, key=["NA", "NB", "C", "SPLIT"])(_match_kernel)
     return _match_tuned
 
 
@@ -282,12 +292,22 @@ def _rows_of(metric, idx, alternating_start):
     return metric.gather(1, idx[..., None].expand(-1, -1, C))
 
 
-def _match_scores_triton(metric, inv, a_idx, b_idx, a_ok, b_ok, alternating, *, blocks=None):
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _match_scores_triton(metric, inv, a_idx, b_idx, a_ok, b_ok, alternating, *, blocks=None, split=None):
     B, N, C = metric.shape
     NA, NB = a_idx.shape[1], b_idx.shape[1]
     dev = metric.device
-    best = torch.empty(B, NA, dtype=torch.float32, device=dev)
-    part = torch.empty(B, NA, dtype=torch.int32, device=dev)
+    tuned = dev.type == "cuda" and blocks is None and not interpret_enabled()
+    if split is None:
+        split = 1
+        if dev.type == "cuda":  # enough programs for about two waves on small batches
+            programs = B * triton.cdiv(NA, 64)
+            split = max(1, min(triton.cdiv(NB, 128), triton.cdiv(2 * _num_sms(dev), programs)))
+    best = torch.empty(split, B, NA, dtype=torch.float32, device=dev)
+    part = torch.empty(split, B, NA, dtype=torch.int32, device=dev)
     xa = _rows_of(metric, a_idx, 0 if alternating else None)
     xb = _rows_of(metric, b_idx, 1 if alternating else None)
     inv_a = (inv[:, 0::2] if alternating else inv.gather(1, a_idx)).contiguous()
@@ -295,22 +315,31 @@ def _match_scores_triton(metric, inv, a_idx, b_idx, a_ok, b_ok, alternating, *, 
     a_ok8 = a_ok.to(torch.int8).contiguous()
     b_ok8 = b_ok.to(torch.int8).contiguous()
     upcast, prec = dot_flags(metric.dtype, dev)
-    args = (xa, xb, inv_a, inv_b, a_ok8, b_ok8, best, part, NA, NB, C,
+    args = (xa, xb, inv_a, inv_b, a_ok8, b_ok8, best, part, NA, NB, C, split, B,
             xa.stride(0), xa.stride(1), xa.stride(2), xb.stride(0), xb.stride(1), xb.stride(2),
             inv_a.stride(0), inv_b.stride(0), a_ok8.stride(0), b_ok8.stride(0))
-    if dev.type == "cuda" and blocks is None and not interpret_enabled():
+    if tuned:
         kern = _get_match_tuned()
-        grid = lambda meta: (B, triton.cdiv(NA, meta["BLOCK_A"]))  # noqa: E731
+        grid = lambda meta: (B, triton.cdiv(NA, meta["BLOCK_A"]), split)  # noqa: E731
         kern[grid](*args, UPCAST=upcast, PRECISION=prec)
     else:
         ba, bb, bc = blocks or (16, 16, min(32, max(16, next_pow2(C))))
         kern = launchable(_match_kernel, dev)
-        kern[(B, triton.cdiv(NA, ba))](*args, BLOCK_A=ba, BLOCK_B=bb, BLOCK_C=bc, UPCAST=upcast, PRECISION=prec)
-    return best, part
+        kern[(B, triton.cdiv(NA, ba), split)](*args, BLOCK_A=ba, BLOCK_B=bb, BLOCK_C=bc,
+                                               UPCAST=upcast, PRECISION=prec)
+    if split == 1:
+        return best[0], part[0]
+    # Splits cover increasing B ranges: the first maximal split holds the lowest index.
+    which = best.argmax(dim=0, keepdim=True)
+    return best.gather(0, which)[0], part.gather(0, which)[0]
 
 
-def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None):
-    """Triton implementation of :func:`vtok.kernels.bipartite_match` (fused, no score matrix)."""
+@torch.no_grad()
+def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None, _b_split=None):
+    """Triton implementation of :func:`vtok.kernels.bipartite_match` (fused, no score matrix).
+
+    ``_b_split`` forces how many programs share the B tiles of one A tile (tests).
+    """
     B = metric.shape[0]
     alternating = a_idx is None and b_idx is None
     a_idx, b_idx, a_ok, b_ok, n_a, n_b = _split(metric, protected, a_idx, b_idx)
@@ -318,7 +347,7 @@ def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None)
     if r == 0:
         return _empty_match(B, metric.device)
     inv = inv_norm(metric)
-    best, part = _match_scores_triton(metric, inv, a_idx, b_idx, a_ok, b_ok, alternating)
+    best, part = _match_scores_triton(metric, inv, a_idx, b_idx, a_ok, b_ok, alternating, split=_b_split)
     return _top_r(best, part, a_idx, b_idx, r)
 
 
@@ -395,8 +424,13 @@ def _merge_kernel(
 
 
 def merge_weighted_triton(x, sizes, src_idx, dst_idx):
-    """Triton implementation of :func:`vtok.kernels.merge_weighted` (gather-based, fp32 sums)."""
+    """Triton implementation of :func:`vtok.kernels.merge_weighted` (gather-based, fp32 sums).
+
+    Forward only: the outputs carry no autograd graph (the dispatcher picks the torch reference
+    when gradients are needed).
+    """
     sizes, src_idx, dst_idx = _check_merge_args(x, sizes, src_idx, dst_idx)
+    sizes = sizes.contiguous()
     B, N, C = x.shape
     R = src_idx.shape[1]
     K = N - R

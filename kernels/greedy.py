@@ -23,15 +23,18 @@ Triton design
 One persistent program per sample runs all ``k - 1`` steps; the per-token state (running max
 similarity, or cumulative similarity) never leaves the chip between steps when it fits:
 
-* **Gram path** (default when ``B * N * N * 4`` bytes fit ``gram_bytes``, 1 GiB): a tiled Triton
-  GEMM writes ``G = X^ X^T`` in fp32 once (``2 N^2 d`` FLOPs, the only big work), then each
-  greedy step reads one row of G (``4 N`` bytes), combines it into the state and takes the
-  masked argmin. With ``N <= 8192`` the whole state vector lives in registers of one program
-  (16 warps); ToDRE's n = 2880 is one 4096-wide vector.
-* **Streaming path** (larger N, e.g. video with N >= 20k, or ``N > 8192``): G is not formed; each
-  step recomputes ``X^ x^_c`` block by block (a fused mat-vec) and keeps the state in a per-sample
-  fp32 scratch row (``4 N`` bytes, L2-resident) instead of registers. It is correct at any N but
-  runs each sample on one SM, so it is slow for batch 1; it is the documented limit.
+* **Gram path** (when ``B * N * N * 4`` bytes fit ``GRAM_BYTES`` = 4 GiB and, on CUDA, a
+  quarter of the free device memory; n = 25088 needs 2.5 GB): a tiled Triton GEMM writes
+  ``G = X^ X^T`` in fp32 once (``2 N^2 d`` FLOPs, the only big work), then each greedy step reads
+  one row of G (``4 N`` bytes), combines it into the state and takes the masked argmin. With
+  ``N <= 8192`` the whole state vector lives in the registers of one program (16 warps; ToDRE's
+  n = 2880 is one 4096-wide vector); above that it lives in a per-sample fp32 scratch row
+  (``4 N`` bytes, L2-resident) that each step updates block by block.
+* **Streaming path** (G does not fit): G is not formed; each step recomputes ``X^ x^_c`` block
+  by block (a fused mat-vec over d) with the state in the scratch row. It is correct at any N,
+  but one program (one SM) per sample streams all of X every step, so for batch 1 it is slower
+  than a per-step torch loop that spreads each mat-vec over the whole GPU. That is the
+  documented limit of this design.
 """
 
 from __future__ import annotations
@@ -45,8 +48,16 @@ __all__ = ["greedy_select_torch", "greedy_select_triton"]
 _MODES = {"kcenter": 0, "maxsum": 1}
 #: Largest N whose state vector is kept in registers (one [N] fp32 vector per program).
 REGISTER_N_MAX = 8192
-#: Default budget for the Gram matrix of the fast path.
-GRAM_BYTES = 1 << 30
+#: Largest Gram matrix (bytes, whole batch) the fast path may allocate: on CUDA also at most a
+#: quarter of the free device memory at call time.
+GRAM_BYTES = 4 << 30
+
+
+def _gram_budget(device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return min(GRAM_BYTES, free // 4)
+    return GRAM_BYTES
 
 
 def _prepare(x, k, mode, pivot, mask):
@@ -88,6 +99,7 @@ def _prepare(x, k, mode, pivot, mask):
     return k, pivot, mask
 
 
+@torch.no_grad()
 def greedy_select_torch(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (module docstring)."""
     k, pivot, mask = _prepare(x, k, mode, pivot, mask)
@@ -265,6 +277,7 @@ def gram_triton(x: torch.Tensor, inv: torch.Tensor, *, blocks=None) -> torch.Ten
     return g
 
 
+@torch.no_grad()
 def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, _path=None, _block_n=None):
     """Triton implementation of :func:`vtok.kernels.greedy_select` (one program per sample).
 
@@ -280,7 +293,7 @@ def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, _path=N
     valid = (mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=dev)).to(torch.int8).contiguous()
     path = _path
     if path is None:
-        fits = B * N * N * 4 <= GRAM_BYTES
+        fits = B * N * N * 4 <= _gram_budget(dev)
         path = "regs" if (fits and N <= REGISTER_N_MAX) else ("gram" if fits else "stream")
     if path not in ("regs", "gram", "stream"):
         raise ValueError(f"_path must be 'regs', 'gram' or 'stream'; got {path!r}")
