@@ -33,8 +33,11 @@ signature; :mod:`vtok.kernels` dispatches between them):
 
 ``nearest_merge(x, sizes, keep_idx, *, metric=None) -> (x_kept, sizes_kept)``
     Every token not in ``keep_idx [B, K]`` (sorted) merges, size-weighted, into its most
-    cosine-similar kept token (HoliTom's inner merge as one closed-form scatter). ``metric``
-    defaults to ``x``.
+    cosine-similar kept token (ties -> lowest index), as one match plus one merge. ``metric``
+    defaults to ``x``. This is the vtok form of HoliTom's inner merge: the official code halves
+    sequentially (``h_kept <- (h_kept + h_drop) / 2`` in position order, which weights later
+    members more); a method that wants that exact weighting can pass matching ``sizes`` or use
+    the closed form in the spec; the matching step is the same.
 
 Triton design
 -------------
@@ -42,7 +45,10 @@ Triton design
 tiles of ``BLOCK_B`` tokens and C in chunks of ``BLOCK_C`` channels, computes the dot-product
 tile with ``tl.dot`` (fp32 accumulation), scales it by the inverse norms and folds it into a
 running (max, argmax) per A row. The ``[N_A, N_B]`` score matrix exists only tile by tile on chip;
-only ``N_A`` scores and partners reach global memory. The top-r choice over ``N_A`` values is a
+only ``N_A`` scores and partners reach global memory. When batch x A-tiles cannot fill the GPU
+(batch 1, large N), the B tiles are split over ``SPLIT`` programs per A tile and the per-split
+maxima (``SPLIT x N_A`` values) are merged on the host, lowest index first. For the alternating
+split A and B are strided views of ``metric`` (no copy); given index sets are gathered once. The top-r choice over ``N_A`` values is a
 stable ``torch.sort``. ``_merge_kernel`` is gather-based: one program per (sample, surviving
 token, channel block) reads its own row and the rows of its sources (a CSR list built with a few
 small torch ops over r indices), so every input row is read once, every output row written once,

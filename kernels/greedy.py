@@ -305,10 +305,13 @@ def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, _path=N
         if block_n > REGISTER_N_MAX:
             raise ValueError(f"register path holds N <= {REGISTER_N_MAX}; got N={N}")
         warps = 16 if block_n >= 4096 else (8 if block_n >= 1024 else 4)
+    elif dev.type == "cuda":
+        # gram: 4096-wide blocks of a G row per iteration; stream: a [256, 64] tile of X.
+        block_n = _block_n or (4096 if use_gram else 256)
+        warps = 16 if block_n >= 4096 else 8
     else:
-        block_n = _block_n or (1024 if dev.type == "cuda" else 16)
-        warps = 8 if dev.type == "cuda" else 4
-    block_d = 32 if dev.type == "cuda" else min(32, next_pow2(D))
+        block_n, warps = _block_n or 16, 4
+    block_d = 32 if dev.type == "cuda" else min(32, max(16, next_pow2(D)))
     state = torch.empty(B, N, dtype=torch.float32, device=dev) if not in_regs else inv
     pivot = pivot.contiguous()
     launchable(_greedy_kernel, dev)[(B,)](

@@ -89,9 +89,11 @@ GREEDY_TYPES = {"g_ptr": "*fp32", "x_ptr": "*bf16", "inv_ptr": "*fp32", "valid_p
 @pytest.mark.parametrize("path", ["regs", "gram", "stream"])
 def test_compile_greedy(path):
     regs = path == "regs"
+    block_n = {"regs": greedy.REGISTER_N_MAX, "gram": 4096, "stream": 256}[path]
     consts = {"MAXSUM": path == "gram", "USE_GRAM": path != "stream", "IN_REGS": regs,
-              "BLOCK_N": greedy.REGISTER_N_MAX if regs else 1024, "BLOCK_D": 32}
-    _check(_compile(greedy._greedy_kernel, GREEDY_TYPES, consts, warps=16 if regs else 8), tensor_cores=False)
+              "BLOCK_N": block_n, "BLOCK_D": 32}
+    _check(_compile(greedy._greedy_kernel, GREEDY_TYPES, consts, warps=16 if block_n >= 4096 else 8),
+           tensor_cores=False)
 
 
 PROBE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "kmask_ptr": "*i8", "qpos_ptr": "*i32", "lse_ptr": "*fp32",
