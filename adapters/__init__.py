@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .vit import HFVisionAdapter, OpenClipViTAdapter, TimmViTAdapter
 
 __all__ = ["Adapter", "ADAPTERS", "find_adapter", "list_adapters"]
 
 #: every adapter, most specific first
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, HFVisionAdapter, TimmViTAdapter, OpenClipViTAdapter]
 
 
 def list_adapters() -> list[str]:

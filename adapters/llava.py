@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 
 from vtok.method import ViTAttention
+from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
 from .hf_vision import attention_module, has_cls_token, vision_blocks, vit_attention_stats
+from .vit import InViTRunner, check_vit_method, hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaAdapter"]
 
 
+@dataclass
+class _ViTFeatures:
+    """What the last in_vit-reduced tower run left for the projector and the prefill."""
+
+    positions: torch.Tensor  # [images, n] first original patch of each merged token (feature layout), sorted
+    sizes: torch.Tensor  # [images, n] patches per token
+    n_full: int  # features per image without reduction (= placeholders per image)
+    records: list  # (block, n_in, n_out, kept [images, n_out]) per merging block
+    features: torch.Tensor | None = None  # projected merged tokens [images, n, D]
+    padded: torch.Tensor | None = None  # what the projector returned: [images, n_full, D]
+
+
 class LlavaAdapter(VLMAdapter):
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    stages = ("in_vit", "before_llm", "in_llm")
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -63,8 +79,62 @@ class LlavaAdapter(VLMAdapter):
                     "cannot serve ViTAttention(kind='cls'); use kind='colmean'"
                 )
 
+    def _feature_layer_blocks(self) -> int:
+        """How many tower blocks feed the hidden state LLaVA takes (vision_feature_layer)."""
+        n = len(vision_blocks(self.vision_tower))
+        return self.model.config.vision_feature_layer % (n + 1)
+
+    def validate(self) -> None:
+        super().validate()
+        method = self.methods.get("in_vit")
+        if method is None:
+            return
+        hf_block_parts(self.vision_tower)  # raises for block structures vtok does not know
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"{method.name} merges tokens inside the vision tower, so every hidden state has its own token count; "
+                f"this model concatenates several feature layers (vision_feature_layer={layer}), which cannot work. "
+                "Use a before_llm method instead"
+            )
+        if self._feature_layer_blocks() == 0:
+            raise ValueError(
+                f"{method.name}: vision_feature_layer={layer} selects the patch embeddings, before any tower block; "
+                "there is no block to reduce in"
+            )
+        if self._drops_cls() and not getattr(method, "protect_cls", True):
+            raise ValueError(
+                f"{method.name}: this LLaVA drops token 0 of the tower output (vision_feature_select_strategy="
+                "'default'), so token 0 must stay unmerged; use protect_cls=True"
+            )
+        check_vit_method(method, hf_attn_implementation(self.vision_tower), self._feature_layer_blocks())
+        for m in self.methods.values():
+            if any(isinstance(p, ViTAttention) for p in m.probes()):
+                raise ValueError(
+                    f"{m.name} needs ViT attention probes, which are not aligned with the tokens once {method.name} "
+                    "merged them inside the tower; use these methods separately"
+                )
+
     # hooks ----------------------------------------------------------------------
     def attach_vision(self) -> None:
+        self._vit: InViTRunner | None = None
+        self._vit_last: _ViTFeatures | None = None
+        method = self.methods.get("in_vit")
+        if method is not None:
+            tower = self.vision_tower
+            protect = self._drops_cls() or (has_cls_token(tower) and getattr(method, "protect_cls", True))
+            self._vit = InViTRunner(
+                self,
+                method,
+                hf_block_parts(tower),
+                protected=int(protect),
+                active=self._feature_layer_blocks(),
+                track_source=True,
+                attn_implementation=lambda: hf_attn_implementation(tower),
+                on_reset=self._vit_reset,
+            )
+            self._vit.install()
+            self.hook(self.projector, self._projector_pre, pre=True)
         self.hook(self.projector, self._projector_post, pre=False)
         vit_probes: dict[int, list] = {}
         for m in self.methods.values():
@@ -88,9 +158,101 @@ class LlavaAdapter(VLMAdapter):
 
         return pre
 
+    @property
+    def source(self):
+        """The in_vit source map of the last tower run (``vtok.vit.ViTSource``), or None."""
+        runner = getattr(self, "_vit", None)
+        return None if runner is None else runner.source()
+
+    def _vit_reset(self):
+        self._vit_last = None
+
+    def _projector_pre(self, module, args, kwargs):
+        """After in_vit merged: restore raster order (by each token's first patch) before the projector."""
+        runner = self._vit
+        src = runner.source()
+        if src is None:
+            return None
+        feats = args[0] if args else kwargs["image_features"]
+        drop = 1 if self._drops_cls() else 0
+        first = src.first()
+        if feats.dim() != 3 or feats.shape[1] != first.shape[1] - drop or feats.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"the projector got features of shape {tuple(feats.shape)}, but the merged vision tower produced "
+                f"{first.shape[0]} image(s) x {first.shape[1]} tokens; with an in_vit method, take the features "
+                "from the model config's vision_feature_layer (do not override it per call)"
+            )
+        first, sizes = first[:, drop:] - drop, src.sizes[:, drop:]
+        order = torch.argsort(first, dim=1)
+        feats = feats.gather(1, order.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        self._vit_last = _ViTFeatures(
+            positions=first.gather(1, order),
+            sizes=sizes.gather(1, order),
+            n_full=runner.n0 - drop,
+            records=list(runner.records),
+        )
+        if args:
+            return (feats,) + tuple(args[1:]), kwargs
+        kwargs["image_features"] = feats
+        return args, kwargs
+
     def _projector_post(self, module, args, kwargs, output):
+        vit = self._vit_last
+        if vit is not None and vit.padded is None:
+            # the model expects one feature per placeholder: hand it the merged tokens at their first
+            # patch's slot (zeros elsewhere); the LM entry then splices the merged tokens only
+            n_img, _, d = output.shape
+            full = output.new_zeros(n_img, vit.n_full, d)
+            full.scatter_(1, vit.positions.unsqueeze(-1).expand(-1, -1, d), output)
+            vit.features, vit.padded = output, full
+            self.capture_features(full)
+            return full
         self.capture_features(output)
         return None
+
+    def _take_vit_features(self, features):
+        """The last merged tower run's data, one row per image of ``features`` (which ``generate`` may
+        have repeated for beams or return sequences); None when no in_vit merge is pending."""
+        vit = self._vit_last
+        if vit is None or vit.padded is None:
+            return None
+        self._vit_last = None
+        padded = vit.padded.to(features.device, features.dtype)
+        rows = []
+        if features.shape[1:] == padded.shape[1:]:
+            p = padded.shape[0]
+            for u in range(features.shape[0]):  # usually u -> u; generate repeats the groups of images
+                j = next((j for j in [u % p, *range(p)] if torch.equal(features[u], padded[j])), None)
+                if j is None:
+                    break
+                rows.append(j)
+        if features.shape[0] and len(rows) == features.shape[0]:
+            idx = torch.tensor(rows, device=vit.positions.device)
+            return _ViTFeatures(
+                positions=vit.positions[idx],
+                sizes=vit.sizes[idx],
+                n_full=vit.n_full,
+                records=[(b, i, o, k[idx.to(k.device)]) for b, i, o, k in vit.records],
+                features=vit.features[idx.to(vit.features.device)],
+                padded=features,
+            )
+        raise ValueError(
+            "the image features of this prefill are not the ones the vision tower just produced with the in_vit "
+            "method attached; pass pixel_values (not pre-computed features) while an in_vit method is attached"
+        )
+
+    def _record_vit(self, vit: _ViTFeatures, owner: torch.Tensor, batch: int) -> None:
+        name = self.methods["in_vit"].name
+        owner = owner.tolist()
+        for block, n_in, n_out, kept in vit.records:
+            tin, tout = [0] * batch, [0] * batch
+            ks = [[] for _ in range(batch)]
+            for u, o in enumerate(owner):
+                ks[o].append(kept[u].cpu() + tin[o])
+                tin[o] += n_in
+                tout[o] += n_out
+            kept_t = [torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in ks]
+            self.handle.stats.append(Reduction(name, "in_vit", block, tin, tout, kept_t))
 
     def features_from_encoder_outputs(self, mm_encoder_outputs: dict):
         image = mm_encoder_outputs.get("image")
@@ -99,6 +261,26 @@ class LlavaAdapter(VLMAdapter):
         return torch.stack(list(image.pooler_output))
 
     def build_units(self, features, input_ids):
+        vit = self._take_vit_features(features) if getattr(self, "_vit", None) is not None else None
+        units, spans = self._grid_units(features, input_ids)
+        if vit is None:
+            return units, spans
+        # in_vit merged inside the tower: the units are the merged tokens, in raster order of their
+        # first patch, with their sizes; placeholders still count the unreduced tokens
+        n = vit.positions.shape[1]
+        dev = units.features.device
+        units = replace(
+            units,
+            features=vit.features.to(dev, features.dtype),
+            mask=torch.ones(units.num_units, n, dtype=torch.bool, device=dev),
+            positions=vit.positions.to(dev),
+            sizes=vit.sizes.to(dev),
+        )
+        self._fw.vit_reduced = True
+        self._record_vit(vit, units.owner, int(input_ids.shape[0]))
+        return units, spans
+
+    def _grid_units(self, features, input_ids):
         if features.dim() != 3:
             raise ValueError(f"expected projected image features [images, tokens, dim], got {tuple(features.shape)}")
         n_img, n_tok, _ = features.shape

@@ -10,7 +10,18 @@ from typing import Callable
 
 import torch
 
-__all__ = ["TinyCase", "TINY_CASES", "tiny_llava", "left_pad_batch"]
+__all__ = [
+    "TinyCase",
+    "TINY_CASES",
+    "tiny_llava",
+    "tiny_llava_tower",
+    "tiny_hf_vision",
+    "tiny_timm_vit",
+    "tiny_open_clip_vit",
+    "left_pad_batch",
+    "vision_samples",
+    "vision_batch",
+]
 
 
 @dataclass
@@ -115,6 +126,101 @@ def left_pad_batch(samples, pad_id: int = 0, side: str = "left"):
     return batch
 
 
+# ---------------------------------------------------------------- vision encoders
+
+
+def _tiny_vision_config(kind: str, image_size: int = 32, patch: int = 8):
+    from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=patch)
+    if kind == "clip":
+        return CLIPVisionConfig(intermediate_size=64, **common)
+    if kind == "siglip":
+        return SiglipVisionConfig(intermediate_size=64, **common)
+    if kind == "dinov2":
+        return Dinov2Config(mlp_ratio=2, **common)
+    raise ValueError(f"unknown tiny vision tower {kind!r}; use 'clip', 'siglip' or 'dinov2'")
+
+
+def tiny_hf_vision(kind: str = "clip", seed: int = 0, attn_implementation: str = "sdpa"):
+    """A 2-block HF vision encoder (CLIPVisionModel, SiglipVisionModel or Dinov2Model), 4x4 patches."""
+    from transformers import CLIPVisionModel, Dinov2Model, SiglipVisionModel
+
+    cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "dinov2": Dinov2Model}[kind]
+    torch.manual_seed(seed)
+    model = cls(_tiny_vision_config(kind)).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def tiny_timm_vit(seed: int = 0, **kw):
+    """A 2-block timm VisionTransformer (32x32 images, 8x8 patches, CLS token, 10 classes)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10)
+    return VisionTransformer(**{**cfg, **kw}).eval()
+
+
+def tiny_open_clip_vit(seed: int = 0, **kw):
+    """A 2-block open_clip VisionTransformer (nn.MultiheadAttention blocks unless e.g. qk_norm=True)."""
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    cfg = dict(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16)
+    return VisionTransformer(**{**cfg, **kw}).eval()
+
+
+def tiny_llava_tower(kind: str = "siglip", seed: int = 0, attn_implementation: str = "sdpa"):
+    """``tiny_llava`` with a SigLIP tower (no CLS, strategy 'full') or a DINOv2 tower (CLS, 'default')."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=_tiny_vision_config(kind),
+        text_config=_llama_text_config(),
+        image_token_id=150,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full" if kind == "siglip" else "default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def vision_samples(key: str = "pixel_values"):
+    """make_samples for a vision encoder: one random image per spec, as {key: [1, 3, H, W]}."""
+
+    def make(model, specs, seed=0):
+        cfg = getattr(model, "config", None)
+        size = getattr(cfg, "image_size", None)
+        if size is None:  # timm / open_clip
+            size = getattr(model, "image_size", None) or model.patch_embed.img_size
+            size = size[0] if isinstance(size, (tuple, list)) else size
+        g = torch.Generator().manual_seed(seed)
+        return [{key: torch.randn(1, 3, size, size, generator=g)} for _ in specs]
+
+    return make
+
+
+def vision_batch(samples):
+    """Stack per-sample image dicts into one batch."""
+    return {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+
+
+def _vision_case(name, build, key="pixel_values"):
+    return TinyCase(name, build, vision_samples(key), kind="vision", collate=vision_batch, specs=[0, 1, 2])
+
+
 TINY_CASES: dict[str, TinyCase] = {
     "llava": TinyCase("llava", tiny_llava, llava_samples, specs=[(3, 1, 4), (9, 1, 2), (1, 2, 6)]),
+    "llava_siglip": TinyCase(
+        "llava_siglip", lambda: tiny_llava_tower("siglip"), llava_samples, specs=[(3, 1, 4), (9, 1, 2), (1, 2, 6)]
+    ),
+    "clip_vision": _vision_case("clip_vision", lambda: tiny_hf_vision("clip")),
+    "siglip_vision": _vision_case("siglip_vision", lambda: tiny_hf_vision("siglip")),
+    "dinov2": _vision_case("dinov2", lambda: tiny_hf_vision("dinov2")),
+    "timm_vit": _vision_case("timm_vit", tiny_timm_vit, key="x"),
+    "open_clip_vit": _vision_case("open_clip_vit", tiny_open_clip_vit, key="x"),
 }

@@ -42,6 +42,7 @@ class _Forward:
     mask2d: torch.Tensor | None = None  # decode: 2-D mask of the current layout
     pos: torch.Tensor | None = None  # decode: position ids of the current layout
     labels: torch.Tensor | None = None
+    vit_reduced: bool = False  # the units were already reduced inside the vision tower (in_vit)
 
 
 @dataclass
@@ -200,6 +201,8 @@ class VLMAdapter(Adapter):
         fw = self._fw
         method = self.methods.get("before_llm")
         if method is None:
+            if fw.vit_reduced:  # an in_vit stage already shortened the units: splice them as they are
+                fw.reduced = fw.units
             return
         if fw.units is None:
             raise RuntimeError("the visual features of this prefill were not captured")
@@ -253,7 +256,10 @@ class VLMAdapter(Adapter):
         for u, o in enumerate(owner):
             tin[o] += n_in[u]
             tout[o] += n_out[u]
-            kept[o].append(out.positions[u, : n_out[u]] + offset[o])
+            p = out.positions[u, : n_out[u]]
+            if self._fw.vit_reduced:  # positions are original patch indices; kept indexes the entering tokens
+                p = torch.searchsorted(units.positions[u, : n_in[u]].contiguous(), p.contiguous())
+            kept[o].append(p + offset[o])
             offset[o] += n_in[u]
         kept_t = None
         if getattr(method, "kept_meaningful", True):
@@ -284,13 +290,16 @@ class VLMAdapter(Adapter):
         state = SeqState.original(valid, pos, visual)
         out, method = fw.reduced, self.methods.get("before_llm")
         changed = out is not None and (
-            out.features.shape != fw.units.features.shape or not torch.equal(out.features, fw.units.features)
+            fw.vit_reduced
+            or out.features.shape != fw.units.features.shape
+            or not torch.equal(out.features, fw.units.features)
         )
         if changed:
             keep = valid & ~visual
             embeds = embeds.clone()
             self.place_reduced(out, fw.spans, keep, embeds)
-            state = state.compact(keep, method.position_policy)
+            policy = (method if method is not None else self.methods["in_vit"]).position_policy
+            state = state.compact(keep, policy)
             kwargs["inputs_embeds"] = state.gather(embeds)
             kwargs["attention_mask"] = state.valid.long()
             kwargs["position_ids"] = state.positions

@@ -1,0 +1,655 @@
+"""Vision transformers: per-block ``in_vit`` hooks for HF, timm and open_clip encoders.
+
+Model knowledge (where a block's attention, keys, MLP branch and prefix tokens are) lives in the
+``*_block_parts`` functions; :class:`InViTRunner` does the rest for any family and is reused by
+the VLM adapters for their vision towers. Standalone adapters: :class:`HFVisionAdapter`
+(``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``), :class:`TimmViTAdapter`
+(timm ``VisionTransformer``), :class:`OpenClipViTAdapter` (open_clip ``VisionTransformer``, or a
+CLIP model holding one as ``.visual``).
+
+How a block is reduced, with instance-level hooks only (ToMe's placement: after the attention
+residual, before the MLP):
+
+1. attention pre-hook: proportional attention -- ``log(size)`` of every key as an additive float
+   mask ([B, 1, 1, N]; [B*H, N, N] as a stride-0 view for ``nn.MultiheadAttention``); the
+   attention implementation (SDPA, eager) stays the one the user chose. ViT probes are computed
+   here from the attention input (small q/k side computations).
+2. keys: a forward hook on the module producing them (HF ``k_proj``, timm ``k_norm``, open_clip
+   ``ln_k``); for ``nn.MultiheadAttention`` the key projection of its input (one [N, C] x [C, C]).
+3. pre-hook on the MLP branch's first module (the norm): the method's merge is applied to the
+   residual stream ``x`` there, so the MLP runs on the merged tokens ``x'``.
+4. forward hook on the branch's last module: its output ``m`` is kept, and a zero is returned so
+   the block's own ``x + branch`` stays well-formed.
+5. forward hook on the block (run before any other forward hook): the block's output becomes
+   ``x' + m`` -- exactly ToMe's block, computed with the block's own modules.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vtok.method import ViTAttention
+from vtok.stats import Reduction
+from vtok.vit import ViTMerge, ViTSource, ViTView, merge_tokens, remap_assign
+
+from .base import Adapter
+from .hf_vision import has_cls_token, vision_blocks
+
+__all__ = [
+    "BlockParts",
+    "InViTRunner",
+    "ViTAdapter",
+    "HFVisionAdapter",
+    "TimmViTAdapter",
+    "OpenClipViTAdapter",
+    "hf_block_parts",
+    "timm_block_parts",
+    "open_clip_block_parts",
+    "check_vit_method",
+]
+
+
+# ------------------------------------------------------------------------------------------ parts
+
+
+@dataclass
+class BlockParts:
+    """Where the pieces of one pre-norm ViT block are (``x = x + attn(..); x = x + mlp(norm(x))``).
+
+    attn: the module called with the attention mask keyword ``mask_arg``; mha_heads: set for
+    ``nn.MultiheadAttention`` (its float mask is [B*H, N, N]); key_module/key_pre/keys: where the
+    keys come from -- ``keys(args, kwargs, output)`` returns them head-averaged, [B, N, d];
+    mlp_in: first module of the MLP branch (its first argument is the residual stream);
+    branch_end: last module of the MLP branch (its output is added to the residual stream);
+    attn_input: (args, kwargs) of the attention call -> its input [B, N, C];
+    stats: (hidden, kind, bias) -> [B, N] head-averaged attention statistics (ViT probes).
+    """
+
+    block: nn.Module
+    attn: nn.Module
+    mask_arg: str
+    key_module: nn.Module
+    key_pre: bool
+    keys: Callable
+    mlp_in: nn.Module
+    branch_end: nn.Module
+    attn_input: Callable
+    stats: Callable
+    mha_heads: int | None = None
+
+
+@torch.no_grad()
+def attention_stats(q_rows: Callable, k: torch.Tensor, kind: str, scale: float, bias=None, row_chunk: int = 256):
+    """Head-averaged attention statistics from keys k [B, H, N, d] and a query-row provider.
+
+    ``q_rows(start, stop)`` -> [B, H, R, d] queries of those rows. kind "cls": row 0; "colmean":
+    attention received by every token averaged over all queries (in row chunks, never the whole
+    [N, N] map). ``bias`` [B, N] is added to the logits (proportional attention). fp32 [B, N].
+    """
+    k = k.float()
+    b, _, n, _ = k.shape
+    extra = None if bias is None else bias.float()[:, None, None, :]
+
+    def probs(q):
+        s = q.float() @ k.transpose(-1, -2) * scale
+        return torch.softmax(s if extra is None else s + extra, -1).mean(1)  # [B, R, N]
+
+    if kind == "cls":
+        return probs(q_rows(0, 1))[:, 0]
+    if kind != "colmean":
+        raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")
+    total = torch.zeros(b, n, dtype=torch.float32, device=k.device)
+    for i in range(0, n, row_chunk):
+        total += probs(q_rows(i, min(n, i + row_chunk))).sum(1)
+    return total / n
+
+
+def _first_arg(name):
+    def get(args, kwargs):
+        return args[0] if args else kwargs[name]
+
+    return get
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    """[B, N, H*d] -> [B, H, N, d]"""
+    b, n, _ = x.shape
+    return x.view(b, n, h, -1).transpose(1, 2)
+
+
+HF_BLOCKS = ("CLIPEncoderLayer", "SiglipEncoderLayer", "Dinov2Layer")
+
+
+def hf_block_parts(tower: nn.Module) -> list[BlockParts]:
+    """Block parts of an HF vision tower (CLIP, SigLIP, DINOv2; also inside a LLaVA model)."""
+    parts = []
+    for blk in vision_blocks(tower):
+        name = type(blk).__name__
+        if name in ("CLIPEncoderLayer", "SiglipEncoderLayer"):
+            attn, mlp_in, end = blk.self_attn, blk.layer_norm2, blk.mlp
+        elif name == "Dinov2Layer":
+            # drop_path serves both residual branches; the runner arms it only after norm2
+            attn, mlp_in, end = blk.attention, blk.norm2, blk.drop_path
+        else:
+            raise ValueError(
+                f"vtok does not know the block structure of {name}; in_vit methods support HF vision blocks "
+                f"{', '.join(HF_BLOCKS)}"
+            )
+        heads = attn.config.num_attention_heads
+
+        def keys(args, kwargs, out, heads=heads):
+            b, n, _ = out.shape
+            return out.view(b, n, heads, -1).mean(2)
+
+        def stats(hidden, kind, bias, attn=attn, heads=heads):
+            k = _heads(attn.k_proj(hidden), heads)
+            q_rows = lambda i, j: _heads(attn.q_proj(hidden[:, i:j]), heads)  # noqa: E731
+            return attention_stats(q_rows, k, kind, k.shape[-1] ** -0.5, bias)
+
+        parts.append(
+            BlockParts(
+                block=blk,
+                attn=attn,
+                mask_arg="attention_mask",
+                key_module=attn.k_proj,
+                key_pre=False,
+                keys=keys,
+                mlp_in=mlp_in,
+                branch_end=end,
+                attn_input=_first_arg("hidden_states"),
+                stats=stats,
+            )
+        )
+    return parts
+
+
+def hf_attn_implementation(tower: nn.Module) -> str | None:
+    cfg = getattr(tower, "config", None)
+    return getattr(cfg, "_attn_implementation", None)
+
+
+def timm_block_parts(model: nn.Module) -> list[BlockParts]:
+    """Block parts of a timm ``VisionTransformer`` (pre-norm ``Block`` with ``Attention``)."""
+    from timm.models.vision_transformer import Attention, Block
+
+    parts = []
+    for i, blk in enumerate(model.blocks):
+        if type(blk).forward is not Block.forward or type(blk.attn).forward is not Attention.forward:
+            raise ValueError(
+                f"vtok's timm adapter supports VisionTransformer blocks of type Block with Attention; block {i} is "
+                f"{type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}"
+            )
+        attn = blk.attn
+
+        def stats(hidden, kind, bias, attn=attn):
+            b, n, _ = hidden.shape
+            qkv = attn.qkv(hidden).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+            return attention_stats(lambda i, j: q[:, :, i:j], k, kind, attn.scale, bias)
+
+        parts.append(
+            BlockParts(
+                block=blk,
+                attn=attn,
+                mask_arg="attn_mask",
+                key_module=attn.k_norm,
+                key_pre=False,
+                keys=lambda args, kwargs, out: out.mean(1),
+                mlp_in=blk.norm2,
+                branch_end=blk.drop_path2,
+                attn_input=_first_arg("x"),
+                stats=stats,
+            )
+        )
+    return parts
+
+
+def _mha_qk(mha: nn.MultiheadAttention, x: torch.Tensor, which: int) -> torch.Tensor:
+    """Query (0) or key (1) projection of ``nn.MultiheadAttention`` for input x [B, N, C] -> [B, H, N, d]."""
+    c = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        w = mha.in_proj_weight[which * c : (which + 1) * c]
+    else:
+        w = mha.q_proj_weight if which == 0 else mha.k_proj_weight
+    bias = None if mha.in_proj_bias is None else mha.in_proj_bias[which * c : (which + 1) * c]
+    return _heads(F.linear(x, w, bias), mha.num_heads)
+
+
+def open_clip_block_parts(tower: nn.Module) -> list[BlockParts]:
+    """Block parts of an open_clip ``VisionTransformer`` (``nn.MultiheadAttention`` or custom blocks)."""
+    from open_clip.transformer import Attention, CustomResidualAttentionBlock, ResidualAttentionBlock
+
+    parts = []
+    for i, blk in enumerate(tower.transformer.resblocks):
+        if type(blk).forward is ResidualAttentionBlock.forward and not hasattr(blk, "ln_1_kv"):
+            mha = blk.attn
+            if not mha.batch_first:
+                raise ValueError(
+                    "vtok's open_clip adapter needs batch-first blocks (the default); this model's "
+                    "nn.MultiheadAttention has batch_first=False"
+                )
+
+            def keys(args, kwargs, out, mha=mha):
+                x = args[0] if args else kwargs["query"]
+                return _mha_qk(mha, x, 1).mean(1)
+
+            def stats(hidden, kind, bias, mha=mha):
+                k = _mha_qk(mha, hidden, 1)
+                q_rows = lambda i, j: _mha_qk(mha, hidden[:, i:j], 0)  # noqa: E731
+                return attention_stats(q_rows, k, kind, k.shape[-1] ** -0.5, bias)
+
+            parts.append(
+                BlockParts(
+                    block=blk,
+                    attn=mha,
+                    mask_arg="attn_mask",
+                    key_module=mha,
+                    key_pre=True,
+                    keys=keys,
+                    mlp_in=blk.ln_2,
+                    branch_end=blk.ls_2,
+                    attn_input=_first_arg("query"),
+                    stats=stats,
+                    mha_heads=mha.num_heads,
+                )
+            )
+        elif (
+            type(blk).forward is CustomResidualAttentionBlock.forward
+            and type(blk.attn).forward is Attention.forward
+            and blk.attn.logit_scale is None
+        ):
+            attn = blk.attn
+
+            def stats(hidden, kind, bias, attn=attn):
+                q, k, _ = F.linear(hidden, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+                q, k = attn.ln_q(_heads(q, attn.num_heads)), attn.ln_k(_heads(k, attn.num_heads))
+                return attention_stats(lambda i, j: q[:, :, i:j], k, kind, attn.scale, bias)
+
+            parts.append(
+                BlockParts(
+                    block=blk,
+                    attn=attn,
+                    mask_arg="attn_mask",
+                    key_module=attn.ln_k,
+                    key_pre=False,
+                    keys=lambda args, kwargs, out: out.mean(1),
+                    mlp_in=blk.ln_2,
+                    branch_end=blk.ls_2,
+                    attn_input=_first_arg("x"),
+                    stats=stats,
+                )
+            )
+        else:
+            raise ValueError(
+                f"vtok's open_clip adapter supports ResidualAttentionBlock (self-attention) and "
+                f"CustomResidualAttentionBlock without scaled cosine attention; block {i} is {type(blk).__name__}"
+            )
+    return parts
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+
+def check_vit_method(method, where: str | None, num_blocks: int | None = None) -> None:
+    """Raise a clear error if ``method`` cannot run in_vit here (before any hook is installed)."""
+    for attr in ("vit_schedule", "in_vit"):
+        if not callable(getattr(method, attr, None)):
+            raise TypeError(
+                f"method {method.name!r} is registered for stage 'in_vit' but has no {attr}(); an in_vit method "
+                "implements vit_schedule(num_blocks) and in_vit(view) (see vtok.vit)"
+            )
+    if getattr(method, "prop_attn", False) and where not in (None, "eager", "sdpa"):
+        raise ValueError(
+            f"{method.name}: proportional attention adds log(size) to the attention logits as a float mask, "
+            f"which attn_implementation={where!r} cannot take; use attn_implementation='sdpa' for the vision "
+            f"encoder or prop_attn=False"
+        )
+    if num_blocks is not None:
+        method.vit_schedule(num_blocks)  # a schedule that does not fit the encoder raises here
+
+
+def _add_bias(existing, bias):
+    if existing is None:
+        return bias
+    if existing.dtype == torch.bool:
+        zeros = torch.zeros(existing.shape, dtype=bias.dtype, device=bias.device)
+        existing = zeros.masked_fill(~existing, float("-inf"))
+    return existing + bias
+
+
+@dataclass
+class _Block:
+    merged: torch.Tensor | None = None  # x' (merged residual stream) waiting for the MLP branch
+    branch: torch.Tensor | None = None  # m (MLP branch output on x')
+
+
+class InViTRunner:
+    """Runs one ``in_vit`` method inside a ViT, block by block, with instance-level hooks.
+
+    Per forward (reset when block 0 starts): token sizes, the source map, the keys of the
+    current block and the records of what each block merged. ``active``: how many leading
+    blocks reach the output that matters (a VLM's feature layer); the schedule covers those.
+    ``protected``: prefix tokens handed to the method as protected. ``on_record(block, n_in,
+    n_out, kept)`` is called after every merge; ``on_reset()`` when a forward starts.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        method,
+        parts: list[BlockParts],
+        *,
+        protected: int,
+        active: int | None = None,
+        track_source: bool = True,
+        attn_implementation: Callable[[], str | None] = lambda: None,
+        on_reset: Callable | None = None,
+        on_record: Callable | None = None,
+    ):
+        self.adapter = adapter
+        self.method = method
+        self.parts = parts
+        self.protected = protected
+        n = len(parts)
+        active = n if active is None else active
+        self.n_active = active
+        sched = [int(v) for v in method.vit_schedule(active)] if active > 0 else []
+        self.schedule = sched + [0] * (n - len(sched))
+        merging = [i for i, v in enumerate(self.schedule) if v > 0]
+        self.first_merge = merging[0] if merging else None
+        self.prop_attn = bool(getattr(method, "prop_attn", False))
+        self.track_source = track_source
+        self.attn_implementation = attn_implementation
+        self.on_reset = on_reset
+        self.on_record = on_record
+        self.probe_layers: dict[int, list[ViTAttention]] = {}
+        for p in method.probes():
+            if isinstance(p, ViTAttention):
+                self.probe_layers.setdefault(p.layer % n, []).append(p)
+        self._reset()
+
+    # state ---------------------------------------------------------------------------------
+    def _reset(self):
+        self.n0 = 0
+        self.sizes: torch.Tensor | None = None
+        self.assign: torch.Tensor | None = None
+        self.metric: torch.Tensor | None = None
+        self.probes: dict = {}
+        self.records: list = []
+        self.reduced = False
+        self._blk = _Block()
+
+    @property
+    def active(self) -> bool:
+        return self.first_merge is not None or bool(self.probe_layers)
+
+    def source(self) -> ViTSource | None:
+        """The source map of the last forward (None if nothing merged or tracking is off)."""
+        if not self.reduced or self.assign is None:
+            return None
+        return ViTSource(self.assign, self.sizes)
+
+    # install -------------------------------------------------------------------------------
+    def install(self) -> None:
+        if not self.active:
+            return
+        a = self.adapter
+        a.hook(self.parts[0].block, self._start, pre=True)
+        for i, part in enumerate(self.parts):
+            r = self.schedule[i]
+            # sizes matter from the first merging block on, up to the last block that reaches the output
+            bias = self.prop_attn and self.first_merge is not None and self.first_merge <= i < self.n_active
+            if bias or i in self.probe_layers or (r > 0 and part.key_pre):
+                a.hook(part.attn, self._make_attn_pre(i, part, bias, r > 0 and part.key_pre), pre=True)
+            if r > 0:
+                if not part.key_pre:
+                    a.hook(part.key_module, self._make_keys(part), pre=False)
+                a.hook(part.mlp_in, self._make_merge(i, part), pre=True)
+                a.hook(part.branch_end, self._branch_end, pre=False)
+                # before any other forward hook (e.g. transformers' hidden-state capture)
+                a._hooks.append(part.block.register_forward_hook(self._block_end, with_kwargs=True, prepend=True))
+
+    # hooks ---------------------------------------------------------------------------------
+    def _start(self, module, args, kwargs):
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        self._reset()
+        self.n0 = int(x.shape[1])
+        if self.on_reset is not None:
+            self.on_reset()
+        return None
+
+    def _make_attn_pre(self, index: int, part: BlockParts, bias: bool, keys: bool):
+        def pre(module, args, kwargs):
+            hidden = part.attn_input(args, kwargs)
+            if keys:
+                self.metric = part.keys(args, kwargs, None)
+            b, n = hidden.shape[:2]
+            logb = None
+            if bias:
+                impl = self.attn_implementation()
+                if impl not in (None, "eager", "sdpa"):
+                    check_vit_method(self.method, impl)
+                if self.sizes is None:
+                    self.sizes = torch.ones(b, n, dtype=torch.float32, device=hidden.device)
+                logb = self.sizes.log()
+            for p in self.probe_layers.get(index, ()):
+                self.probes[p] = part.stats(hidden, p.kind, logb)
+            if logb is None:
+                return None
+            logb = logb.to(hidden.dtype)
+            if part.mha_heads is None:
+                mask = logb[:, None, None, :]
+            else:  # nn.MultiheadAttention: [B*H, N, N], a stride-0 view along the query axis
+                mask = logb.repeat_interleave(part.mha_heads, 0)[:, None, :].expand(-1, n, -1)
+            if part.mask_arg not in kwargs and len(args) > 1:
+                raise ValueError(
+                    f"cannot add proportional attention: {type(module).__name__} receives its mask positionally"
+                )
+            kwargs[part.mask_arg] = _add_bias(kwargs.get(part.mask_arg), mask)
+            return args, kwargs
+
+        return pre
+
+    def _make_keys(self, part: BlockParts):
+        def post(module, args, kwargs, output):
+            self.metric = part.keys(args, kwargs, output)
+            return None
+
+        return post
+
+    def _make_merge(self, index: int, part: BlockParts):
+        def pre(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            b, n, _ = x.shape
+            if self.sizes is None:
+                self.sizes = torch.ones(b, n, dtype=torch.float32, device=x.device)
+            if self.metric is None:
+                raise RuntimeError(f"in_vit: the keys of block {index} were not captured before its MLP")
+            view = ViTView(index, self.schedule[index], x, self.metric, self.sizes, self.protected, self.probes)
+            self.metric = None
+            plan = self.method.in_vit(view)
+            if plan is None or plan.r == 0:
+                return None
+            self._check_plan(plan, b, n)
+            x_new, self.sizes = merge_tokens(x, self.sizes, plan)
+            if self.track_source:
+                if self.assign is None:
+                    self.assign = torch.arange(n, device=x.device).expand(b, n).clone()
+                self.assign = remap_assign(self.assign, plan, n)
+            self.reduced = True
+            self._blk = _Block(merged=x_new)
+            kept = plan.kept(n)
+            self.records.append((index, n, n - plan.r, kept))
+            if self.on_record is not None:
+                self.on_record(index, n, n - plan.r, kept)
+            if args:
+                return (x_new,) + tuple(args[1:]), kwargs
+            kwargs["input"] = x_new
+            return args, kwargs
+
+        return pre
+
+    def _check_plan(self, plan: ViTMerge, b: int, n: int) -> None:
+        name = self.method.name
+        if not isinstance(plan, ViTMerge):
+            raise TypeError(f"{name}.in_vit must return a vtok.vit.ViTMerge or None, got {type(plan).__name__}")
+        if plan.src.shape != plan.dst.shape or plan.src.shape[0] != b:
+            raise ValueError(
+                f"{name}: ViTMerge src/dst must both be [batch, r], got {tuple(plan.src.shape)}, {tuple(plan.dst.shape)}"
+            )
+        if plan.order is not None and tuple(plan.order.shape) != (b, n - plan.r):
+            raise ValueError(f"{name}: ViTMerge order must be [batch, {n - plan.r}], got {tuple(plan.order.shape)}")
+        p = self.protected
+        if plan.r > n - p - 1 or bool((plan.src < p).any()) or bool((plan.dst < p).any()):
+            raise ValueError(f"{name}: a merge touched one of the {p} protected prefix tokens or removed too many tokens")
+
+    def _branch_end(self, module, args, kwargs, output):
+        blk = self._blk
+        if blk.merged is None or blk.branch is not None:
+            return None
+        blk.branch = output
+        return output.new_zeros(())
+
+    def _block_end(self, module, args, kwargs, output):
+        blk = self._blk
+        if blk.merged is None:
+            return None
+        if blk.branch is None:
+            raise RuntimeError("in_vit: the block's MLP branch did not run after the merge")
+        out = blk.merged + blk.branch
+        self._blk = _Block()
+        if isinstance(output, tuple):
+            return (out,) + tuple(output[1:])
+        return out
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+
+class ViTAdapter(Adapter):
+    """A standalone vision encoder; runs ``in_vit`` methods. ``source``: the last forward's source map."""
+
+    stages = ("in_vit",)
+    probe_types = (ViTAttention,)
+    model_classes: tuple = ()
+
+    # family interface
+    def tower(self) -> nn.Module:
+        return self.model
+
+    def block_parts(self) -> list[BlockParts]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def num_prefix_tokens(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def attn_implementation(self) -> str | None:
+        return None
+
+    # checks
+    def check_probe(self, probe, method) -> None:
+        super().check_probe(probe, method)
+        n = len(self.block_parts())
+        if not -n <= probe.layer < n:
+            raise ValueError(f"{method.name}: ViT probe layer {probe.layer} is outside the encoder's blocks 0..{n - 1}")
+        if probe.kind == "cls" and self.num_prefix_tokens() == 0:
+            raise ValueError(
+                f"{method.name}: {type(self.tower()).__name__} has no class token, so it cannot serve "
+                "ViTAttention(kind='cls'); use kind='colmean'"
+            )
+
+    def validate(self) -> None:
+        super().validate()
+        self.block_parts()  # raises for block structures vtok does not know
+        check_vit_method(self.methods["in_vit"], self.attn_implementation(), len(self.block_parts()))
+
+    # hooks
+    def attach(self) -> None:
+        method = self.methods["in_vit"]
+        self.runner = InViTRunner(
+            self,
+            method,
+            self.block_parts(),
+            protected=self.num_prefix_tokens() if getattr(method, "protect_cls", True) else 0,
+            track_source=bool(getattr(method, "trace_source", True)),
+            attn_implementation=self.attn_implementation,
+            on_reset=self.handle.stats.clear,
+            on_record=self._record,
+        )
+        self.runner.install()
+
+    def _record(self, block, n_in, n_out, kept):
+        b = kept.shape[0]
+        method = self.methods["in_vit"]
+        self.handle.stats.append(Reduction(method.name, "in_vit", block, [n_in] * b, [n_out] * b, list(kept.cpu())))
+
+    @property
+    def source(self) -> ViTSource | None:
+        """Where the output tokens of the last forward came from (None: nothing merged, or trace_source=False)."""
+        runner = getattr(self, "runner", None)
+        return None if runner is None else runner.source()
+
+
+class HFVisionAdapter(ViTAdapter):
+    name = "hf_vision"
+    model_classes = ("CLIPVisionModel", "SiglipVisionModel", "Dinov2Model")
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return type(model).__name__ in cls.model_classes and type(model).__module__.startswith("transformers.")
+
+    def block_parts(self):
+        return hf_block_parts(self.model)
+
+    def num_prefix_tokens(self) -> int:
+        return 1 if has_cls_token(self.model) else 0
+
+    def attn_implementation(self):
+        return hf_attn_implementation(self.model)
+
+
+class TimmViTAdapter(ViTAdapter):
+    name = "timm_vit"
+    model_classes = ("timm.models.vision_transformer.VisionTransformer",)
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        mod = sys.modules.get("timm.models.vision_transformer")
+        return mod is not None and isinstance(model, mod.VisionTransformer)
+
+    def block_parts(self):
+        return timm_block_parts(self.model)
+
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+
+class OpenClipViTAdapter(ViTAdapter):
+    name = "open_clip_vit"
+    model_classes = ("open_clip.transformer.VisionTransformer", "open_clip CLIP models with .visual")
+
+    @classmethod
+    def _vit_class(cls):
+        mod = sys.modules.get("open_clip.transformer")
+        return None if mod is None else mod.VisionTransformer
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        vt = cls._vit_class()
+        return vt is not None and (isinstance(model, vt) or isinstance(getattr(model, "visual", None), vt))
+
+    def tower(self):
+        vt = self._vit_class()
+        return self.model if isinstance(self.model, vt) else self.model.visual
+
+    def block_parts(self):
+        return open_clip_block_parts(self.tower())
+
+    def num_prefix_tokens(self) -> int:
+        return 1  # open_clip's VisionTransformer always prepends its class embedding

@@ -1,0 +1,317 @@
+"""ToMe: agreement with a reference written from the paper, no-op exactness, proportional attention,
+schedules, matching and hyper-parameter checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtok
+from vtok.adapters.testing import tiny_hf_vision, tiny_open_clip_vit, tiny_timm_vit
+from vtok.methods.tome import ToMe, bipartite_soft_matching, parse_r, tome_order
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+# ----------------------------------------------------------------------------- the reference
+# Written from the ToMe paper (arXiv 2210.09461, Sec. 3 and Alg. 1), independently of vtok:
+# per block x = x + attn(norm1(x)) with proportional attention softmax(qk^T/sqrt(d) + log s);
+# metric = keys averaged over heads; A = even tokens, B = odd tokens, the class token (index 0)
+# never a source; the r A-tokens with the most similar B partner merge into it by a size-weighted
+# average; output [unmerged A (index order), B]; then x = x + mlp(norm2(x)).
+
+
+def ref_match_and_merge(x, metric, size, source, r):
+    n = x.shape[1]
+    r = min(r, (n - 1) // 2)
+    if r <= 0:
+        return x, size, source
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = m[:, ::2], m[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    scores[:, 0, :] = -float("inf")  # the class token is never merged
+    best, partner = scores.max(dim=-1)
+    ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src, unm = ranked[:, :r], ranked[:, r:].sort(dim=-1).values
+    dst = partner.gather(1, src)
+
+    def merge(t, mode):
+        ta, tb = t[:, ::2], t[:, 1::2]
+        c = t.shape[-1]
+        kept_a = ta.gather(1, unm[..., None].expand(-1, -1, c))
+        moved = ta.gather(1, src[..., None].expand(-1, -1, c))
+        tb = tb.scatter_reduce(1, dst[..., None].expand(-1, -1, c), moved, reduce=mode)
+        return torch.cat([kept_a, tb], dim=1)
+
+    xs = merge(x * size, "sum")
+    new_size = merge(size, "sum")
+    return xs / new_size, new_size, merge(source, "amax")
+
+
+def ref_attention(q, k, v, size, scale):
+    logits = q @ k.transpose(-1, -2) * scale + size.log()[:, None, None, :, 0]
+    return logits.softmax(-1) @ v
+
+
+def ref_timm(model, img, schedule):
+    x = model.norm_pre(model._pos_embed(model.patch_embed(img)))
+    b, n, _ = x.shape
+    size = torch.ones(b, n, 1)
+    source = torch.eye(n).expand(b, n, n)
+    for blk, r in zip(model.blocks, schedule):
+        at = blk.attn
+        h = blk.norm1(x)
+        qkv = at.qkv(h).reshape(b, x.shape[1], 3, at.num_heads, at.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        o = ref_attention(q, k, v, size, at.scale).transpose(1, 2).reshape(b, x.shape[1], -1)
+        x = x + at.proj(o)
+        x, size, source = ref_match_and_merge(x, k.mean(1), size, source, r)
+        x = x + blk.mlp(blk.norm2(x))
+    return model.norm(x), size[..., 0], source
+
+
+def ref_clip(model, img, schedule):
+    vm = getattr(model, "vision_model", model)
+    x = vm.pre_layrnorm(vm.embeddings(img))
+    b, n, _ = x.shape
+    size = torch.ones(b, n, 1)
+    source = torch.eye(n).expand(b, n, n)
+    for layer, r in zip(vm.encoder.layers, schedule):
+        at = layer.self_attn
+        h = layer.layer_norm1(x)
+        heads = lambda t: t.view(b, t.shape[1], at.num_heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(at.q_proj(h)), heads(at.k_proj(h)), heads(at.v_proj(h))
+        o = ref_attention(q, k, v, size, at.scale).transpose(1, 2).reshape(b, x.shape[1], -1)
+        x = x + at.out_proj(o)
+        x, size, source = ref_match_and_merge(x, k.mean(1), size, source, r)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x, size[..., 0], source
+
+
+def ref_open_clip(model, img, schedule):
+    x = model._embeds(img)
+    b, n, _ = x.shape
+    size = torch.ones(b, n, 1)
+    source = torch.eye(n).expand(b, n, n)
+    for blk, r in zip(model.transformer.resblocks, schedule):
+        mha = blk.attn
+        h = blk.ln_1(x)
+        heads = lambda t: t.view(b, t.shape[1], mha.num_heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = (heads(t) for t in torch.nn.functional.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+        o = ref_attention(q, k, v, size, q.shape[-1] ** -0.5).transpose(1, 2).reshape(b, x.shape[1], -1)
+        x = x + blk.ls_1(mha.out_proj(o))
+        x, size, source = ref_match_and_merge(x, k.mean(1), size, source, r)
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x, size[..., 0], source
+
+
+def canonical(x, size, source):
+    """Order tokens by their first original token (ToMe's [A, B] order and vtok's index order differ)."""
+    first = torch.where(source.bool(), torch.arange(source.shape[-1]), source.shape[-1]).min(-1).values
+    order = first.argsort(dim=1)
+    return (
+        x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])),
+        size.gather(1, order),
+        source.gather(1, order[..., None].expand(-1, -1, source.shape[-1])).bool(),
+    )
+
+
+def check_against_reference(out, handle, ref):
+    src = handle.adapter.source
+    mine = canonical(out, src.sizes, src.matrix().float())
+    theirs = canonical(*ref)
+    assert torch.equal(mine[2], theirs[2]), "different surviving tokens / sources"
+    assert torch.equal(mine[1], theirs[1]), "different sizes"
+    torch.testing.assert_close(mine[0], theirs[0], atol=2e-6, rtol=2e-5)
+    assert torch.equal(mine[2].sum(-1).float(), mine[1])
+
+
+@pytest.mark.parametrize("r", [3, (3, -0.5), [5, 0, 4, 2]])
+def test_timm_agrees_with_paper_reference(r):
+    model = tiny_timm_vit(seed=1, depth=4)
+    img = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    schedule = parse_r(4, r)
+    with torch.no_grad():
+        ref = ref_timm(model, img, schedule)
+        with vtok.apply(model, "tome", r=r) as h:
+            out = model.forward_features(img)
+            check_against_reference(out, h, ref)
+            assert [s.tokens_in[0] - s.tokens_out[0] for s in h.stats] == [v for v in schedule if v]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_clip_agrees_with_paper_reference(impl):
+    model = tiny_hf_vision("clip", seed=2, attn_implementation=impl)
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ref_clip(model, img, [4, 3])
+        with vtok.apply(model, "tome", r=[4, 3]) as h:
+            out = model(pixel_values=img).last_hidden_state
+            check_against_reference(out, h, ref)
+        assert model.config._attn_implementation == impl
+
+
+def test_open_clip_multihead_attention_agrees_with_paper_reference():
+    # nn.MultiheadAttention takes the size bias as a [B*H, N, N] float mask (a stride-0 view)
+    model = tiny_open_clip_vit(seed=3, layers=3)
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = ref_open_clip(model, img, [3, 3, 2])
+        with vtok.apply(model, "tome", r=[3, 3, 2]) as h:
+            out = model.transformer(model._embeds(img))
+            check_against_reference(out, h, ref)
+
+
+# ----------------------------------------------------------------------------- no-op and prop_attn
+
+
+def _all_hidden(model, img):
+    return model(pixel_values=img, output_hidden_states=True).hidden_states
+
+
+def test_r0_is_bit_identical():
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for model in (tiny_hf_vision("clip"), tiny_hf_vision("dinov2")):
+            ref = _all_hidden(model, img)
+            for r in (0, [0, 0], (0, 0.5)):
+                with vtok.apply(model, "tome", r=r) as h:
+                    out = _all_hidden(model, img)
+                assert h.stats == []
+                assert all(torch.equal(a, b) for a, b in zip(out, ref))
+        model = tiny_timm_vit()
+        ref = model.forward_features(img)
+        with vtok.apply(model, "tome", r=0):
+            assert torch.equal(model.forward_features(img), ref)
+
+
+class NoMerge(ToMe):
+    """ToMe's hooks (proportional attention from block 0 on) but no merge: all sizes stay 1."""
+
+    def in_vit(self, view):
+        return None
+
+
+def _spy_masks(attn_modules, key):
+    seen = []
+
+    def pre(module, args, kwargs):
+        seen.append(kwargs.get(key))
+
+    return seen, [m.register_forward_pre_hook(pre, with_kwargs=True) for m in attn_modules]
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2", "timm", "open_clip", "open_clip_custom"])
+def test_prop_attn_with_unit_sizes_equals_untouched(family):
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    if family in ("clip", "dinov2"):
+        model = tiny_hf_vision(family)
+        run = lambda: model(pixel_values=img).last_hidden_state  # noqa: E731
+        blocks = model.encoder.layer if family == "dinov2" else model.encoder.layers
+        attns = [b.attention if family == "dinov2" else b.self_attn for b in blocks]
+        key = "attention_mask"
+    elif family == "timm":
+        model = tiny_timm_vit()
+        run, attns, key = (lambda: model.forward_features(img)), [b.attn for b in model.blocks], "attn_mask"
+    else:
+        model = tiny_open_clip_vit(output_tokens=True, qk_norm=family == "open_clip_custom")
+        run = lambda: model(img)[1]  # noqa: E731  (the tokens)
+        attns, key = [b.attn for b in model.transformer.resblocks], "attn_mask"
+    with torch.no_grad():
+        ref = run()
+        with vtok.apply(model, NoMerge(r=2, prop_attn=True)):
+            seen, spies = _spy_masks(attns, key)  # registered after vtok's hooks: sees their mask
+            out = run()
+            for s in spies:
+                s.remove()
+    masks = [m for m in seen if m is not None]
+    assert masks and all(bool((m == 0).all()) for m in masks), "the size bias (log 1 = 0) was not passed"
+    assert not torch.equal(masks[0], torch.ones(1)) and masks[0].is_floating_point()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prop_attn_changes_outputs_after_merges():
+    model = tiny_timm_vit(depth=3)
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with vtok.apply(model, "tome", r=3, prop_attn=True):
+            a = model.forward_features(img)
+        with vtok.apply(model, "tome", r=3, prop_attn=False):
+            b = model.forward_features(img)
+    assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_parse_r_schedules():
+    assert parse_r(4, 3) == [3, 3, 3, 3]
+    assert parse_r(3, [1, 2]) == [1, 2, 0]
+    dec = parse_r(5, (4, -1.0))
+    assert dec[0] == 8 and dec[-1] == 0 and dec == sorted(dec, reverse=True)
+    inc = parse_r(5, (4, 1.0))
+    assert inc[0] == 0 and inc[-1] == 8
+    assert parse_r(1, (4, 0.5)) == [4]
+    with pytest.raises(ValueError, match="at most 2"):
+        parse_r(2, [1, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "bad,err",
+    [
+        (-1, ValueError),
+        ((2, 3.0), ValueError),
+        ((2,), ValueError),
+        ([1, -2], ValueError),
+        ("4", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_bad_r_is_a_clear_error(bad, err):
+    with pytest.raises(err, match="tome: r"):
+        ToMe(r=bad)
+
+
+def test_schedule_longer_than_encoder_is_a_clear_error():
+    with pytest.raises(ValueError, match="encoder blocks"):
+        vtok.apply(tiny_timm_vit(), "tome", r=[1, 1, 1])
+
+
+def test_matching_protects_prefix_and_clamps():
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 11, 8, generator=g)
+    for protected in (0, 1, 2, 3):
+        src, dst, unm = bipartite_soft_matching(metric, 100, protected)
+        assert src.shape == dst.shape == (2, (11 - protected) // 2)
+        assert bool((src >= protected).all() and (dst >= protected).all())
+        assert bool((src % 2 == 0).all() and (dst % 2 == 1).all())  # A = even, B = odd positions
+        order = tome_order(unm, 11, protected)
+        for b in range(2):  # every token is either a source or a survivor, exactly once
+            assert sorted(src[b].tolist() + order[b].tolist()) == list(range(11))
+            assert order[b, :protected].tolist() == list(range(protected))
+    src, dst, unm = bipartite_soft_matching(metric, 0, 1)
+    assert src.shape == (2, 0)
+    # ties: identical tokens -> lowest indices first, deterministically
+    same = torch.ones(1, 6, 4)
+    src, dst, unm = bipartite_soft_matching(same, 2, 0)
+    assert src.tolist() == [[0, 2]] and dst.tolist() == [[1, 1]] and unm.tolist() == [[4]]
+
+
+def test_source_map_and_stats_kept():
+    model = tiny_hf_vision("siglip")  # no class token: nothing protected
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vtok.apply(model, "tome", r=3) as h:
+        out = model(pixel_values=img).last_hidden_state
+        src = h.adapter.source
+    assert out.shape[1] == 16 - 6 == src.num_tokens
+    assert src.assign.shape == (2, 16) and int(src.assign.max()) < out.shape[1]
+    assert torch.equal(src.matrix().sum(-1).float(), src.sizes)
+    assert src.sizes.sum(1).tolist() == [16.0, 16.0]
+    first = src.first()
+    assert sorted(first[0].tolist()) == sorted(set(first[0].tolist()))  # one first patch per token
+    for rec in h.stats:
+        assert rec.stage == "in_vit" and rec.method == "tome"
+        assert all(k.numel() == o for k, o in zip(rec.kept, rec.tokens_out))
+    with vtok.apply(model, "tome", r=3, trace_source=False) as h2:
+        model(pixel_values=img)
+        assert h2.adapter.source is None

@@ -1,0 +1,142 @@
+"""`tome`: Token Merging (Bolya et al., ICLR 2023) -- bipartite soft matching inside every ViT block.
+
+Written from the paper (arXiv 2210.09461) and vtok's method spec, not from the reference code.
+
+Per block, after the attention residual and before the MLP: the keys averaged over heads are the
+similarity metric; tokens alternate into sets A (even positions) and B (odd positions); every A
+token finds its most similar B token (cosine); the ``r`` A tokens with the best matches are
+merged into their partners by a size-weighted average. Prefix tokens (CLS, registers) are
+protected. Sizes travel to the next blocks, where ``log(size)`` is added to the attention logits
+(proportional attention). The output order is ToMe's -- [prefix, unmerged A, B] -- because the
+next block's alternating split depends on it; ``source`` maps tokens back to their patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..method import Method, hparam, register
+from ..vit import ViTMerge, ViTView
+
+__all__ = ["ToMe", "parse_r", "bipartite_soft_matching", "tome_order"]
+
+
+def parse_r(num_blocks: int, r) -> list[int]:
+    """Tokens removed per block: an int (constant), ``(r, inflection)`` or an explicit list.
+
+    ``(r, inflection)``, inflection in [-1, 1]: a linear ramp from ``r * (1 - inflection)`` to
+    ``2r - r * (1 - inflection)`` (so the mean stays about r; -1 decreases, +1 increases).
+    A list shorter than the encoder is padded with zeros.
+    """
+    if num_blocks <= 0:
+        return []
+    if isinstance(r, list):
+        if len(r) > num_blocks:
+            raise ValueError(
+                f"tome: r lists {len(r)} values but only {num_blocks} encoder blocks reach the output; "
+                f"give at most {num_blocks} values"
+            )
+        return [int(v) for v in r] + [0] * (num_blocks - len(r))
+    if isinstance(r, tuple):
+        base, inflect = r
+    else:
+        base, inflect = r, 0.0
+    lo = int(base * (1.0 - inflect))
+    hi = 2 * base - lo
+    if num_blocks == 1:
+        return [int(base)]
+    step = (hi - lo) / (num_blocks - 1)
+    return [int(lo + step * i) for i in range(num_blocks)]
+
+
+@torch.no_grad()
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0):
+    """ToMe's matching. metric [B, N, d] -> ``src``, ``dst`` [B, r'] and ``unm`` [B, |A| - r'].
+
+    A = even positions, B = odd positions; the first ``protected`` tokens are neither sources
+    (A) nor destinations (B). ``r`` is clamped to ``(N - protected) // 2``. Pairs are ordered by
+    decreasing similarity; ties go to the lower token index (stable sort, first argmax). ``unm``:
+    the unmerged A tokens (protected ones excluded) -- in index order when tokens are protected
+    (ToMe sorts them to keep the class token first), else by decreasing similarity (as ToMe).
+    """
+    b, n, _ = metric.shape
+    dev = metric.device
+    r = max(0, min(int(r), (n - protected) // 2))
+    empty = torch.zeros(b, 0, dtype=torch.long, device=dev)
+    if r == 0:
+        return empty, empty, empty
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a_idx = torch.arange(protected + protected % 2, n, 2, device=dev)  # even, not protected
+    b_idx = torch.arange(protected + 1 - protected % 2, n, 2, device=dev)  # odd, not protected
+    scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)  # [B, |A|, |B|]
+    best, partner = scores.max(dim=-1)
+    ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src, unm = ranked[:, :r], ranked[:, r:]
+    if protected:
+        unm = unm.sort(dim=-1).values
+    return a_idx[src], b_idx[partner.gather(1, src)], a_idx[unm]
+
+
+def tome_order(unm: torch.Tensor, n: int, protected: int) -> torch.Tensor:
+    """ToMe's output order: [protected tokens, unmerged A tokens, B tokens] (B in index order)."""
+    b = unm.shape[0]
+    dev = unm.device
+    head = torch.arange(protected, device=dev).expand(b, -1)
+    b_idx = torch.arange(protected + 1 - protected % 2, n, 2, device=dev).expand(b, -1)
+    return torch.cat([head, unm, b_idx], dim=1)
+
+
+@register
+@dataclass
+class ToMe(Method):
+    """ToMe (ICLR 2023): merge similar tokens in every ViT block by bipartite soft matching."""
+
+    name = "tome"
+    stages = ("in_vit",)
+    noop = {"r": 0}
+    example = {"r": 2}
+
+    r: int | tuple | list = hparam(
+        8, "tokens merged per block: an int, (r, inflection) with inflection in [-1, 1], or a per-block list"
+    )
+    prop_attn: bool = hparam(True, "proportional attention: add log(size) of every key to the attention logits")
+    protect_cls: bool = hparam(True, "never merge the prefix tokens (class token, registers, distillation token)")
+    trace_source: bool = hparam(True, "keep the map from original patches to merged tokens (handle.adapter.source)")
+    position_policy: str = hparam(
+        "compact", "inside a VLM: 'compact' renumbers RoPE positions, 'keep' gives each token its first patch's"
+    )
+
+    def validate(self):
+        r = self.r
+        if isinstance(r, bool):
+            raise TypeError("tome: r must be an int, an (r, inflection) tuple or a list of ints, not a bool")
+        if isinstance(r, int):
+            if r < 0:
+                raise ValueError(f"tome: r={r} must be >= 0 (tokens merged per block; 0 = off)")
+        elif isinstance(r, tuple):
+            if len(r) != 2 or isinstance(r[0], bool) or not isinstance(r[0], int) or r[0] < 0:
+                raise ValueError(f"tome: r={r!r}: give (r, inflection) with an int r >= 0, e.g. (8, -0.5)")
+            if isinstance(r[1], bool) or not isinstance(r[1], (int, float)) or not -1.0 <= float(r[1]) <= 1.0:
+                raise ValueError(f"tome: r={r!r}: the inflection must be a number in [-1, 1]")
+        elif isinstance(r, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r):
+                raise ValueError(f"tome: r={r!r}: a per-block list must hold ints >= 0")
+        else:
+            raise TypeError(
+                f"tome: r must be an int, an (r, inflection) tuple or a per-block list of ints, not {type(r).__name__}"
+            )
+        for f in ("prop_attn", "protect_cls", "trace_source"):
+            if not isinstance(getattr(self, f), bool):
+                raise TypeError(f"tome: {f} must be True or False, got {getattr(self, f)!r}")
+
+    def vit_schedule(self, num_blocks: int) -> list[int]:
+        return parse_r(num_blocks, self.r)
+
+    def in_vit(self, view: ViTView) -> ViTMerge | None:
+        src, dst, unm = bipartite_soft_matching(view.metric, view.budget, view.protected)
+        if not src.shape[1]:
+            return None
+        return ViTMerge(src, dst, tome_order(unm, view.x.shape[1], view.protected))

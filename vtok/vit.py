@@ -1,0 +1,153 @@
+"""The ``in_vit`` stage: what a method sees in one vision-encoder block, and how its merges apply.
+
+An ``in_vit`` method implements two hooks (adapters call them; they never name a model class):
+
+* ``vit_schedule(num_blocks) -> list[int]``: how many tokens it removes in each block that
+  reaches the encoder's output (0 = leave the block alone; blocks with 0 get no merge hooks).
+* ``in_vit(view: ViTView) -> ViTMerge | None``: at block ``view.block``, after the attention
+  residual and before the MLP, which tokens merge into which (or None: nothing this time).
+
+and may declare ``prop_attn`` (bool: the adapter adds ``log(size)`` of every key to the attention
+logits of later blocks, as an additive float mask), ``protect_cls`` (bool: the encoder's prefix
+tokens -- class, register, distillation tokens -- are handed over as ``view.protected``) and
+``trace_source`` (bool: the adapter keeps a :class:`ViTSource` map after every forward).
+
+The adapter keeps the per-token sizes and the source map; this module holds the arithmetic both
+need, as small pure functions over tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ViTView", "ViTMerge", "ViTSource", "merge_tokens", "remap_assign", "first_source", "source_matrix"]
+
+
+@dataclass
+class ViTView:
+    """What an ``in_vit`` method sees in one block.
+
+    block: index of the block among the encoder's blocks (0-based); budget: tokens to remove here
+    (from ``vit_schedule``); x: [B, N, C] token states after the attention residual; metric:
+    [B, N, d] keys of this block's attention averaged over heads; sizes: [B, N] float, original
+    patches per token; protected: the first ``protected`` tokens must survive unchanged; probes:
+    ViT attention statistics computed so far in this forward (each aligned with the tokens that
+    entered its own block).
+    """
+
+    block: int
+    budget: int
+    x: torch.Tensor
+    metric: torch.Tensor | None
+    sizes: torch.Tensor
+    protected: int
+    probes: dict
+
+
+@dataclass
+class ViTMerge:
+    """Tokens ``src`` [B, r] merge (size-weighted) into tokens ``dst`` [B, r] of the same block.
+
+    Sources disappear; every other token survives. ``order`` [B, N - r] lists the survivors in
+    the order the next block receives them (None: their original order); later position-based
+    choices (ToMe's alternating split) depend on it. A destination must not be a source itself.
+    ``r`` is the same for every sample, so the batch stays rectangular.
+    """
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    order: torch.Tensor | None = None
+
+    @property
+    def r(self) -> int:
+        return int(self.src.shape[1])
+
+    def kept(self, n: int) -> torch.Tensor:
+        """[B, n - r] sorted indices of the surviving tokens (themselves or merge destinations)."""
+        if self.order is not None:
+            return self.order.sort(dim=1).values
+        b = self.src.shape[0]
+        alive = torch.ones(b, n, dtype=torch.bool, device=self.src.device)
+        alive.scatter_(1, self.src, False)
+        ar = torch.arange(n, device=self.src.device)
+        # stable compaction: survivors first, in index order
+        order = torch.argsort((~alive).to(torch.int8) * n + ar, dim=1)
+        return order[:, : n - self.r]
+
+    def output_order(self, n: int) -> torch.Tensor:
+        return self.order if self.order is not None else self.kept(n)
+
+
+@dataclass
+class ViTSource:
+    """Where the tokens of the last forward through the encoder came from.
+
+    assign: [B, N0] long, for every original token (prefix tokens and patches, in the encoder's
+    input order) the index of the output token that holds it; sizes: [B, N] float, how many
+    original tokens each output token stands for.
+    """
+
+    assign: torch.Tensor
+    sizes: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sizes.shape[1])
+
+    def first(self) -> torch.Tensor:
+        """[B, N] the smallest original index among each output token's sources."""
+        return first_source(self.assign, self.num_tokens)
+
+    def matrix(self) -> torch.Tensor:
+        """[B, N, N0] bool: ToMe's dense source map (row t marks the original tokens of token t)."""
+        return source_matrix(self.assign, self.num_tokens)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+
+def merge_tokens(x: torch.Tensor, sizes: torch.Tensor, plan: ViTMerge):
+    """Size-weighted merge (ToMe's ``merge_wavg``): returns the surviving tokens and their sizes.
+
+    x [B, N, C], sizes [B, N] float. A destination becomes ``sum(x_i * s_i) / sum(s_i)`` over
+    itself and its sources; its size becomes ``sum(s_i)``. Accumulates in fp32.
+    """
+    n = x.shape[1]
+    xs = x.float() * sizes.unsqueeze(-1)
+    s = sizes
+    if plan.r:
+        xs = xs.scatter_reduce(1, plan.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _gather_rows(xs, plan.src), "sum")
+        s = s.scatter_reduce(1, plan.dst, s.gather(1, plan.src), "sum")
+    order = plan.output_order(n)
+    s_out = s.gather(1, order)
+    x_out = _gather_rows(xs, order) / s_out.unsqueeze(-1)
+    return x_out.to(x.dtype), s_out
+
+
+def remap_assign(assign: torch.Tensor, plan: ViTMerge, n: int) -> torch.Tensor:
+    """Update a source map ``assign`` [B, N0] (values in [0, n)) through one merge."""
+    order = plan.output_order(n)
+    b = order.shape[0]
+    new_pos = torch.empty(b, n, dtype=torch.long, device=order.device)
+    new_pos.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand(b, -1))
+    if plan.r:
+        new_pos.scatter_(1, plan.src, new_pos.gather(1, plan.dst))
+    return new_pos.gather(1, assign)
+
+
+def first_source(assign: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n]: for every token the smallest original index it holds."""
+    b, n0 = assign.shape
+    out = torch.full((b, n), n0, dtype=torch.long, device=assign.device)
+    return out.scatter_reduce(1, assign, torch.arange(n0, device=assign.device).expand(b, -1), "amin")
+
+
+def source_matrix(assign: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n, N0] bool one-hot of ``assign`` (dense; for visualisation and small encoders)."""
+    b, n0 = assign.shape
+    out = torch.zeros(b, n, n0, dtype=torch.bool, device=assign.device)
+    out.scatter_(1, assign.unsqueeze(1), True)
+    return out
