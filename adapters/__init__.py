@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .vit import HFVisionAdapter, OpenClipViTAdapter, TimmViTAdapter
 
 __all__ = ["Adapter", "ADAPTERS", "find_adapter", "list_adapters"]
 
 #: every adapter, most specific first
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, HFVisionAdapter, TimmViTAdapter, OpenClipViTAdapter]
+ADAPTERS: list[type[Adapter]] = [
+    LlavaOnevisionAdapter,
+    LlavaNextAdapter,
+    LlavaAdapter,
+    HFVisionAdapter,
+    TimmViTAdapter,
+    OpenClipViTAdapter,
+]
 
 
 def list_adapters() -> list[str]:

@@ -19,6 +19,12 @@ __all__ = [
     "tiny_timm_vit",
     "tiny_open_clip_vit",
     "left_pad_batch",
+    "tiny_llava_next",
+    "tiny_llava_onevision",
+    "anyres_processor",
+    "anyres_samples",
+    "anyres_collate",
+    "LLAVA_ONEVISION_VIDEO",
     "vision_samples",
     "vision_batch",
 ]
@@ -213,6 +219,182 @@ def _vision_case(name, build, key="pixel_values"):
     return TinyCase(name, build, vision_samples(key), kind="vision", collate=vision_batch, specs=[0, 1, 2])
 
 
+# ---------------------------------------------------------------- LLaVA-NeXT / LLaVA-OneVision
+# Inputs come from the real transformers processors (image/video processors and a word-level tokenizer
+# built offline over the tiny model's vocabulary), so placeholder counts, AnyRes crops and padding are
+# exactly what a user's processor produces.
+
+
+def _word_tokenizer(vocab: int, special: dict):
+    """A fast word-level tokenizer over ids 0..vocab-1: 'w<i>' for plain ids, ``special`` name -> id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>", **{i: n for n, i in special.items()}}
+    tk = Tokenizer(models.WordLevel({names.get(i, f"w{i}"): i for i in range(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={f"{n[1:-1]}_token": n for n in special},
+    )
+
+
+def _qwen2_text_config(vocab=160, layers=4):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8):
+    """A LlavaNextForConditionalGeneration: 2-block CLIP tower (4x4 patches per crop, CLS dropped),
+    AnyRes pinpoints of 1x2, 2x1 and 2x2 crops, a 4-layer Llama."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    s = image_size
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=s, patch_size=patch
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vision,
+        text_config=_llama_text_config(),
+        image_token_id=150,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        projector_hidden_act="gelu",
+    )
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 48, patch: int = 8):
+    """A LlavaOnevisionForConditionalGeneration: 2-block SigLIP tower (6x6 patches, 3x3 per video frame
+    after the model's pooling), AnyRes pinpoints of 1x2, 2x1, 2x2 crops with ``anyres_max_2`` (2x2 crops
+    are down-scaled), a 4-layer Qwen2."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    s = image_size
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=s, patch_size=patch
+    )
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=_qwen2_text_config(),
+        image_token_id=151,
+        video_token_id=152,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_2",
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        projector_hidden_act="gelu",
+    )
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def anyres_processor(model):
+    """The real LlavaNextProcessor / LlavaOnevisionProcessor for a tiny model (built offline)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    cfg = model.config
+    vc = cfg.vision_config
+    s = vc.image_size
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        image_proc = LlavaNextImageProcessor(
+            size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=cfg.image_grid_pinpoints
+        )
+        tok = _word_tokenizer(cfg.text_config.vocab_size, {"<image>": cfg.image_token_id})
+        return LlavaNextProcessor(
+            image_processor=image_proc,
+            tokenizer=tok,
+            patch_size=vc.patch_size,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            num_additional_image_tokens=1 if cfg.vision_feature_select_strategy == "default" else 0,
+        )
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    image_proc = LlavaOnevisionImageProcessor(size={"height": s, "width": s}, image_grid_pinpoints=cfg.image_grid_pinpoints)
+    tok = _word_tokenizer(cfg.text_config.vocab_size, {"<image>": cfg.image_token_id, "<video>": cfg.video_token_id})
+    return LlavaOnevisionProcessor(
+        image_processor=image_proc,
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": s, "width": s}),
+        tokenizer=tok,
+        num_image_tokens=(s // vc.patch_size) ** 2,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        vision_aspect_ratio=cfg.vision_aspect_ratio,
+    )
+
+
+def anyres_samples(model, specs, seed=0):
+    """specs: list of (n_words_before, visuals, n_words_after); a visual is (H, W) for an image or
+    (frames, H, W) for a video (random RGB pixels). One sample per spec: the prompt text, its images
+    and videos, and the real processor (``anyres_collate`` runs it on the batch)."""
+    import numpy as np
+
+    proc = anyres_processor(model)
+    rng = np.random.default_rng(seed)
+    words = lambda k: [f"w{i}" for i in rng.integers(5, 140, k)]  # noqa: E731
+    out = []
+    for before, visuals, after in specs:
+        text, images, videos = ["<s>"] + words(before), [], []
+        for v in visuals:
+            if len(v) == 2:
+                images.append(rng.integers(0, 256, (*v, 3), dtype=np.uint8))
+                text.append("<image>")
+            else:
+                videos.append(rng.integers(0, 256, (*v, 3), dtype=np.uint8))
+                text.append("<video>")
+            text += words(1)
+        text += words(after)
+        out.append({"text": " ".join(text), "images": images, "videos": videos, "processor": proc})
+    return out
+
+
+def anyres_collate(samples, side: str = "left"):
+    """Run the real processor on a batch of ``anyres_samples``: its outputs as they are, plus position_ids
+    as generate computes them. Videos of different frame counts cannot be stacked: the processor then
+    returns ``pixel_values_videos`` as a list of per-video tensors, which is passed on unchanged."""
+    proc = samples[0]["processor"]
+    proc.tokenizer.padding_side = side
+    kw = {"text": [s["text"] for s in samples], "padding": True}
+    if any(s["images"] for s in samples):
+        kw["images"] = [s["images"] for s in samples]
+    videos = [v for s in samples for v in s["videos"]]
+    if videos:
+        kw["videos"] = videos
+    ragged = len({v.shape[0] for v in videos}) > 1
+    out = dict(proc(**kw, return_tensors=None if ragged else "pt"))
+    if ragged:  # what a user does with return_tensors=None: tensors for the rest, the video list as is
+        pix = out.pop("pixel_values", None)
+        out = {k: v if k == "pixel_values_videos" else torch.as_tensor(v) for k, v in out.items()}
+        if pix is not None:  # per-image [patches, C, H, W]: the model takes them concatenated
+            out["pixel_values"] = torch.cat(list(pix))
+    mask = out["attention_mask"]
+    out["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return out
+
+
 TINY_CASES: dict[str, TinyCase] = {
     "llava": TinyCase("llava", tiny_llava, llava_samples, specs=[(3, 1, 4), (9, 1, 2), (1, 2, 6)]),
     "llava_siglip": TinyCase(
@@ -223,4 +405,29 @@ TINY_CASES: dict[str, TinyCase] = {
     "dinov2": _vision_case("dinov2", lambda: tiny_hf_vision("dinov2")),
     "timm_vit": _vision_case("timm_vit", tiny_timm_vit, key="x"),
     "open_clip_vit": _vision_case("open_clip_vit", tiny_open_clip_vit, key="x"),
+    "llava_next": TinyCase(
+        "llava_next",
+        tiny_llava_next,
+        anyres_samples,
+        collate=anyres_collate,
+        specs=[(3, [(40, 70)], 4), (9, [(60, 30)], 2), (1, [(50, 50), (30, 80)], 6)],
+    ),
+    "llava_onevision": TinyCase(
+        "llava_onevision",
+        tiny_llava_onevision,
+        anyres_samples,
+        collate=anyres_collate,
+        specs=[(3, [(40, 90)], 4), (9, [(90, 85)], 2), (1, [(50, 50), (30, 80)], 6)],
+    ),
 }
+
+#: LLaVA-OneVision with a batch of two videos of 8 and 12 frames (different prompt lengths). Not in
+#: TINY_CASES: the untouched transformers model cannot run a batch of videos with different frame
+#: counts (only vtok's adapter can), and its placeholders are video tokens, not image tokens.
+LLAVA_ONEVISION_VIDEO = TinyCase(
+    "llava_onevision_video",
+    tiny_llava_onevision,
+    anyres_samples,
+    collate=anyres_collate,
+    specs=[(3, [(8, 40, 48)], 4), (9, [(12, 40, 48)], 2)],
+)

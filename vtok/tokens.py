@@ -53,6 +53,10 @@ class VisualTokens:
         grid: (H, W) of the original patch grid of every unit, or None if unknown.
         frames: [U, N] long frame index of each token (video), or None.
         extra: adapter-specific per-token data (crop id, row...), [U, N] tensors keyed by name.
+        grids: per unit, the 2-D grids its original tokens were laid out in, one after another
+            (raster order inside each), e.g. ``[(h, w), (rows, cols)]`` for an AnyRes image (base image,
+            then the unpadded high-resolution grid) or ``[(h, w)] * T`` for a video; None when every
+            unit is one ``grid`` (one per frame when ``frames`` is set). See ``unit_grids``.
     """
 
     features: torch.Tensor
@@ -63,6 +67,7 @@ class VisualTokens:
     grid: tuple[int, int] | None = None
     frames: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    grids: list | None = None
 
     @classmethod
     def from_features(cls, features: torch.Tensor, owner: torch.Tensor, grid=None, frames=None):
@@ -85,6 +90,18 @@ class VisualTokens:
     def counts(self) -> torch.Tensor:
         """Number of real tokens per unit, [U]."""
         return self.mask.sum(1)
+
+    def unit_grids(self) -> list[list[tuple[int, int]]]:
+        """Per unit, the list of (h, w) grids of its original token layout (see ``grids``)."""
+        if self.grids is not None:
+            return [[tuple(g) for g in gs] for gs in self.grids]
+        if self.grid is None:
+            raise ValueError("these visual tokens carry no 2-D grid (the adapter did not provide one)")
+        h, w = self.grid
+        if self.frames is None:
+            return [[(h, w)] for _ in range(self.num_units)]
+        n_frames = [int(f[m].max()) + 1 if bool(m.any()) else 0 for f, m in zip(self.frames, self.mask)]
+        return [[(h, w)] * t for t in n_frames]
 
     def _gather_all(self, idx: torch.Tensor, valid: torch.Tensor, features=None, sizes=None) -> "VisualTokens":
         g = lambda t: None if t is None else gather_tokens(t, idx)  # noqa: E731

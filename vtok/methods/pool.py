@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..method import Method, hparam, register
-from ..tokens import VisualTokens
+from ..tokens import VisualTokens, gather_tokens
 
 
 @register
@@ -41,17 +41,11 @@ class Pool(Method):
             return max(1, min(h, round(h * s))), max(1, min(w, round(w * s)))
         return math.ceil(h / self.factor), math.ceil(w / self.factor)
 
-    def before_llm(self, tokens: VisualTokens, probes: dict) -> VisualTokens:
-        if tokens.grid is None:
-            raise ValueError("pool needs the 2-D token grid, which this adapter did not provide")
-        h, w = tokens.grid
-        u, n, d = tokens.features.shape
-        if n != h * w or not bool(tokens.mask.all()):
-            raise ValueError(f"pool expects full {h}x{w} grids per image, got {n} token slots")
+    def _pool_grid(self, x: torch.Tensor, h: int, w: int):
+        """x [M, h*w, D] (raster) -> pooled [M, k, D] (fp32), sizes [k], first [k] (window's first raster index)."""
         oh, ow = self.output_grid(h, w)
-        if (oh, ow) == (h, w):
-            return tokens
-        x = tokens.features.float().transpose(1, 2).reshape(u, d, h, w)
+        m, _, d = x.shape
+        x = x.float().transpose(1, 2).reshape(m, d, h, w)
         # window boundaries of adaptive pooling (covers the ceil-mode factor case exactly)
         ys = [(math.floor(i * h / oh), math.ceil((i + 1) * h / oh)) for i in range(oh)]
         xs = [(math.floor(j * w / ow), math.ceil((j + 1) * w / ow)) for j in range(ow)]
@@ -61,12 +55,61 @@ class Pool(Method):
             xs = [(j * f, min(w, (j + 1) * f)) for j in range(ow)]
         pooled = torch.stack(
             [torch.stack([x[:, :, a:b, c:e].mean((2, 3)) for (c, e) in xs], -1) for (a, b) in ys], -2
-        )  # [U, D, oh, ow]
-        feats = pooled.reshape(u, d, oh * ow).transpose(1, 2).to(tokens.features.dtype)
+        )  # [M, D, oh, ow]
         sizes = torch.tensor([(b - a) * (e - c) for (a, b) in ys for (c, e) in xs], dtype=torch.float32)
         first = torch.tensor([a * w + c for (a, _) in ys for (c, _) in xs])
-        dev = feats.device
-        out = VisualTokens.from_features(feats, tokens.owner, grid=tokens.grid)
-        out.positions = first.to(dev).expand(u, -1).clone()
-        out.sizes = sizes.to(dev).expand(u, -1).clone()
-        return out
+        return pooled.reshape(m, d, oh * ow).transpose(1, 2), sizes, first
+
+    def before_llm(self, tokens: VisualTokens, probes: dict) -> VisualTokens:
+        """Pool every grid of every unit on its own: an image's grid, each video frame, an AnyRes
+        image's base grid and its unpadded high-resolution grid (``VisualTokens.unit_grids``)."""
+        if tokens.grid is None and tokens.grids is None:
+            raise ValueError("pool needs the 2-D token grid, which this adapter did not provide")
+        grids = tokens.unit_grids()
+        u, n, d = tokens.features.shape
+        counts = tokens.counts().tolist()
+        for i, gs in enumerate(grids):
+            full = sum(h * w for h, w in gs)
+            if counts[i] != full or not bool(tokens.mask[i, :full].all()):
+                shape = " + ".join(f"{h}x{w}" for h, w in gs)
+                raise ValueError(f"pool expects full {shape} grids per image, got {counts[i]} tokens in unit {i}")
+        if all(self.output_grid(h, w) == (h, w) for gs in grids for h, w in gs):
+            return tokens
+        # pool all grids of one shape together (one batch per shape), then reassemble each unit
+        by_shape: dict = {}
+        for i, gs in enumerate(grids):
+            off = 0
+            for j, (h, w) in enumerate(gs):
+                by_shape.setdefault((h, w), []).append((i, j, off))
+                off += h * w
+        parts: list[dict] = [{} for _ in range(u)]
+        for (h, w), items in by_shape.items():
+            x = torch.stack([tokens.features[i, off : off + h * w] for i, _, off in items])
+            feats, sizes, first = self._pool_grid(x, h, w)
+            for r, (i, j, off) in enumerate(items):
+                parts[i][j] = (feats[r], sizes, first + off)
+        dev = tokens.features.device
+        rows = [[parts[i][j] for j in range(len(grids[i]))] for i in range(u)]
+        k = max((sum(p[0].shape[0] for p in r) for r in rows), default=0)
+        feats = tokens.features.new_zeros(u, k, d)
+        sizes = torch.zeros(u, k, dtype=torch.float32, device=dev)
+        first = torch.zeros(u, k, dtype=torch.long, device=dev)
+        mask = torch.zeros(u, k, dtype=torch.bool, device=dev)
+        for i, r in enumerate(rows):
+            if not r:
+                continue
+            m = sum(p[0].shape[0] for p in r)
+            feats[i, :m] = torch.cat([p[0] for p in r]).to(feats.dtype)
+            sizes[i, :m] = torch.cat([p[1] for p in r]).to(dev)
+            first[i, :m] = torch.cat([p[2] for p in r]).to(dev)
+            mask[i, :m] = True
+        g = lambda t: None if t is None else gather_tokens(t, first)  # noqa: E731
+        return replace(
+            tokens,
+            features=feats,
+            mask=mask,
+            positions=first,
+            sizes=sizes,
+            frames=g(tokens.frames),
+            extra={name: g(v) for name, v in tokens.extra.items()},
+        )

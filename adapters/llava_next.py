@@ -1,0 +1,460 @@
+"""HF ``LlavaNextForConditionalGeneration`` (LLaVA-1.6, AnyRes): base image + crops, unpadding, newlines.
+
+Units: one unit per image. Its tokens are the base (thumbnail) image's ``h x w`` grid, in raster
+order, followed by the unpadded high-resolution grid (all crops stitched, ``rows x cols``) in raster
+order. ``image_newline`` tokens are not part of the units: they are layout, and the adapter puts
+them back after a reduction (``place_reduced``): a row keeps its newline when at least one of its
+tokens survives (merged tokens count for the row of their ``position``), a row with no surviving
+token gets none. Rows therefore stay separated exactly as in the untouched model.
+
+Per-token bookkeeping (``VisualTokens``):
+
+- ``positions``: index in the unit's newline-free layout above (base grid, then high-res grid);
+- ``grids[u]``: ``[(h, w), (rows, cols)]`` (only ``[(h, w)]`` for an image without crops), so
+  ``pool`` pools the base grid and the high-res grid separately; ``grid`` is None (no common grid);
+- ``extra["crop"]``: 0 for base-image tokens, k >= 1 for the k-th AnyRes crop (raster order over
+  the crop grid) a high-res token comes from, so a method can work per crop or globally;
+- ``extra["block"]``: 0 base grid, 1 high-res grid; ``extra["row"]``/``extra["col"]``: the token's
+  row and column in its block's grid (``row`` of a high-res token = the newline row it sits in);
+- ``extra["patch"]``: raster index, inside its crop's tower grid, of the patch the token comes from.
+
+Budgets of ``before_llm`` methods are therefore per image (base + crops), newline tokens not
+counted. ``in_llm`` methods see every image placeholder (newlines included) as a visual token.
+
+How the features were laid out is read from the model's own code: the adapter runs the model's
+``pack_image_features`` on a small coordinate tensor (its unpadding and, for OneVision, its
+``anyres_max`` down-scaling) instead of re-implementing it. For that it wraps the core model's
+``get_image_features`` on this instance (an instance attribute that ``remove()`` deletes again),
+which is where the image sizes are visible, both when ``forward`` runs the tower and when
+``generate`` pre-computes the features (``mm_encoder_outputs``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from vtok.method import ViTAttention
+from vtok.tokens import VisualTokens
+
+from .hf_vision import attention_module, has_cls_token, vision_blocks, vit_attention_stats
+from .vlm import VLMAdapter
+
+__all__ = ["LlavaNextAdapter", "VisualLayout"]
+
+_LAYOUT_ATTR = "_vtok_layout"
+
+
+@dataclass
+class VisualLayout:
+    """Where the tokens of one unit (image or video) sit among its placeholders.
+
+    n tokens, ``length`` placeholders (tokens + newlines). token_slot [n]: placeholder offset of each
+    token; newline_slot [R]: placeholder offsets of the newlines; line [n]: which newline closes the
+    token's row (-1: none); block/row/col/crop [n] per-token bookkeeping (see the module doc);
+    frame [n] for videos; src [n]: index of the tower patch a token comes from (for ViT probes).
+    """
+
+    n: int
+    length: int
+    token_slot: torch.Tensor
+    newline_slot: torch.Tensor
+    line: torch.Tensor
+    block: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    crop: torch.Tensor
+    patch: torch.Tensor
+    grids: list
+    frame: torch.Tensor | None = None
+    src: torch.Tensor | None = None
+    vit: dict = field(default_factory=dict)
+
+
+
+class _InstanceWrap:
+    """Shadows a method of one module instance with a wrapper (instance attribute); ``remove`` deletes it."""
+
+    def __init__(self, obj, name: str, make):
+        if name in obj.__dict__:
+            raise ValueError(
+                f"{type(obj).__name__}.{name} is already replaced on this model instance; vtok cannot attach twice"
+            )
+        self.obj, self.name = obj, name
+        self.fn = make(getattr(obj, name))
+        obj.__dict__[name] = self.fn
+
+    def remove(self) -> None:
+        if self.obj.__dict__.get(self.name) is self.fn:
+            del self.obj.__dict__[self.name]
+
+
+def _ramp(g: int):
+    ar = torch.arange(g, dtype=torch.float32)
+    return ar.repeat_interleave(g), ar.repeat(g)  # y, x of raster index
+
+
+class LlavaNextAdapter(VLMAdapter):
+    name = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        from transformers import LlavaNextForConditionalGeneration
+
+        return isinstance(model, LlavaNextForConditionalGeneration)
+
+    # model knowledge -----------------------------------------------------------
+    @property
+    def vision_tower(self):
+        return self.core.vision_tower
+
+    def placeholder_ids(self) -> list[int]:
+        return [int(self.model.config.image_token_id)]
+
+    def _modalities(self) -> list[tuple[str, int]]:
+        """(modality, placeholder id) of every kind of visual input of the family."""
+        return [("image", int(self.model.config.image_token_id))]
+
+    def _patch_grid(self) -> int:
+        vc = self.model.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def _hf_module(self):
+        """The transformers module of this family (its anyres helpers)."""
+        return sys.modules[type(self.core).__module__]
+
+    def _strategy(self, value=None) -> str:
+        return value if value is not None else self.model.config.vision_feature_select_strategy
+
+    def check_probe(self, probe, method) -> None:
+        super().check_probe(probe, method)
+        if isinstance(probe, ViTAttention):
+            n = len(vision_blocks(self.vision_tower))
+            if not -n <= probe.layer < n:
+                raise ValueError(f"{method.name}: ViT probe layer {probe.layer} is outside the tower's blocks 0..{n - 1}")
+            if probe.kind == "cls" and not has_cls_token(self.vision_tower):
+                raise ValueError(
+                    f"{method.name}: the vision tower {type(self.vision_tower).__name__} has no CLS token, so it "
+                    "cannot serve ViTAttention(kind='cls'); use kind='colmean'"
+                )
+
+    # attach ----------------------------------------------------------------------
+    def attach_vision(self) -> None:
+        self._layouts: dict = {}  # modality -> list[VisualLayout] of the features of the coming prefill
+        self._vit_raw: dict | None = None  # probe -> list of per-tower-call stats, inside a wrapped call
+        self._hooks.append(_InstanceWrap(self.core, "get_image_features", self._wrap_image_features))
+        self.hook(self.model, self._clear_layouts, pre=False)
+        vit_probes: dict[int, list] = {}
+        for m in self.methods.values():
+            for p in m.probes():
+                if isinstance(p, ViTAttention):
+                    vit_probes.setdefault(p.layer, []).append(p)
+        blocks = vision_blocks(self.vision_tower)
+        for layer, probes in vit_probes.items():
+            self.hook(attention_module(blocks[layer]), self._make_vit_probe(probes), pre=True)
+
+    def _clear_layouts(self, module, args, kwargs, output):
+        self._layouts = {}
+        return None
+
+    def _make_vit_probe(self, probes):
+        def pre(module, args, kwargs):
+            if self._vit_raw is None:
+                return None
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            for p in probes:
+                self._vit_raw[p].append(vit_attention_stats(module, hidden, p.kind))
+            return None
+
+        return pre
+
+    def _needs_layouts(self) -> bool:
+        """Units (and so layouts) are only built for a before_llm method."""
+        return "before_llm" in self.methods
+
+    def _vit_probes(self) -> list:
+        return [p for m in self.methods.values() for p in m.probes() if isinstance(p, ViTAttention)]
+
+    def _call_tower(self, fn, *args, **kwargs):
+        """Run ``fn`` (which runs the tower) collecting ViT probe statistics: (output, {probe: [rows, n]})."""
+        probes = self._vit_probes()
+        self._vit_raw = {p: [] for p in probes}
+        try:
+            out = fn(*args, **kwargs)
+            raw = {p: torch.cat(v) for p, v in self._vit_raw.items() if v}
+        finally:
+            self._vit_raw = None
+        return out, raw
+
+    def _drop_cls(self, stats, strategy):
+        if self._strategy(strategy) == "default" and has_cls_token(self.vision_tower):
+            return stats[:, 1:]
+        return stats
+
+    # images: layout from the model's own packing ------------------------------------
+    def _wrap_image_features(self, orig):
+        sig = inspect.signature(orig)
+
+        @functools.wraps(orig)
+        def get_image_features(*args, **kwargs):
+            if not self._needs_layouts():
+                return orig(*args, **kwargs)
+            out, raw = self._call_tower(orig, *args, **kwargs)
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = dict(bound.arguments)
+            a.update(a.pop("kwargs", {}) or {})
+            layouts = self._image_layouts(a)
+            for p, stats in raw.items():
+                stats = self._drop_cls(stats, a.get("vision_feature_select_strategy"))
+                for lay, rows in zip(layouts, self._patch_rows(a)):
+                    lay.vit[p] = stats[rows].reshape(-1)[lay.src]
+            feats = getattr(out, "pooler_output", None)
+            if isinstance(feats, (list, tuple)) and len(feats) == len(layouts):
+                for t, lay in zip(feats, layouts):
+                    if t.shape[0] != lay.length:
+                        raise RuntimeError(
+                            f"vtok's reading of the image layout ({lay.length} tokens) disagrees with the model "
+                            f"({t.shape[0]}); please report this with your transformers version"
+                        )
+                    setattr(t, _LAYOUT_ATTR, lay)  # travels with the features (generate's mm_encoder_outputs)
+            self._layouts["image"] = layouts
+            return out
+
+        return get_image_features
+
+    def _num_patches(self, a: dict) -> list[int]:
+        """Tower inputs (base + crops) per image, as the model's get_image_features counts them."""
+        cfg = self.model.config
+        helper = self._hf_module().image_size_to_num_patches
+        return [
+            helper(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size)
+            for s in a["image_sizes"]
+        ]
+
+    def _pack(self, feats: list, a: dict, newline: torch.Tensor) -> list:
+        packed, _ = self.core.pack_image_features(
+            feats,
+            a["image_sizes"],
+            vision_feature_select_strategy=self._strategy(a.get("vision_feature_select_strategy")),
+            image_newline=newline,
+        )
+        return packed
+
+    def _patch_rows(self, a: dict) -> list[torch.Tensor]:
+        """Per image, the rows of the tower batch that hold its base image and crops."""
+        n = self._num_patches(a)
+        start = [sum(n[:i]) for i in range(len(n))]
+        return [torch.arange(s, s + k) for s, k in zip(start, n)]
+
+    def _image_layouts(self, a: dict) -> list[VisualLayout]:
+        cfg = self.model.config
+        g = self._patch_grid()
+        yy, xx = _ramp(g)
+        helper = self._hf_module().get_anyres_image_grid_shape
+        feats, npws = [], []
+        for size, p in zip(a["image_sizes"], self._num_patches(a)):
+            # channels: real-token marker (newlines get 0), y and x in the stitched (padded) crop grid
+            idx = torch.zeros(p, g * g, 3)
+            idx[:, :, 0] = 1
+            idx[0, :, 1], idx[0, :, 2] = yy, xx
+            npw = 1
+            if p > 1:
+                _, npw = helper(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                for k in range(1, p):
+                    cy, cx = divmod(k - 1, npw)
+                    idx[k, :, 1], idx[k, :, 2] = cy * g + yy, cx * g + xx
+            feats.append(idx)
+            npws.append(npw)
+        packed = self._pack(feats, a, torch.tensor([0.0, -1.0, -1.0]))
+        return [self._parse_image(t, p.shape[0], npw, g) for t, p, npw in zip(packed, feats, npws)]
+
+    @staticmethod
+    def _parse_image(t: torch.Tensor, n_patches: int, npw: int, g: int) -> VisualLayout:
+        length = t.shape[0]
+        is_nl = t[:, 0] < 0.5
+        base = g * g
+        ar = torch.arange(base)
+        if bool(is_nl[:base].any()):
+            raise RuntimeError("unexpected image layout: a newline inside the base image grid")
+        if n_patches == 1:  # base image only (+ one closing newline)
+            nl = is_nl[base:].nonzero().squeeze(1) + base
+            line = torch.full((base,), 0 if nl.numel() else -1, dtype=torch.long)
+            zero = torch.zeros(base, dtype=torch.long)
+            return VisualLayout(
+                base, length, ar, nl, line, zero, ar // g, ar % g, zero, ar.clone(), [(g, g)], src=ar.clone()
+            )
+        hi = t[base:]
+        nl_hi = is_nl[base:].nonzero().squeeze(1)
+        rows = nl_hi.numel()
+        cols = (hi.shape[0] - rows) // max(rows, 1)
+        expect = torch.arange(rows) * (cols + 1) + cols
+        if rows == 0 or hi.shape[0] != rows * (cols + 1) or not torch.equal(nl_hi, expect):
+            raise RuntimeError("unexpected image layout: the high-resolution grid is not rows of tokens + newline")
+        r = torch.arange(rows).repeat_interleave(cols)
+        c = torch.arange(cols).repeat(rows)
+        hi_slot = base + r * (cols + 1) + c
+        tok = hi[(r * (cols + 1) + c)]
+        y = tok[:, 1].round().long().clamp_min(0)
+        x = tok[:, 2].round().long().clamp_min(0)
+        crop = 1 + (y // g) * npw + (x // g)
+        crop = crop.clamp(1, n_patches - 1)
+        patch = (y % g) * g + (x % g)
+        src_hi = crop * base + patch
+        n = base + rows * cols
+        return VisualLayout(
+            n=n,
+            length=length,
+            token_slot=torch.cat([ar, hi_slot]),
+            newline_slot=base + expect,
+            line=torch.cat([torch.full((base,), -1, dtype=torch.long), r]),
+            block=torch.cat([torch.zeros(base, dtype=torch.long), torch.ones(rows * cols, dtype=torch.long)]),
+            row=torch.cat([ar // g, r]),
+            col=torch.cat([ar % g, c]),
+            crop=torch.cat([torch.zeros(base, dtype=torch.long), crop]),
+            patch=torch.cat([ar, patch]),
+            grids=[(g, g), (rows, cols)],
+            src=torch.cat([ar, src_hi]),
+        )
+
+    # pre-computed features (generate) ---------------------------------------------
+    def features_from_encoder_outputs(self, mm_encoder_outputs: dict):
+        """Recover the layouts of pre-computed features; units are built at the LM entry (returns None)."""
+        self._layouts = {}  # a new prefill: only what these features carry (or the tower computes now)
+        image = mm_encoder_outputs.get("image")
+        if image is not None and getattr(image, "pooler_output", None) is not None:
+            lays = [getattr(t, _LAYOUT_ATTR, None) for t in image.pooler_output]
+            if lays and all(lay is not None for lay in lays):
+                self._layouts["image"] = lays
+        return None
+
+    # units at the LM entry ------------------------------------------------------------
+    def _lm_prefill(self, kwargs):
+        fw = self._fw
+        if fw.units is None and "before_llm" in self.methods:
+            fw.units, fw.spans = self.build_units(kwargs["inputs_embeds"], fw.input_ids)
+        return super()._lm_prefill(kwargs)
+
+    def build_units(self, features, input_ids):
+        """``features``: the LM's input embeddings, every placeholder already holding its feature."""
+        entries = []
+        for modality, token_id in self._modalities():
+            slots = (input_ids == token_id).nonzero()  # row-major: the order masked_scatter fills
+            if slots.shape[0] == 0:
+                continue
+            lays = self._layouts.get(modality)
+            if lays is None:
+                raise ValueError(
+                    f"vtok cannot tell how the {modality} features of this prompt were laid out (AnyRes crops, "
+                    f"newlines, frames): pass pixel_values{'_videos' if modality == 'video' else ''} "
+                    f"(with image_sizes for images) in the same call, or let generate compute mm_encoder_outputs "
+                    f"while vtok is attached"
+                )
+            total = sum(lay.length for lay in lays)
+            if total != slots.shape[0]:
+                raise ValueError(
+                    f"{modality} placeholder count does not match the {modality} features: input_ids hold "
+                    f"{slots.shape[0]} placeholders (id {token_id}) but the {len(lays)} {modality}(s) need {total} "
+                    f"({[lay.length for lay in lays]}). Pass input_ids exactly as the processor made them together "
+                    f"with their pixel values"
+                )
+            off = 0
+            for lay in lays:
+                seg = slots[off : off + lay.length]
+                off += lay.length
+                if not bool((seg[:, 0] == seg[0, 0]).all()):
+                    raise ValueError(f"the placeholders of one {modality} are split across samples of the batch")
+                entries.append((int(seg[0, 0]), int(seg[0, 1]), lay, seg[:, 1]))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        self._unit_layouts = [e[2] for e in entries]
+        return self._make_units(features, entries), [e[3] for e in entries]
+
+    def _make_units(self, embeds, entries) -> VisualTokens:
+        dev = embeds.device
+        u = len(entries)
+        n = max(e[2].n for e in entries)
+        feats = embeds.new_zeros(u, n, embeds.shape[-1])
+        mask = torch.zeros(u, n, dtype=torch.bool, device=dev)
+        longs = {
+            k: torch.zeros(u, n, dtype=torch.long, device=dev) for k in ("block", "row", "col", "crop", "patch", "frame")
+        }
+        vit = {p: torch.zeros(u, n, dtype=torch.float32, device=dev) for p in self._vit_probes()}
+        for i, (b, _, lay, span) in enumerate(entries):
+            k = lay.n
+            feats[i, :k] = embeds[b, span[lay.token_slot.to(span.device)]]
+            mask[i, :k] = True
+            for name in ("block", "row", "col", "crop", "patch"):
+                longs[name][i, :k] = getattr(lay, name).to(dev)
+            if lay.frame is not None:
+                longs["frame"][i, :k] = lay.frame.to(dev)
+            for p in vit:
+                if p not in lay.vit:
+                    raise ValueError(
+                        f"{p!r} was not computed for these features (were they passed in pre-computed, without "
+                        "running the vision tower while vtok was attached?)"
+                    )
+                vit[p][i, :k] = lay.vit[p].to(dev)
+        grids = [e[2].grids for e in entries]
+        flat = {tuple(gr) for gs in grids for gr in gs}
+        grid = next(iter(flat)) if len(flat) == 1 else None
+        has_video = any(e[2].frame is not None for e in entries)
+        owner = torch.tensor([e[0] for e in entries], dtype=torch.long, device=dev)
+        units = VisualTokens(
+            features=feats,
+            mask=mask,
+            positions=torch.arange(n, device=dev).expand(u, n) * mask,
+            sizes=mask.float(),
+            owner=owner,
+            grid=grid,
+            frames=longs["frame"] if has_video else None,
+            extra={k: longs[k] for k in ("crop", "block", "row", "col", "patch")},
+            grids=grids,
+        )
+        for p, v in vit.items():
+            self._captured[p] = v
+        return units
+
+    # splice with newline re-insertion ---------------------------------------------------
+    def place_reduced(self, out: VisualTokens, spans: list, keep: torch.Tensor, embeds: torch.Tensor) -> None:
+        """Surviving tokens go to their original slots (unique positions) or, in output order, to the
+        first slots of the span; a newline is kept after a row iff one of the row's tokens survives."""
+        counts = out.counts().tolist()
+        for u, span in enumerate(spans):
+            lay = self._unit_layouts[u]
+            b = int(out.owner[u])
+            k = counts[u]
+            if k == 0:
+                continue
+            p = out.positions[u, :k].to(lay.line.device)
+            if int(p.min()) < 0 or int(p.max()) >= lay.n:
+                raise ValueError(
+                    f"{self.methods['before_llm'].name} returned token positions outside the unit's {lay.n} tokens"
+                )
+            line = lay.line[p]
+            feats = out.features[u, :k].to(embeds.dtype)
+            if torch.unique(p).numel() == k:
+                slots = span[lay.token_slot[p].to(span.device)]
+                keep[b, slots] = True
+                embeds[b, slots] = feats
+                rows = torch.unique(line[line >= 0])
+                keep[b, span[lay.newline_slot[rows].to(span.device)]] = True
+                continue
+            # positions repeat (new tokens): output order, each row's newline after its last token
+            newline = embeds[b, span[int(lay.newline_slot[0])]].clone() if lay.newline_slot.numel() else None
+            order, last = [], {}
+            for j, r in enumerate(line.tolist()):
+                if r >= 0:
+                    last[r] = j
+            for j, r in enumerate(line.tolist()):
+                order.append(j)
+                if r >= 0 and last[r] == j:
+                    order.append(-1)
+            slots = span[: len(order)]
+            keep[b, slots] = True
+            for s, j in zip(slots.tolist(), order):
+                embeds[b, s] = feats[j] if j >= 0 else newline
