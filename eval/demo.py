@@ -1,0 +1,81 @@
+"""`vtok demo`: the main job. A real offline VLM, several methods at two budgets, one table and a plot.
+
+Builds the offline VLM on first use (DINOv2 ViT-S/14 + SmolLM2-135M from PyPI wheels, the trained
+projector from ``eval/assets``), then runs the comparison runner on easy-VQA test questions: the
+full model, every demo method in the registry at each budget, and the ``random`` and ``pool``
+baselines at the same budgets. Prints the markdown table; writes results.md, results.json and
+pareto.png to ``--out``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+#: (method, settings for a budget b) -- only methods present in the registry are run
+DEMO_METHODS = {
+    "fastv": lambda b: {"layer": 2, "retain": b},
+    # ToMe removes r tokens in each of the tower's 12 blocks: 256 patches -> 256 - 12 r
+    "tome": lambda b: {"r": max(1, round(256 * (1 - b) / 12))},
+}
+
+
+def demo_settings(budgets, methods=None) -> list:
+    import vtok
+
+    names = [m for m in (methods or DEMO_METHODS) if m in vtok.list_methods()]
+    unknown = [m for m in (methods or []) if m not in DEMO_METHODS]
+    if unknown:
+        raise ValueError(f"the demo knows settings for {sorted(DEMO_METHODS)}, not {unknown}")
+    return [(m, DEMO_METHODS[m](b)) for b in budgets for m in names]
+
+
+def run_demo(n: int = 200, budgets=(0.5, 0.25), methods=None, out: str = "vtok-demo", batch_size: int = 16,
+             seed: int = 0, threads: int | None = None):  # fmt: skip
+    import torch
+
+    from . import offline
+    from .harnesses import EasyVQA
+    from .runner import compare
+
+    if threads:
+        torch.set_num_threads(threads)
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ValueError(f"budget {b} must be a fraction of visual tokens kept, in (0, 1]")
+    t0 = time.time()
+    model, _, helper = offline.load_vlm()
+    dataset = EasyVQA(helper, n=n, seed=seed)
+    settings = demo_settings(budgets, methods)
+    print(f"[vtok demo] {len(settings)} method settings + baselines on {n} easy-VQA test questions")
+    result = compare(model, dataset, settings, batch_size=batch_size, out_dir=out, model_name="offline-vlm")
+    print(result.markdown())
+    for note in result.notes:
+        print("note:", note)
+    print(f"[vtok demo] wrote {Path(out) / 'results.md'} and {Path(out) / 'pareto.png'} in {time.time() - t0:.0f} s")
+    return result
+
+
+def _cmd(args) -> int:
+    run_demo(
+        n=args.n,
+        budgets=args.budgets,
+        methods=args.methods,
+        out=args.out,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="compare methods on a real offline VLM (easy-VQA)")
+    p.add_argument("--n", type=int, default=200, help="easy-VQA test questions (default 200)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="fractions of visual tokens kept")
+    p.add_argument("--methods", nargs="+", default=None, help=f"subset of {sorted(DEMO_METHODS)}")
+    p.add_argument("--out", default="vtok-demo", help="output folder (results.md, results.json, pareto.png)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd)
