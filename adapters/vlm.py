@@ -177,8 +177,8 @@ class VLMAdapter(Adapter):
                 attention_mask=mask,
                 position_ids=kwargs.get("position_ids"),
             )
+            self.handle.stats.clear()  # stats describe the last prefill, also a text-only one
             if has_visual:
-                self.handle.stats.clear()
                 mm = kwargs.get("mm_encoder_outputs")
                 if mm:
                     feats = self.features_from_encoder_outputs(mm)

@@ -228,3 +228,13 @@ def test_labels_loss_with_compaction(llava):
     torch.testing.assert_close(same.loss, ref.loss)
     assert out.logits.shape == ref.logits.shape and torch.isfinite(out.loss)
     assert not torch.equal(out.loss, ref.loss)
+
+
+def test_stats_describe_the_last_prefill_even_text_only(llava):
+    batch = batch_of(llava, [(3, 1, 4)])
+    with vtok.apply(llava, "fastv", retain=0.5) as h:
+        with torch.no_grad():
+            llava(**batch)
+            assert h.stats
+            llava(input_ids=torch.tensor([[1, 5, 6, 7]]))
+        assert h.stats == []
