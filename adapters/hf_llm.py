@@ -130,49 +130,38 @@ def _project(attn, proj, norm_name, h, n_heads, head_dim):
 
 
 @torch.no_grad()
-def attention_rows(attn, hidden, position_embeddings, valid, query: str, row_chunk: int = 256):
+def attention_rows(attn, hidden, position_embeddings, valid, query: str):
     """Head-averaged attention of chosen query rows of a Llama-style attention module.
 
     hidden [B, S, D]: the module's input (after the layer norm); valid [B, S]: keys that exist.
     query "last": the last valid row per sample; "mean": the mean of all valid rows' (causal)
-    attention, in chunks of rows. Returns [B, S] in fp32. The [S, S] map is never formed whole.
+    attention. q/k come from the module's own projections (and q_norm/k_norm, RoPE); the scores
+    are computed by ``vtok.kernels`` (GQA-aware, no [S, S] map). Returns [B, S] fp32.
     """
+    from vtok.kernels import attention_colmean, attention_rows as rows_kernel
+
     cfg = attn.config
-    n_q = cfg.num_attention_heads
-    n_kv = cfg.num_key_value_heads
-    head_dim = attn.head_dim
+    n_q, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
     scaling = getattr(attn, "scaling", head_dim**-0.5)
     rope = _rope(attn)
     cos, sin = position_embeddings
-    b, s, _ = hidden.shape
+    b = hidden.shape[0]
     if cos.shape[0] != b:
         cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     k = _project(attn, "k_proj", "k_norm", hidden, n_kv, head_dim)
     k, _ = rope(k, k, cos, sin)
-    k = k.repeat_interleave(n_q // n_kv, dim=1).float()  # [B, Hq, S, d]
-    ar = torch.arange(s, device=hidden.device)
+    valid = valid.bool()
     if query == "last":
-        rows = [(valid.long() * ar).argmax(1, keepdim=True)]
-    elif query == "mean":
-        rows = [ar[i : i + row_chunk].expand(b, -1) for i in range(0, s, row_chunk)]
-    else:
-        raise ValueError(f"query={query!r} must be 'last' or 'mean'")
-    total = torch.zeros(b, s, dtype=torch.float32, device=hidden.device)
-    for r in rows:  # r [B, R]
-        h_r = hidden.gather(1, r.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        q = _project(attn, "q_proj", "q_norm", h_r, n_q, head_dim)
-        cr = cos.gather(1, r.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
-        sr = sin.gather(1, r.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
-        q, _ = rope(q, q, cr, sr)
-        scores = torch.einsum("bhrd,bhsd->bhrs", q.float(), k) * scaling
-        allowed = valid.unsqueeze(1) & (ar.view(1, 1, s) <= r.unsqueeze(-1))  # [B, R, S]
-        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)  # [B, R, S]
-        row_ok = valid.gather(1, r).unsqueeze(-1).float()
-        total += (probs * row_ok).sum(1)
+        last = last_valid_index(valid).unsqueeze(1)  # [B, 1]
+        gather = lambda t: t.gather(1, last.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+        q = _project(attn, "q_proj", "q_norm", gather(hidden), n_q, head_dim)
+        q, _ = rope(q, q, gather(cos), gather(sin))
+        return rows_kernel(q, k, scale=scaling, key_mask=valid, causal_offset=last)[:, 0]
     if query == "mean":
-        total = total / valid.sum(1, keepdim=True).clamp_min(1)
-    return total
+        q = _project(attn, "q_proj", "q_norm", hidden, n_q, head_dim)
+        q, _ = rope(q, q, cos, sin)
+        return attention_colmean(q, k, scale=scaling, key_mask=valid, query_mask=valid, causal=True)
+    raise ValueError(f"query={query!r} must be 'last' or 'mean'")
 
 
 def last_valid_index(valid: torch.Tensor) -> torch.Tensor:

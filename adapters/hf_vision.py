@@ -38,25 +38,23 @@ def has_cls_token(tower: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def vit_attention_stats(attn: nn.Module, hidden: torch.Tensor, kind: str, row_chunk: int = 256) -> torch.Tensor:
+def vit_attention_stats(attn: nn.Module, hidden: torch.Tensor, kind: str) -> torch.Tensor:
     """Head-averaged attention statistics of a ViT block from its input ``hidden`` [U, N, D].
 
     kind "cls": row of token 0 over all N tokens; "colmean": attention received by every token,
-    averaged over all queries (row chunks, never the whole [N, N] map). Returns [U, N] fp32.
+    averaged over all queries. q/k from the block's own projections; scores by ``vtok.kernels``
+    (never the whole [N, N] map). Returns [U, N] fp32.
     """
+    from vtok.kernels import attention_colmean, attention_rows
+
     n_heads = attn.config.num_attention_heads
     u, n, d = hidden.shape
     head_dim = d // n_heads
-    scale = head_dim**-0.5
-    k = attn.k_proj(hidden).view(u, n, n_heads, head_dim).transpose(1, 2).float()
+    k = attn.k_proj(hidden).view(u, n, n_heads, head_dim).transpose(1, 2)
     if kind == "cls":
-        q = attn.q_proj(hidden[:, :1]).view(u, 1, n_heads, head_dim).transpose(1, 2).float()
-        return torch.softmax(q @ k.transpose(-1, -2) * scale, -1).mean(1)[:, 0]
-    if kind != "colmean":
-        raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")
-    total = torch.zeros(u, n, dtype=torch.float32, device=hidden.device)
-    for i in range(0, n, row_chunk):
-        q = attn.q_proj(hidden[:, i : i + row_chunk])
-        q = q.view(u, -1, n_heads, head_dim).transpose(1, 2).float()
-        total += torch.softmax(q @ k.transpose(-1, -2) * scale, -1).mean(1).sum(1)
-    return total / n
+        q = attn.q_proj(hidden[:, :1]).view(u, 1, n_heads, head_dim).transpose(1, 2)
+        return attention_rows(q, k, scale=head_dim**-0.5)[:, 0]
+    if kind == "colmean":
+        q = attn.q_proj(hidden).view(u, n, n_heads, head_dim).transpose(1, 2)
+        return attention_colmean(q, k, scale=head_dim**-0.5)
+    raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")

@@ -43,10 +43,6 @@ class LlavaAdapter(VLMAdapter):
 
     # model knowledge -----------------------------------------------------------
     @property
-    def vision_tower(self):
-        return self.model.model.vision_tower
-
-    @property
     def projector(self):
         return self.model.model.multi_modal_projector
 
@@ -66,18 +62,6 @@ class LlavaAdapter(VLMAdapter):
             return (g, g)
         r = math.isqrt(n_tokens)
         return (r, r) if r * r == n_tokens else None
-
-    def check_probe(self, probe, method) -> None:
-        super().check_probe(probe, method)
-        if isinstance(probe, ViTAttention):
-            n = len(vision_blocks(self.vision_tower))
-            if not -n <= probe.layer < n:
-                raise ValueError(f"{method.name}: ViT probe layer {probe.layer} is outside the tower's blocks 0..{n - 1}")
-            if probe.kind == "cls" and not has_cls_token(self.vision_tower):
-                raise ValueError(
-                    f"{method.name}: the vision tower {type(self.vision_tower).__name__} has no CLS token, so it "
-                    "cannot serve ViTAttention(kind='cls'); use kind='colmean'"
-                )
 
     def _feature_layer_blocks(self) -> int:
         """How many tower blocks feed the hidden state LLaVA takes (vision_feature_layer)."""

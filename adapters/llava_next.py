@@ -131,18 +131,6 @@ class LlavaNextAdapter(VLMAdapter):
     def _strategy(self, value=None) -> str:
         return value if value is not None else self.model.config.vision_feature_select_strategy
 
-    def check_probe(self, probe, method) -> None:
-        super().check_probe(probe, method)
-        if isinstance(probe, ViTAttention):
-            n = len(vision_blocks(self.vision_tower))
-            if not -n <= probe.layer < n:
-                raise ValueError(f"{method.name}: ViT probe layer {probe.layer} is outside the tower's blocks 0..{n - 1}")
-            if probe.kind == "cls" and not has_cls_token(self.vision_tower):
-                raise ValueError(
-                    f"{method.name}: the vision tower {type(self.vision_tower).__name__} has no CLS token, so it "
-                    "cannot serve ViTAttention(kind='cls'); use kind='colmean'"
-                )
-
     # attach ----------------------------------------------------------------------
     def attach_vision(self) -> None:
         self._layouts: dict = {}  # modality -> list[VisualLayout] of the features of the coming prefill

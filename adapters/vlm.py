@@ -22,6 +22,7 @@ from vtok.tokens import VisualTokens
 
 from .base import Adapter
 from .hf_llm import SeqState, attention_rows, build_layer_kwargs, remap_mask
+from .hf_vision import has_cls_token, vision_blocks
 
 __all__ = ["VLMAdapter"]
 
@@ -98,9 +99,25 @@ class VLMAdapter(Adapter):
         cfg = self.model.config
         return getattr(getattr(cfg, "text_config", cfg), "vocab_size")
 
+    @property
+    def vision_tower(self):
+        return self.model.model.vision_tower
+
     # checks ------------------------------------------------------------------
     def num_llm_layers(self) -> int:
         return len(self.lm.layers)
+
+    def check_probe(self, probe, method) -> None:
+        super().check_probe(probe, method)
+        if isinstance(probe, ViTAttention):
+            n = len(vision_blocks(self.vision_tower))
+            if not -n <= probe.layer < n:
+                raise ValueError(f"{method.name}: ViT probe layer {probe.layer} is outside the tower's blocks 0..{n - 1}")
+            if probe.kind == "cls" and not has_cls_token(self.vision_tower):
+                raise ValueError(
+                    f"{method.name}: the vision tower {type(self.vision_tower).__name__} has no CLS token, so it "
+                    "cannot serve ViTAttention(kind='cls'); use kind='colmean'"
+                )
 
     # attach ------------------------------------------------------------------
     def attach(self) -> None:

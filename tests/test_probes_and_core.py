@@ -12,7 +12,8 @@ from conftest import tiny_model
 import vtok
 from vtok.adapters.testing import TINY_CASES
 from vtok.method import LLMAttention, Method, TextQuery, ViTAttention
-from vtok.tokens import VisualTokens, weighted_merge
+from vtok.kernels import merge_weighted
+from vtok.tokens import VisualTokens
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +172,16 @@ def test_compose_before_and_in_llm(llava):
     assert out.shape[1] == batch["input_ids"].shape[1] + 4
 
 
+def test_select_on_long_units_keeps_the_chosen_tokens():
+    n = 300  # more tokens than a small integer type can count
+    t = VisualTokens.from_features(torch.arange(n, dtype=torch.float32).view(1, n, 1), torch.tensor([0]))
+    keep = torch.zeros(1, n, dtype=torch.bool)
+    chosen = torch.tensor([5, 130, 255, 299])
+    keep[0, chosen] = True
+    s = t.select(keep)
+    assert s.features[0, :, 0].tolist() == chosen.float().tolist() and s.positions[0].tolist() == chosen.tolist()
+
+
 def test_visual_tokens_select_keeps_order_and_ragged():
     x = torch.arange(2 * 5 * 1.0).view(2, 5, 1)
     t = VisualTokens.from_features(x, torch.tensor([0, 1]))
@@ -187,8 +198,9 @@ def test_visual_tokens_select_keeps_order_and_ragged():
 def test_weighted_merge_and_visual_tokens_merge():
     x = torch.tensor([[[1.0], [3.0], [10.0], [0.0]]])
     sizes = torch.tensor([[1.0, 3.0, 1.0, 1.0]])
-    feats, sz = weighted_merge(x, sizes, torch.tensor([[0]]), torch.tensor([[1]]))
-    assert feats[0, 1, 0].item() == pytest.approx((1 * 1 + 3 * 3) / 4) and sz[0, 1] == 4
+    feats, sz, kept = merge_weighted(x, sizes, torch.tensor([[0]]), torch.tensor([[1]]))
+    assert kept[0].tolist() == [1, 2, 3]
+    assert feats[0, 0, 0].item() == pytest.approx((1 * 1 + 3 * 3) / 4) and sz[0, 0] == 4
     t = VisualTokens.from_features(x, torch.tensor([0]))
     t.sizes = sizes
     m = t.merge(torch.tensor([[0, 3]]), torch.tensor([[1, 2]]))

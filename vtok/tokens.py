@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["VisualTokens", "weighted_merge", "gather_tokens"]
+__all__ = ["VisualTokens", "gather_tokens"]
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -21,22 +21,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     shape = idx.shape + x.shape[2:]
     flat = idx.reshape(idx.shape[0], idx.shape[1], *([1] * (x.dim() - 2))).expand(shape)
     return x.gather(1, flat)
-
-
-def weighted_merge(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
-    """Size-weighted merge of tokens ``src`` into ``dst`` (per unit).
-
-    x [U, N, D], sizes [U, N], src/dst [U, r] indices into N. Each destination becomes
-    ``sum(x_i * size_i) / sum(size_i)`` over itself and its sources, its size the sum of sizes.
-    Sources are left in place; the caller drops them. Accumulates in fp32.
-    """
-    xf = x.float() * sizes.float().unsqueeze(-1)
-    sf = sizes.float().clone()
-    if src.numel():
-        xf = xf.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(xf, src))
-        sf = sf.scatter_add(1, dst, gather_tokens(sf, src))
-    out = xf / sf.clamp_min(1e-12).unsqueeze(-1)
-    return out.to(x.dtype), sf.to(sizes.dtype)
 
 
 @dataclass
@@ -129,7 +113,7 @@ class VisualTokens:
         k = int(counts.max()) if counts.numel() else 0
         # stable order-preserving compaction: kept slots first, in index order
         n = keep.shape[1]
-        order = torch.argsort((~keep).to(torch.int8) * n + torch.arange(n, device=keep.device), dim=1)
+        order = torch.argsort((~keep).long() * n + torch.arange(n, device=keep.device), dim=1)
         idx = order[:, :k]
         valid = torch.arange(k, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
         return self._gather_all(idx, valid, features, sizes)
@@ -143,7 +127,18 @@ class VisualTokens:
 
     def merge(self, src: torch.Tensor, dst: torch.Tensor) -> "VisualTokens":
         """Size-weighted merge of ``src`` tokens into ``dst`` tokens ([U, r] each); sources are dropped."""
-        feats, sizes = weighted_merge(self.features, self.sizes, src, dst)
-        keep = self.mask.clone()
-        keep.scatter_(1, src, False)
-        return self.select(keep, features=feats, sizes=sizes)
+        from vtok.kernels import merge_weighted
+
+        sizes = torch.where(self.mask, self.sizes, torch.ones_like(self.sizes))  # pad slots: no 0/0
+        feats, sizes, kept = merge_weighted(self.features, sizes, src, dst)
+        valid = self.mask.gather(1, kept)
+        g = lambda t: None if t is None else gather_tokens(t, kept)  # noqa: E731
+        return replace(
+            self,
+            features=feats * valid.unsqueeze(-1).to(feats.dtype),
+            mask=valid,
+            positions=g(self.positions),
+            sizes=sizes * valid.to(sizes.dtype),
+            frames=g(self.frames),
+            extra={k: g(v) for k, v in self.extra.items()},
+        )
