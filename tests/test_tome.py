@@ -315,3 +315,13 @@ def test_source_map_and_stats_kept():
     with vtok.apply(model, "tome", r=3, trace_source=False) as h2:
         model(pixel_values=img)
         assert h2.adapter.source is None
+
+
+def test_vit_merge_kept_on_long_sequences():
+    from vtok.vit import ViTMerge
+
+    n = 300  # beyond what a small integer sort key can hold
+    src = torch.tensor([[3, 200, 299]])
+    kept = ViTMerge(src=src, dst=torch.tensor([[4, 201, 0]])).kept(n)
+    expect = [i for i in range(n) if i not in (3, 200, 299)]
+    assert kept[0].tolist() == expect

@@ -73,7 +73,7 @@ class ViTMerge:
         alive.scatter_(1, self.src, False)
         ar = torch.arange(n, device=self.src.device)
         # stable compaction: survivors first, in index order
-        order = torch.argsort((~alive).to(torch.int8) * n + ar, dim=1)
+        order = torch.argsort((~alive).long() * n + ar, dim=1)
         return order[:, : n - self.r]
 
     def output_order(self, n: int) -> torch.Tensor:
