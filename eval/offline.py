@@ -31,7 +31,6 @@ Design decisions (documented here because tests and adapters rely on them):
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil
