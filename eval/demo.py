@@ -12,21 +12,33 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+PATCHES, BLOCKS = 256, 12  # the offline VLM's DINOv2 at 224 px: 16 x 16 patches, 12 blocks
+
+
+def tome_r(budget: float) -> int:
+    """ToMe removes r tokens in each of the tower's blocks: 256 patches -> 256 - 12 r."""
+    return max(1, min((PATCHES - 1) // BLOCKS, round(PATCHES * (1 - budget) / BLOCKS)))
+
+
 #: (method, settings for a budget b) -- only methods present in the registry are run
 DEMO_METHODS = {
     "fastv": lambda b: {"layer": 2, "retain": b},
-    # ToMe removes r tokens in each of the tower's 12 blocks: 256 patches -> 256 - 12 r
-    "tome": lambda b: {"r": max(1, round(256 * (1 - b) / 12))},
+    "tome": lambda b: {"r": tome_r(b)},
 }
 
 
 def demo_settings(budgets, methods=None) -> list:
+    """Settings per budget. With ToMe among them, each budget snaps to what ToMe can reach exactly
+    (256 - 12 r patches), so every method and the random/pool baselines share the same budgets."""
     import vtok
 
     names = [m for m in (methods or DEMO_METHODS) if m in vtok.list_methods()]
     unknown = [m for m in (methods or []) if m not in DEMO_METHODS]
     if unknown:
         raise ValueError(f"the demo knows settings for {sorted(DEMO_METHODS)}, not {unknown}")
+    if "tome" in names:
+        # rounded as the runner rounds measured budgets, so its baselines are shared, not run twice
+        budgets = [round((PATCHES - BLOCKS * tome_r(b)) / PATCHES, 4) for b in budgets]
     return [(m, DEMO_METHODS[m](b)) for b in budgets for m in names]
 
 

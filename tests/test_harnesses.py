@@ -76,6 +76,9 @@ def test_demo_settings_follow_the_registry():
     names = {m for m, _ in settings}
     assert "fastv" in names and names <= set(vtok.list_methods())
     assert ("fastv", {"layer": 2, "retain": 0.25}) in settings
+    if "tome" in names:  # budgets snap to what ToMe reaches exactly: 256 - 12 r patches
+        assert ("tome", {"r": 16}) in settings and ("tome", {"r": 11}) in settings
+        assert ("fastv", {"layer": 2, "retain": round((256 - 132) / 256, 4)}) in settings
     with pytest.raises(ValueError, match="the demo knows settings for"):
         demo_settings([0.5], methods=["nope"])
 
