@@ -50,21 +50,27 @@ class TinyCase:
         return collate(samples, side=side) if self.kind == "vlm" else collate(samples)
 
 
-def _llama_text_config(vocab=160, layers=4):
-    from transformers import LlamaConfig
+def _text_config(family: str = "llama", vocab: int = 160, layers: int = 4):
+    """A tiny decoder config (GQA: 4 query heads, 2 key/value heads) of a real transformers family."""
+    from transformers import LlamaConfig, Qwen2Config
 
-    return LlamaConfig(
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    return cls(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def _llama_text_config(vocab=160, layers=4):
+    return _text_config("llama", vocab, layers)
 
 
 def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8):
@@ -243,23 +249,6 @@ def _word_tokenizer(vocab: int, special: dict):
     )
 
 
-def _qwen2_text_config(vocab=160, layers=4):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
 def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8):
     """A LlavaNextForConditionalGeneration: 2-block CLIP tower (4x4 patches per crop, CLS dropped),
     AnyRes pinpoints of 1x2, 2x1 and 2x2 crops, a 4-layer Llama."""
@@ -297,7 +286,7 @@ def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", image
     )
     cfg = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=_qwen2_text_config(),
+        text_config=_text_config("qwen2"),
         image_token_id=151,
         video_token_id=152,
         vision_feature_layer=-1,
