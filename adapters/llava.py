@@ -11,7 +11,7 @@ from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
-from .hf_vision import attention_module, has_cls_token, vision_blocks, vit_attention_stats
+from .hf_vision import has_cls_token, vision_blocks, vit_attention_stats
 from .vit import InViTRunner, check_vit_method, hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
@@ -120,14 +120,7 @@ class LlavaAdapter(VLMAdapter):
             self._vit.install()
             self.hook(self.projector, self._projector_pre, pre=True)
         self.hook(self.projector, self._projector_post, pre=False)
-        vit_probes: dict[int, list] = {}
-        for m in self.methods.values():
-            for p in m.probes():
-                if isinstance(p, ViTAttention):
-                    vit_probes.setdefault(p.layer, []).append(p)
-        blocks = vision_blocks(self.vision_tower)
-        for layer, probes in vit_probes.items():
-            self.hook(attention_module(blocks[layer]), self._make_vit_probe(probes), pre=True)
+        self.hook_vit_probes()
 
     def _make_vit_probe(self, probes):
         def pre(module, args, kwargs):

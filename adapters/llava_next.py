@@ -41,7 +41,7 @@ import torch
 from vtok.method import ViTAttention
 from vtok.tokens import VisualTokens
 
-from .hf_vision import attention_module, has_cls_token, vision_blocks, vit_attention_stats
+from .hf_vision import has_cls_token, vit_attention_stats
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaNextAdapter", "VisualLayout"]
@@ -137,14 +137,7 @@ class LlavaNextAdapter(VLMAdapter):
         self._vit_raw: dict | None = None  # probe -> list of per-tower-call stats, inside a wrapped call
         self._hooks.append(_InstanceWrap(self.core, "get_image_features", self._wrap_image_features))
         self.hook(self.model, self._clear_layouts, pre=False)
-        vit_probes: dict[int, list] = {}
-        for m in self.methods.values():
-            for p in m.probes():
-                if isinstance(p, ViTAttention):
-                    vit_probes.setdefault(p.layer, []).append(p)
-        blocks = vision_blocks(self.vision_tower)
-        for layer, probes in vit_probes.items():
-            self.hook(attention_module(blocks[layer]), self._make_vit_probe(probes), pre=True)
+        self.hook_vit_probes()
 
     def _clear_layouts(self, module, args, kwargs, output):
         self._layouts = {}

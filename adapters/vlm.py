@@ -22,7 +22,7 @@ from vtok.tokens import VisualTokens
 
 from .base import Adapter
 from .hf_llm import SeqState, attention_rows, build_layer_kwargs, remap_mask
-from .hf_vision import has_cls_token, vision_blocks
+from .hf_vision import attention_module, has_cls_token, vision_blocks
 
 __all__ = ["VLMAdapter"]
 
@@ -85,6 +85,18 @@ class VLMAdapter(Adapter):
     def features_from_encoder_outputs(self, mm_encoder_outputs: dict):  # pragma: no cover - abstract
         """The projected features held in ``mm_encoder_outputs`` (what ``generate`` pre-computes)."""
         raise NotImplementedError
+
+    def hook_vit_probes(self) -> None:
+        """A pre-hook on the attention of every tower block a ViTAttention probe names; the subclass's
+        ``_make_vit_probe(probes)`` computes and captures the statistics."""
+        by_layer: dict[int, list] = {}
+        for m in self.methods.values():
+            for p in m.probes():
+                if isinstance(p, ViTAttention):
+                    by_layer.setdefault(p.layer, []).append(p)
+        blocks = vision_blocks(self.vision_tower)
+        for layer, probes in by_layer.items():
+            self.hook(attention_module(blocks[layer]), self._make_vit_probe(probes), pre=True)
 
     # capture (vision hooks call these; in generate the tower runs before the prefill forward) -----
     def capture_probe(self, probe, value) -> None:
