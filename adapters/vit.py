@@ -89,21 +89,28 @@ def attention_stats(q_rows: Callable, k: torch.Tensor, kind: str, scale: float, 
     """Head-averaged attention statistics from keys k [B, H, N, d] and a query-row provider.
 
     ``q_rows(start, stop)`` -> [B, H, R, d] queries of those rows. kind "cls": row 0; "colmean":
-    attention received by every token averaged over all queries (in row chunks, never the whole
-    [N, N] map). ``bias`` [B, N] is added to the logits (proportional attention). fp32 [B, N].
+    attention received by every token averaged over all queries (never the whole [N, N] map).
+    Without ``bias`` this is ``vtok.kernels``' probes; ``bias`` [B, N] (proportional attention, which
+    the kernels do not take) is added to the logits in a chunked torch path. fp32 [B, N].
     """
+    if kind not in ("cls", "colmean"):
+        raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")
+    if bias is None:  # the plain case is the kernels' probes (Triton on CUDA)
+        from vtok.kernels import attention_colmean, attention_rows
+
+        if kind == "cls":
+            return attention_rows(q_rows(0, 1), k, scale=scale)[:, 0]
+        return attention_colmean(q_rows(0, k.shape[2]), k, scale=scale)
     k = k.float()
     b, _, n, _ = k.shape
-    extra = None if bias is None else bias.float()[:, None, None, :]
+    extra = bias.float()[:, None, None, :]
 
     def probs(q):
         s = q.float() @ k.transpose(-1, -2) * scale
-        return torch.softmax(s if extra is None else s + extra, -1).mean(1)  # [B, R, N]
+        return torch.softmax(s + extra, -1).mean(1)  # [B, R, N]
 
     if kind == "cls":
         return probs(q_rows(0, 1))[:, 0]
-    if kind != "colmean":
-        raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")
     total = torch.zeros(b, n, dtype=torch.float32, device=k.device)
     for i in range(0, n, row_chunk):
         total += probs(q_rows(i, min(n, i + row_chunk))).sum(1)
