@@ -168,16 +168,22 @@ def attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None,
 @jit
 def _lse_kernel(
     q_ptr, k_ptr, kmask_ptr, qpos_ptr, lse_ptr,
-    Hq, M, Nk, D, GROUP, qk_scale,
+    Hq, M, Nk, D, GROUP, qk_scale, KEYS_PER_SPLIT, BH,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_pb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """lse2[b, h, i] = log2 sum_j 2^(s_ij * log2e) over allowed keys (-inf when none)."""
+    """lse2[b, h, i] = log2 sum_j 2^(s_ij * log2e) over allowed keys (-inf when none).
+
+    Program ``pid_s`` covers keys ``[pid_s * KEYS_PER_SPLIT, ...)`` and writes slot ``pid_s`` of
+    ``[SPLIT, B * Hq, M]``; the host combines the partial log-sum-exps (few query rows, long rows:
+    the keys are spread over more programs).
+    """
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = pid_bh // Hq
     h = pid_bh % Hq
     kvh = h // GROUP
@@ -193,9 +199,11 @@ def _lse_kernel(
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(0, Nk, BLOCK_N):
+    n_start = pid_s * KEYS_PER_SPLIT
+    n_end = tl.minimum(Nk, n_start + KEYS_PER_SPLIT)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_n = offs_n < Nk
+        in_n = offs_n < n_end
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
                      mask=in_d[:, None] & in_n[None, :], other=0.0)
         if UPCAST:
@@ -209,7 +217,7 @@ def _lse_kernel(
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-    tl.store(lse_ptr + pid_bh * M + offs_m, lse, mask=in_m)
+    tl.store(lse_ptr + (pid_s * BH + pid_bh).to(tl.int64) * M + offs_m, lse, mask=in_m)
 
 
 @jit
@@ -313,20 +321,39 @@ def _blocks(device, d, m_hint):
     return 16, 16, bd, 4
 
 
-def _run_lse(q, k, kmask8, qpos32, scale, bm, bn, bd, warps):
+def _lse_split(device, programs: int, Nk: int, bn: int) -> int:
+    """Key splits of the LSE pass: enough programs for about two waves, each >= 4 key tiles.
+    (H100, 1 x 16 heads x 16 rows x 25088 keys: one program per head left the GPU nearly idle.)"""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, max(1, programs)), triton.cdiv(Nk, 4 * bn)))
+
+
+def _run_lse(q, k, kmask8, qpos32, scale, bm, bn, bd, warps, split=None):
     B, Hq, M, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    lse = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device)
+    m_tiles = triton.cdiv(M, bm)
+    if split is None:
+        split = _lse_split(q.device, B * Hq * m_tiles, Nk, bn)
+    keys_per_split = triton.cdiv(triton.cdiv(Nk, bn), split) * bn
+    split = triton.cdiv(Nk, keys_per_split) if Nk else 1
+    lse = torch.empty(split, B, Hq, M, dtype=torch.float32, device=q.device)
     upcast, prec = dot_flags(q.dtype, q.device)
-    launchable(_lse_kernel, q.device)[(B * Hq, triton.cdiv(M, bm))](
+    launchable(_lse_kernel, q.device)[(B * Hq, m_tiles, split)](
         q, k, kmask8, qpos32, lse,
-        Hq, M, Nk, D, Hq // Hkv, scale * _LOG2E,
+        Hq, M, Nk, D, Hq // Hkv, scale * _LOG2E, keys_per_split, B * Hq,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         kmask8.stride(0), qpos32.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast, PRECISION=prec, num_warps=warps,
     )
-    return lse
+    if split == 1:
+        return lse[0]
+    # log2-sum-exp2 over the splits (a split with no allowed key holds -inf)
+    m = lse.amax(0)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    return torch.log2(torch.exp2(lse - m_safe).sum(0)) + m_safe
 
 
 def _kmask8(key_mask, B, Nk, device):
@@ -336,8 +363,10 @@ def _kmask8(key_mask, B, Nk, device):
 
 
 @torch.no_grad()
-def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None):
-    """Triton implementation of :func:`vtok.kernels.attention_rows` (two passes, no map)."""
+def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None, _lse_splits=None):
+    """Triton implementation of :func:`vtok.kernels.attention_rows` (two passes, no map).
+
+    ``_lse_splits`` forces the number of key splits of the LSE pass (tests)."""
     B, Hq, Hkv, d = _check_qk(q, k)
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must share a dtype; got {q.dtype} and {k.dtype}")
@@ -355,7 +384,7 @@ def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None
         qpos32 = pos.clamp(-1, _NO_LIMIT).to(torch.int32).contiguous()
     sc = _scale(scale, d)
     bm, bn, bd, warps = _blocks(dev, d, R)
-    lse = _run_lse(q, k, kmask8, qpos32, sc, bm, bn, bd, warps)
+    lse = _run_lse(q, k, kmask8, qpos32, sc, bm, bn, bd, warps, split=_lse_splits)
     upcast, prec = dot_flags(q.dtype, dev)
     launchable(_rows_kernel, dev)[(B, triton.cdiv(R, bm), triton.cdiv(Nk, bn))](
         q, k, kmask8, qpos32, lse, out,

@@ -326,32 +326,42 @@ def test_bipartite_match_triton_multi_tile_ties():
     C=st.integers(1, 40),
     dtype=st.sampled_from(DTYPES),
     sizes_kind=st.sampled_from(["none", "ones", "random"]),
+    path=st.sampled_from(["sorted", "csr"]),
     seed=st.integers(0, 2**16),
 )
-def test_merge_weighted_triton_vs_torch(B, N, C, dtype, sizes_kind, seed):
+def test_merge_weighted_triton_vs_torch(B, N, C, dtype, sizes_kind, path, seed):
     x = _tokens(B, N, C, dtype, "float", seed)
     g = _gen(seed + 1)
     sizes = None if sizes_kind == "none" else (
         torch.ones(B, N) if sizes_kind == "ones" else torch.rand(B, N, generator=g) * 3 + 0.5)
     src, dst, _ = K.bipartite_match_torch(x, r=N // 2)
     ref = K.merge_weighted_torch(x, sizes, src, dst)
-    tri = K.merge_weighted_triton(x, sizes, src, dst)
+    tri = K.merge_weighted_triton(x, sizes, src, dst, _path=path)
     assert torch.equal(ref[2], tri[2])
     assert tri[0].dtype == dtype and tri[0].shape == (B, N - src.shape[1], C)
     assert torch.allclose(ref[0].float(), tri[0].float(), atol=FEAT_TOL[dtype], rtol=FEAT_TOL[dtype])
     assert torch.allclose(ref[1], tri[1], rtol=1e-6)
 
 
-def test_merge_weighted_triton_many_sources_one_destination():
+@pytest.mark.parametrize("path", ["sorted", "csr"])
+def test_merge_weighted_triton_many_sources_one_destination(path):
     x = _tokens(2, 9, 5, torch.float32, "float", 11)
     sizes = torch.arange(1.0, 19.0).view(2, 9)
     src = torch.tensor([[0, 2, 4, 6, 8], [8, 1, 5, 0, 2]])
     dst = torch.tensor([[1, 1, 1, 1, 3], [3, 3, 3, 3, 3]])
     ref = K.merge_weighted_torch(x, sizes, src, dst)
-    tri = K.merge_weighted_triton(x, sizes, src, dst)
+    tri = K.merge_weighted_triton(x, sizes, src, dst, _path=path)
     for a, b in zip(ref, tri):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
     assert tri[2].tolist() == [[1, 3, 5, 7], [3, 4, 6, 7]]
+    # 20 sources into one destination, in a long row
+    x = _tokens(1, 41, 3, torch.float32, "float", 12)
+    src = torch.arange(1, 41, 2)[None]
+    dst = torch.zeros_like(src)
+    ref = K.merge_weighted_torch(x, None, src, dst)
+    tri = K.merge_weighted_triton(x, None, src, dst, _path=path)
+    for a, b in zip(ref, tri):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
 
 
 @HYP
@@ -471,7 +481,7 @@ def test_attention_rows_triton_vs_torch(B, Hkv, G, R, Nk, d, dtype, key_mask, ca
     elif causal == "tensor":
         co = torch.randint(-1, Nk + 1, (B, R), generator=g)
     ref = K.attention_rows_torch(q, k, key_mask=km, causal_offset=co)
-    tri = K.attention_rows_triton(q, k, key_mask=km, causal_offset=co)
+    tri = K.attention_rows_triton(q, k, key_mask=km, causal_offset=co, _lse_splits=1 + seed % 3)
     assert tri.shape == (B, R, Nk) and tri.dtype == torch.float32
     assert torch.allclose(ref, tri, atol=2e-6, rtol=1e-4)
 
@@ -686,15 +696,25 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_bipartite_and_merge(dtype, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = torch.randn(4, 577, 256, device="cuda", dtype=dtype)
-    ref = K.bipartite_match_torch(x, r=144, protected=1)
-    tri = K.bipartite_match_triton(x, r=144, protected=1)
-    _assert_match_equivalent(ref, tri, x, 1, None, exact=False)
-    sizes = torch.rand(4, 577, device="cuda") + 0.5
-    a = K.merge_weighted_torch(x, sizes, ref[0], ref[1])
-    b = K.merge_weighted_triton(x, sizes, ref[0], ref[1])
-    assert torch.equal(a[2], b[2])
-    assert torch.allclose(a[0].float(), b[0].float(), atol=FEAT_TOL[dtype], rtol=FEAT_TOL[dtype])
+    # a batch of ViT-L rows; one long row (several B splits; bf16 only: fp32 "ieee" autotuning of
+    # six new keys took over two minutes on an H100)
+    for B, N in ((4, 577), (1, 6273)) if dtype == torch.bfloat16 else ((4, 577),):
+        x = torch.randn(B, N, 256, device="cuda", dtype=dtype)
+        r = N // 4
+        prot_mask = torch.zeros(N, dtype=torch.bool, device="cuda")
+        prot_mask[:3] = True
+        a_idx = torch.arange(0, N, 3, device="cuda")
+        for kw in (dict(protected=1), dict(protected=prot_mask), dict(a_idx=a_idx)):  # fast path, masks, index sets
+            ref = K.bipartite_match_torch(x, r=r, **kw)
+            tri = K.bipartite_match_triton(x, r=r, **kw)
+            _assert_match_equivalent(ref, tri, x, kw.get("protected"), kw.get("a_idx"), exact=False)
+        sizes = torch.rand(B, N, device="cuda") + 0.5
+        a = K.merge_weighted_torch(x, sizes, ref[0], ref[1])
+        for path in ("sorted", "csr"):
+            b = K.merge_weighted_triton(x, sizes, ref[0], ref[1], _path=path)
+            assert torch.equal(a[2], b[2]), path
+            assert torch.allclose(a[0].float(), b[0].float(), atol=FEAT_TOL[dtype], rtol=FEAT_TOL[dtype]), path
+            assert torch.allclose(a[1], b[1], rtol=1e-6), path
 
 
 @pytest.mark.gpu
@@ -716,5 +736,9 @@ def test_gpu_attention_probes(monkeypatch):
     k = torch.randn(2, 4, 300, 72, device="cuda", dtype=torch.bfloat16)
     assert torch.allclose(K.attention_colmean_triton(q, k, causal=True),
                           K.attention_colmean_torch(q, k, causal=True), atol=1e-5, rtol=1e-3)
-    assert torch.allclose(K.attention_rows_triton(q[:, :, -4:], k, causal_offset=296),
-                          K.attention_rows_torch(q[:, :, -4:], k, causal_offset=296), atol=1e-5, rtol=1e-3)
+    for splits in (None, 1, 5):  # automatic, one program per (head, row tile), keys over 5 programs
+        assert torch.allclose(K.attention_rows_triton(q[:, :, -4:], k, causal_offset=296, _lse_splits=splits),
+                              K.attention_rows_torch(q[:, :, -4:], k, causal_offset=296), atol=1e-5, rtol=1e-3)
+    q, k = q[:1, :, :16], torch.randn(1, 4, 9000, 72, device="cuda", dtype=torch.bfloat16)  # few rows, long keys
+    assert torch.allclose(K.attention_rows_triton(q, k, causal_offset=8990),
+                          K.attention_rows_torch(q, k, causal_offset=8990), atol=1e-6, rtol=1e-3)

@@ -52,21 +52,25 @@ def _check(k, *, tensor_cores: bool):
 
 
 MATCH_TYPES = {"xa_ptr": "*bf16", "xb_ptr": "*bf16", "inva_ptr": "*fp32", "invb_ptr": "*fp32",
-               "a_ok_ptr": "*i8", "b_ok_ptr": "*i8", "best_ptr": "*fp32", "part_ptr": "*i32"}
+               "a_ok_ptr": "*i8", "b_ok_ptr": "*i8", "best_ptr": "*fp32", "part_ptr": "*i64"}
+#: the alternating split with a protected count (no masks): ToMe's case
+FAST = {"A_STEP": 2, "A_OFF": 0, "B_STEP": 2, "B_OFF": 1, "MASKED": False}
 
 
 @pytest.mark.parametrize("cfg", bipartite._MATCH_CONFIGS[:2], ids=str)
 def test_compile_match_autotune_configs(cfg):
     a, b, c, w, s = cfg
     k = _compile(bipartite._match_kernel, MATCH_TYPES,
-                 {"BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c, "UPCAST": False, "PRECISION": "tf32"}, warps=w, stages=s)
+                 {**FAST, "BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c, "UPCAST": False, "PRECISION": "tf32"},
+                 warps=w, stages=s)
     _check(k, tensor_cores=True)
 
 
 def test_compile_match_fp32_ieee():
     types = {**MATCH_TYPES, "xa_ptr": "*fp32", "xb_ptr": "*fp32"}
     k = _compile(bipartite._match_kernel, types,
-                 {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_C": 32, "UPCAST": False, "PRECISION": "ieee"})
+                 {"A_STEP": 1, "A_OFF": 0, "B_STEP": 1, "B_OFF": 0, "MASKED": True,
+                  "BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_C": 32, "UPCAST": False, "PRECISION": "ieee"})
     _check(k, tensor_cores=False)
 
 
@@ -74,6 +78,14 @@ def test_compile_merge():
     types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "s_ptr": "*fp32", "sout_ptr": "*fp32",
              "kept_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32", "srcs_ptr": "*i32"}
     _check(_compile(bipartite._merge_kernel, types, {"BLOCK_C": 1024}, warps=8), tensor_cores=False)
+
+
+@pytest.mark.parametrize("has_sizes", [True, False])
+def test_compile_merge_sorted(has_sizes):
+    types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "s_ptr": "*fp32", "sout_ptr": "*fp32", "kept_ptr": "*i64",
+             "ssrc_ptr": "*i64", "sdst_ptr": "*i64", "bysrc_ptr": "*i64"}
+    consts = {"HAS_SIZES": has_sizes, "LOG2R": 8, "BLOCK_C": 1024}
+    _check(_compile(bipartite._merge_sorted_kernel, types, consts, warps=8), tensor_cores=False)
 
 
 def test_compile_gram():
