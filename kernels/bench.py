@@ -160,6 +160,11 @@ def build_cases(shapes, kernels, dtype, device, greedy_target=True, colmean_targ
                                   lambda x=x, s=sizes, a=src, b=dst: merge_weighted_torch(x, s, a, b),
                                   0.0, B * N * C * es + B * (N - r) * C * es,
                                   check=lambda a, b: _close(a[0], b[0], dtype)))
+                cases.append(Case("merge", shp, f"r={r}, CSR kernel (previous design)",
+                                  lambda x=x, s=sizes, a=src, b=dst: merge_weighted_triton(x, s, a, b, _path="csr"),
+                                  lambda x=x, s=sizes, a=src, b=dst: merge_weighted_torch(x, s, a, b),
+                                  0.0, B * N * C * es + B * (N - r) * C * es,
+                                  check=lambda a, b: _close(a[0], b[0], dtype)))
         for mode in ("kcenter", "maxsum"):
             if f"greedy-{mode}" in kernels:
                 x = torch.randn(B, N, C, device=device, dtype=dtype, generator=g)
