@@ -65,6 +65,7 @@ def run(args) -> int:
     from . import datasets
 
     if args.list:
+        datasets.load_registries()
         print("models: " + ", ".join(sorted(datasets.MODELS)))
         print("datasets: " + ", ".join(sorted(datasets.DATASETS)))
         return 0

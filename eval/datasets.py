@@ -59,13 +59,21 @@ def register_dataset(name: str):
     return deco
 
 
+def load_registries() -> None:
+    """Import the modules that register the built-in real-data entries (the offline VLM, DINOv2 and their
+    harnesses), so that ``vtok eval`` finds them by name."""
+    from . import harnesses  # noqa: F401  (registers offline-vlm, offline-dinov2, easy-vqa, ...)
+
+
 def load_model(name: str):
+    load_registries()
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     return MODELS[name]()
 
 
 def load_dataset(name: str, model, **kw):
+    load_registries()
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](model, **kw)

@@ -96,7 +96,11 @@ def test_cli_eval(tmp_path, capsys):
     from vtok.cli import main
 
     assert main(["eval", "--list"]) == 0
-    assert "tiny-llava" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    # the real-data entries register themselves in vtok.eval.harnesses; the CLI must load them
+    for name in ("tiny-llava", "offline-vlm", "offline-dinov2", "easy-vqa", "easy-vqa-mosaic", "video-needle",
+                 "digits-probe"):
+        assert name in listed, name
     assert main(["eval", "--flops", "llava-1.5-7b", "--methods", "fastv:layer=2,retain=0.5"]) == 0
     out = capsys.readouterr().out
     assert "| full | 8.910 | 3.329 |" in out and "fastv" in out
