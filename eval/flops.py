@@ -708,7 +708,8 @@ class Tracker:
         self._cur: ForwardShapes | None = None
         self._calls: list = []
         self._rows = 0
-        self._before: list = []
+        self._before: set = set()
+        self._before_events: list = []
 
     def __enter__(self) -> "Tracker":
         m = self.model
@@ -740,10 +741,11 @@ class Tracker:
         return list(self.handle.methods) if self.handle is not None else []
 
     def _snapshot(self):
-        # The events themselves, not their id()s: once the handle drops an old event, CPython may give
-        # a new one the same id, and it would be taken for an old one (seen: ToMe's in_vit events
-        # missing at random from the second batch on, so the vision FLOPs varied from run to run).
-        self._before = list(self.handle.stats) if self.handle is not None else []
+        # Hold the old events while their ids are compared: once the handle drops an old event, CPython
+        # may give a new one the same id, and it would be taken for an old one (seen: ToMe's in_vit
+        # events missing at random from the second batch on, so the vision FLOPs varied run to run).
+        self._before_events = list(self.handle.stats) if self.handle is not None else []
+        self._before = {id(e) for e in self._before_events}
 
     def _top_pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -818,7 +820,7 @@ class Tracker:
         cur.vision_calls, cur.projector_rows = self._calls, self._rows
         self._calls, self._rows = [], 0
         if self.handle is not None:
-            cur.events = [e for e in self.handle.stats if not any(e is old for old in self._before)]
+            cur.events = [e for e in self.handle.stats if id(e) not in self._before]
         self.records.append(cur)
         return None
 

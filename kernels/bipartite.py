@@ -76,14 +76,18 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+def _check_protected_count(protected: int) -> None:
+    if protected < 0:
+        raise ValueError(f"protected count must be >= 0, got {protected}")
+
+
 def _protected_mask(protected, B: int, N: int, device) -> torch.Tensor | None:
     if protected is None:
         return None
     if isinstance(protected, bool):
         raise TypeError("protected must be an int count, a bool mask [B, N] or [N], or None (got a bool)")
     if isinstance(protected, int):
-        if protected < 0:
-            raise ValueError(f"protected count must be >= 0, got {protected}")
+        _check_protected_count(protected)
         m = torch.zeros(B, N, dtype=torch.bool, device=device)
         m[:, : min(protected, N)] = True
         return m
@@ -151,7 +155,12 @@ def _clamp_r(r: int, a_ok, b_ok, n_ok_a, n_ok_b) -> int:
     if n_ok_a is None:  # masks are data: one host sync to keep the batch rectangular
         n_ok_a = int(a_ok.sum(1).min().item())
         n_ok_b = int(b_ok.sum(1).min().item())
-    return 0 if n_ok_b == 0 else min(r, n_ok_a)
+    return _clamp_r_counts(r, n_ok_a, n_ok_b)
+
+
+def _clamp_r_counts(r: int, n_ok_a: int, n_ok_b: int) -> int:
+    """r clamped to the mergeable A count, and to 0 when no B token is admissible."""
+    return 0 if (r <= 0 or n_ok_b == 0) else min(r, n_ok_a)
 
 
 def _top_r(best: torch.Tensor, part: torch.Tensor, a_idx, b_idx, r: int):
@@ -384,16 +393,14 @@ def _fast_alternating(metric, protected, a_idx, b_idx, r):
     if metric.dim() != 3:
         return None
     prot = protected or 0
-    if prot < 0:
-        raise ValueError(f"protected count must be >= 0, got {prot}")
+    _check_protected_count(prot)
     if not isinstance(r, int) or isinstance(r, bool):
         raise TypeError(f"r must be an int, got {type(r).__name__}")
     N = metric.shape[1]
     NA, NB = (N + 1) // 2, N // 2
     ok_a = NA - min(NA, (prot + 1) // 2)  # A = even tokens 0, 2, ...: those >= prot
     ok_b = NB - min(NB, prot // 2)  # B = odd tokens 1, 3, ...
-    r = 0 if (r <= 0 or ok_b == 0) else min(r, ok_a)
-    return r, prot
+    return _clamp_r_counts(r, ok_a, ok_b), prot
 
 
 @torch.no_grad()
@@ -431,15 +438,14 @@ def _check_merge_args(x, sizes, src_idx, dst_idx, *, ones_if_none=True):
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, C]; got {tuple(x.shape)}")
     B, N, _ = x.shape
-    if sizes is None and not ones_if_none:
-        _check_merge_args(x, x.new_empty(B, N, dtype=torch.float32), src_idx, dst_idx)
-        return None, src_idx.long(), dst_idx.long()
-    if sizes is None:
+    if sizes is None and ones_if_none:
         sizes = torch.ones(B, N, dtype=torch.float32, device=x.device)
-    if sizes.dim() == 3 and sizes.shape[-1] == 1:
-        sizes = sizes.squeeze(-1)
-    if sizes.shape != (B, N) or not sizes.is_floating_point():
-        raise ValueError(f"sizes must be a float tensor [B, N] = [{B}, {N}]; got {tuple(sizes.shape)} {sizes.dtype}")
+    if sizes is not None:
+        if sizes.dim() == 3 and sizes.shape[-1] == 1:
+            sizes = sizes.squeeze(-1)
+        if sizes.shape != (B, N) or not sizes.is_floating_point():
+            raise ValueError(
+                f"sizes must be a float tensor [B, N] = [{B}, {N}]; got {tuple(sizes.shape)} {sizes.dtype}")
     if src_idx.shape != dst_idx.shape or src_idx.dim() != 2 or src_idx.shape[0] != B:
         raise ValueError(
             f"src_idx and dst_idx must both be [B, r] with B={B}; got {tuple(src_idx.shape)}, {tuple(dst_idx.shape)}"
@@ -559,6 +565,14 @@ def _merge_sorted_kernel(
             tl.store(kept_ptr + pid_b * stride_kb + pos, n.to(tl.int64))
 
 
+def _merge_blocks(device, C: int) -> tuple[int, int]:
+    """(BLOCK_C, num_warps) of the merge kernels: a whole row per program on CUDA, small blocks for the interpreter."""
+    if device.type == "cuda":
+        block_c = min(1024, next_pow2(C))
+        return block_c, (4 if block_c <= 512 else 8)
+    return min(32, next_pow2(C)), 4
+
+
 def merge_weighted_triton(x, sizes, src_idx, dst_idx, *, _path=None):
     """Triton implementation of :func:`vtok.kernels.merge_weighted` (gather-based, fp32 sums).
 
@@ -588,11 +602,7 @@ def merge_weighted_triton(x, sizes, src_idx, dst_idx, *, _path=None):
     ssrc = torch.sort(src_idx, dim=1).values
     sdst, perm = torch.sort(dst_idx, dim=1, stable=True)
     bysrc = src_idx.gather(1, perm)
-    if dev.type == "cuda":
-        block_c = min(1024, next_pow2(C))
-        warps = 4 if block_c <= 512 else 8
-    else:
-        block_c, warps = min(32, next_pow2(C)), 4
+    block_c, warps = _merge_blocks(dev, C)
     s_arg = sizes if has_sizes else out
     launchable(_merge_sorted_kernel, dev)[(B, N, triton.cdiv(C, block_c))](
         x, s_arg, ssrc, sdst, bysrc, out, s_out, kept,
@@ -625,11 +635,7 @@ def _merge_csr(x, sizes, src_idx, dst_idx):
     s_out = torch.empty(B, K, dtype=sizes.dtype, device=dev)
     if K == 0 or C == 0:
         return out, s_out, kept
-    if dev.type == "cuda":
-        block_c = min(1024, next_pow2(C))
-        warps = 4 if block_c <= 512 else 8
-    else:
-        block_c, warps = min(32, next_pow2(C)), 4
+    block_c, warps = _merge_blocks(dev, C)
     grid = (B, K, triton.cdiv(C, block_c))
     launchable(_merge_kernel, dev)[grid](
         x, sizes, kept32, start_k, count_k, srcs, out, s_out,
