@@ -41,25 +41,50 @@ signature; :mod:`vtok.kernels` dispatches between them):
 
 Triton design
 -------------
-``_match_kernel`` runs one program per (sample, tile of ``BLOCK_A`` A tokens). It streams B in
-tiles of ``BLOCK_B`` tokens and C in chunks of ``BLOCK_C`` channels, computes the dot-product
-tile with ``tl.dot`` (fp32 accumulation), scales it by the inverse norms and folds it into a
-running (max, argmax) per A row. The ``[N_A, N_B]`` score matrix exists only tile by tile on chip;
-only ``N_A`` scores and partners reach global memory. When batch x A-tiles cannot fill the GPU
-(batch 1, large N), the B tiles are split over ``SPLIT`` programs per A tile and the per-split
-maxima (``SPLIT x N_A`` values) are merged on the host, lowest index first. For the alternating
-split A and B are strided views of ``metric`` (no copy); given index sets are gathered once. The top-r choice over ``N_A`` values is a
-stable ``torch.sort``. ``_merge_kernel`` is gather-based: one program per (sample, surviving
-token, channel block) reads its own row and the rows of its sources (a CSR list built with a few
-small torch ops over r indices), so every input row is read once, every output row written once,
-with no atomics and a deterministic summation order.
+At small sizes (ToMe on a ViT-L batch) the cost is the number of launches, not the arithmetic,
+so the common case (alternating split, int protection) is five launches in all, with no host
+synchronisation and no torch glue between them:
+
+1. ``_prologue_kernel``: fp32 inverse norms of all tokens, and the match keys set to "none".
+2. ``_match_kernel``: one program per (sample, tile of ``BLOCK_A`` A tokens, B split). It streams
+   B in tiles of ``BLOCK_B`` tokens and C in chunks of ``BLOCK_C`` channels, computes the
+   dot-product tile with ``tl.dot`` (fp32 accumulation), scales it by the inverse norms and folds
+   it into a running (max, argmax) per A row. The ``[N_A, N_B]`` score matrix exists only tile by
+   tile on chip. When batch x A-tiles cannot fill the GPU (batch 1, large N) the B tiles are split
+   over ``SPLIT`` programs per A tile; each flushes its rows with an ``atomic_max`` of a packed
+   int64 key (score bits, then the complemented partner position), so the best score and, on a
+   tie, the lowest partner win whatever the split. For the alternating split A and B are strided
+   views of ``metric`` (no copy); given index sets are gathered once.
+3. ``_rank_kernel``: the top r by counting, rank(i) = #{j beating i} (score, then lower index:
+   the order of a stable descending sort), one program per tile of A rows; rows with rank < r
+   write their (source, destination, score) to slot rank.
+4. ``_merge_prep_kernel``: again by counting, the sources in increasing order, the destinations
+   in increasing order (stable) with their sources, and where each token tile of the merge starts
+   in both lists.
+5. ``_merge_kernel``: gather-based, one program per (sample, tile of tokens, channel block). A few
+   window comparisons give each token's fate (source: nothing written; else its output slot and
+   the range of its sources), the first ``MAXC`` sources of every token are gathered in one load,
+   so every input row is read once per use and every output row written once, with no atomics
+   and a fixed summation order (deterministic).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ._common import HAS_TRITON, dot_flags, interpret_enabled, inv_norm, jit, launchable, next_pow2, tl, triton
+from ._common import (
+    HAS_TRITON,
+    dot_flags,
+    interpret_enabled,
+    inv_norm,
+    jit,
+    launchable,
+    next_pow2,
+    tl,
+    triton,
+)
 
 __all__ = [
     "bipartite_match_torch",
@@ -210,15 +235,42 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
     return _top_r(best, part, a_idx, b_idx, r)
 
 
+#: ``key`` value of an A row with no candidate (protected, masked, or not reached): below every key.
+NO_KEY = -(2**63)
+_NO_KEY = tl.constexpr(NO_KEY)  # the same, as the kernels see it
+
+
+@jit
+def _prologue_kernel(
+    x_ptr, inv_ptr, key_ptr, N, C, NA,
+    stride_xb, stride_xn, stride_xc, stride_ib, stride_kb,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Inverse norms ``1 / max(||x||, 1e-12)`` (fp32, correctly rounded sqrt and division) of a
+    tile of rows, and the match keys of the same rows set to ``_NO_KEY`` (one launch for both)."""
+    pid_b = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_r = rows < N
+    base = x_ptr + pid_b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xn
+    ss = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(base + cc[None, :] * stride_xc, mask=in_r[:, None] & (cc < C)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(v * v, axis=1)
+    inv = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
+    tl.store(inv_ptr + pid_b * stride_ib + rows, inv, mask=in_r)
+    tl.store(key_ptr + pid_b.to(tl.int64) * stride_kb + rows, tl.full([BLOCK_R], _NO_KEY, tl.int64), mask=rows < NA)
+
+
 @jit
 def _match_kernel(
-    xa_ptr, xb_ptr, inva_ptr, invb_ptr, a_ok_ptr, b_ok_ptr, best_ptr, part_ptr,
-    NA, NB, C, SPLIT, BATCH, PROT,
+    xa_ptr, xb_ptr, inva_ptr, invb_ptr, a_ok_ptr, b_ok_ptr, key_ptr,
+    NA, NB, C, SPLIT, PROT,
     stride_ab, stride_an, stride_ac,
     stride_bb, stride_bn, stride_bc,
-    stride_ia, step_ia, stride_ib, step_ib, stride_oka, stride_okb,
+    stride_ia, step_ia, stride_ib, step_ib, stride_oka, stride_okb, stride_kb,
     A_STEP: tl.constexpr, A_OFF: tl.constexpr, B_STEP: tl.constexpr, B_OFF: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_C: tl.constexpr, FUSED: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -226,14 +278,23 @@ def _match_kernel(
 
     xa / xb are strided views of the tokens of A and B (for the alternating split, the even and
     odd rows of ``metric`` itself: no copy). With ``SPLIT > 1`` program ``pid_s`` scans only its
-    share of the B tiles (more programs for small batches) and writes a partial (best, part) to
-    slot ``pid_s`` of ``[SPLIT, BATCH, NA]``; the host keeps the first maximal slot. Only these
-    ``SPLIT * BATCH * NA`` values reach global memory.
+    share of the B tiles (more programs for small batches). The ``[N_A, N_B]`` scores exist only
+    tile by tile on chip. The result is flushed with one ``atomic_max`` per A row of the packed key
+
+        key = (order-preserving int32 of the fp32 score) << 32 | (2^32 - 1 - partner position)
+
+    so the best score wins and, on equal scores, the lowest partner position (the reference's
+    first argmax) wins, whichever split saw it: no partial results go back to the host, and the
+    result does not depend on the split. ``key [B, NA]`` starts at ``_NO_KEY`` (the prologue
+    kernel); rows without an admissible partner keep it.
+
+    ``FUSED`` (one split only, for batches that fill the GPU without splitting): the squared norms
+    are summed from the very tiles the dot product reads (``inva`` / ``invb`` are not read) and
+    every row is stored once, ``_NO_KEY`` included, so no prologue launch is needed.
 
     Admissibility: with ``MASKED`` the per-sample masks ``a_ok`` / ``b_ok`` are read; otherwise
     row i of A is token ``A_STEP * i + A_OFF`` (likewise B) and the first ``PROT`` tokens are
-    protected, which needs no mask tensor and no host round trip. ``part`` is written as the
-    token index ``B_STEP * j + B_OFF`` of the partner.
+    protected (no mask tensor, no host round trip).
     """
     pid_b = tl.program_id(0)
     pid_a = tl.program_id(1)
@@ -248,13 +309,14 @@ def _match_kernel(
         a_ok = tl.load(a_ok_ptr + pid_b * stride_oka + offs_a, mask=in_a, other=0) != 0
     else:
         a_ok = (offs_a * A_STEP + A_OFF) >= PROT
-    inv_a = tl.load(inva_ptr + pid_b * stride_ia + offs_a * step_ia, mask=in_a, other=0.0)
+    if not FUSED:
+        inv_a = tl.load(inva_ptr + pid_b * stride_ia + offs_a * step_ia, mask=in_a, other=0.0)
     a_base = xa_ptr + pid_b.to(tl.int64) * stride_ab
     b_base = xb_ptr + pid_b.to(tl.int64) * stride_bb
     offs_c = tl.arange(0, BLOCK_C)
 
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
-    part = tl.zeros([BLOCK_A], tl.int64)
+    part = tl.zeros([BLOCK_A], tl.int32)
     for b0 in range(b_start, b_end, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         in_b = offs_b < b_end
@@ -262,30 +324,53 @@ def _match_kernel(
             b_ok = (tl.load(b_ok_ptr + pid_b * stride_okb + offs_b, mask=in_b, other=0) != 0) & in_b
         else:
             b_ok = ((offs_b * B_STEP + B_OFF) >= PROT) & in_b
-        inv_b = tl.load(invb_ptr + pid_b * stride_ib + offs_b * step_ib, mask=in_b, other=0.0)
         pa = a_base + offs_a[:, None].to(tl.int64) * stride_an + offs_c[None, :] * stride_ac
         pb = b_base + offs_b[None, :].to(tl.int64) * stride_bn + offs_c[:, None] * stride_bc
         acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+        sq_a = tl.zeros([BLOCK_A], tl.float32)
+        sq_b = tl.zeros([BLOCK_B], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            in_c = (c0 + offs_c) < C
-            ta = tl.load(pa, mask=in_a[:, None] & in_c[None, :], other=0.0)
-            tb = tl.load(pb, mask=in_c[:, None] & in_b[None, :], other=0.0)
+            if EVEN_C:
+                ta = tl.load(pa, mask=in_a[:, None], other=0.0)
+                tb = tl.load(pb, mask=in_b[None, :], other=0.0)
+            else:
+                in_c = (c0 + offs_c) < C
+                ta = tl.load(pa, mask=in_a[:, None] & in_c[None, :], other=0.0)
+                tb = tl.load(pb, mask=in_c[:, None] & in_b[None, :], other=0.0)
+            if FUSED:
+                fa = ta.to(tl.float32)
+                fb = tb.to(tl.float32)
+                sq_a += tl.sum(fa * fa, axis=1)
+                sq_b += tl.sum(fb * fb, axis=0)
             if UPCAST:
                 ta = ta.to(tl.float32)
                 tb = tb.to(tl.float32)
             acc = tl.dot(ta, tb, acc, input_precision=PRECISION)
             pa += BLOCK_C * stride_ac
             pb += BLOCK_C * stride_bc
+        if FUSED:
+            one = tl.full([BLOCK_A], 1.0, tl.float32)
+            inv_a = tl.div_rn(one, tl.maximum(tl.sqrt_rn(sq_a), 1e-12))
+            inv_b = tl.div_rn(tl.full([BLOCK_B], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq_b), 1e-12))
+        else:
+            inv_b = tl.load(invb_ptr + pid_b * stride_ib + offs_b * step_ib, mask=in_b, other=0.0)
         s = acc * inv_a[:, None] * inv_b[None, :]
         s = tl.where(b_ok[None, :], s, float("-inf"))
         tile_best, tile_arg = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
         take = tile_best > best  # strict: an earlier tile (lower index) keeps a tie
         best = tl.where(take, tile_best, best)
-        part = tl.where(take, (tile_arg + b0) * B_STEP + B_OFF, part)
-    best = tl.where(a_ok, best, float("-inf"))
-    out = (pid_s * BATCH + pid_b).to(tl.int64) * NA + offs_a
-    tl.store(best_ptr + out, best, mask=in_a)
-    tl.store(part_ptr + out, part, mask=in_a)
+        part = tl.where(take, tile_arg + b0, part)
+    # -0.0 -> +0.0 (equal as floats, so they must pack equal), then an int32 whose signed order
+    # is the float order, above the complemented partner position (the lower position packs higher).
+    sb = tl.where(best == 0.0, 0.0, best).to(tl.int32, bitcast=True)
+    sk = sb ^ ((sb >> 31) & 0x7FFFFFFF)
+    key = (sk.to(tl.int64) << 32) | (0xFFFFFFFF - part.to(tl.int64))
+    ok = in_a & a_ok & (best > float("-inf"))
+    k_rows = key_ptr + pid_b.to(tl.int64) * stride_kb + offs_a
+    if FUSED:
+        tl.store(k_rows, tl.where(ok, key, _NO_KEY), mask=in_a)
+    else:
+        tl.atomic_max(k_rows, key, mask=ok)
 
 
 _MATCH_CONFIGS = [
@@ -298,6 +383,7 @@ _MATCH_CONFIGS = [
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
 ]
+_EVEN_C = 128  # every BLOCK_C above divides it
 
 _match_tuned = None
 
@@ -309,8 +395,52 @@ def _get_match_tuned():
             triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c}, num_warps=w, num_stages=s)
             for a, b, c, w, s in _MATCH_CONFIGS
         ]
-        _match_tuned = triton.autotune(configs=cfgs, key=["NA", "NB", "C", "SPLIT"])(_match_kernel)
+        # Every timed config starts from the prologue's keys (atomic_max would otherwise keep the
+        # maximum over all configs, whose scores can differ in the last bit).
+        _match_tuned = triton.autotune(configs=cfgs, key=["NA", "NB", "C", "SPLIT", "MASKED"],
+                                       restore_value=["key_ptr"])(_match_kernel)
     return _match_tuned
+
+
+@functools.cache
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_split(B: int, NA: int, NB: int, device) -> int:
+    """Programs sharing the B tiles of one A tile.
+
+    1 (the fused single-split kernel, no prologue launch) when the batch alone gives at least half
+    a wave of 128-row A tiles and each scans few B tiles, or four waves whatever their length (at
+    (32, 577, 1024) on an H100 one and two splits ran within 5 %). Else about four waves, at most
+    8 splits (at (1, 25088, 1152): one split 1.9 ms, four to six 0.8 ms).
+    """
+    if device.type != "cuda":
+        return 1
+    programs = B * triton.cdiv(NA, 128)
+    sms = _num_sms(device)
+    if (2 * programs >= sms and NB <= 2048) or programs >= 4 * sms:
+        return 1
+    return max(1, min(8, triton.cdiv(NB, 256), triton.cdiv(4 * sms, programs)))
+
+
+#: (NA, NB, C, SPLIT, MASKED, EVEN_C, dtype, device) -> the autotuner's choice, launched directly
+#: on later calls: the autotuner's own bookkeeping costs about as much host time as a launch.
+_MATCH_BEST: dict = {}
+
+
+def _prologue(metric, NA):
+    """(inv [B, N] fp32, key [B, NA] int64 = _NO_KEY) in one launch."""
+    B, N, C = metric.shape
+    dev = metric.device
+    inv = torch.empty(B, N, dtype=torch.float32, device=dev)
+    key = torch.empty(B, NA, dtype=torch.int64, device=dev)
+    br, bc = (32, min(256, next_pow2(C))) if dev.type == "cuda" else (16, min(32, next_pow2(C)))
+    launchable(_prologue_kernel, dev)[(B, triton.cdiv(N, br))](
+        metric, inv, key, N, C, NA, metric.stride(0), metric.stride(1), metric.stride(2), N, NA,
+        BLOCK_R=br, BLOCK_C=bc,
+    )
+    return inv, key
 
 
 def _rows_of(metric, idx, alternating_start):
@@ -321,37 +451,29 @@ def _rows_of(metric, idx, alternating_start):
     return metric.gather(1, idx[..., None].expand(-1, -1, C))
 
 
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _auto_split(B: int, NA: int, NB: int, device) -> int:
-    """Programs sharing the B tiles of one A tile: about four waves of 128-row A tiles, at most 8.
-
-    (Measured on an H100 at (1, 25088, 1152): 1 split 1.9 ms, 4-6 splits 0.81 ms.)
-    """
-    if device.type != "cuda":
-        return 1
-    programs = B * triton.cdiv(NA, 128)
-    return max(1, min(8, triton.cdiv(NB, 256), triton.cdiv(4 * _num_sms(device), programs)))
-
-
-def _match_scores_triton(metric, inv, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0, blocks=None, split=None):
-    """(best [B, NA] fp32, part [B, NA] int64) per A row. ``alternating``: A / B are the even / odd
-    tokens (``a_idx`` / ``b_idx`` are then not read). ``a_ok is None``: no masks, the first ``prot``
-    tokens are protected (alternating split only); ``part`` is then the partner's token index,
-    else its position in ``b_idx``."""
+def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0, blocks=None, split=None):
+    """Packed ``key [B, NA]`` int64 per A row (see ``_match_kernel``), two launches (prologue,
+    match). ``alternating``: A / B are the even / odd tokens (``a_idx`` / ``b_idx`` are then not
+    read). ``a_ok is None``: no masks, the first ``prot`` tokens are protected (alternating split
+    only). ``split`` forces how many programs share the B tiles of one A tile (tests)."""
     B, N, C = metric.shape
     NA, NB = ((N + 1) // 2, N // 2) if alternating else (a_idx.shape[1], b_idx.shape[1])
     dev = metric.device
     tuned = dev.type == "cuda" and blocks is None and not interpret_enabled()
     if split is None:
         split = _auto_split(B, NA, NB, dev)
-    best = torch.empty(split, B, NA, dtype=torch.float32, device=dev)
-    part = torch.empty(split, B, NA, dtype=torch.int64, device=dev)
+    fused = split == 1  # norms inside the match kernel, plain stores: no prologue launch
+    if fused:
+        inv = None
+        key = torch.empty(B, NA, dtype=torch.int64, device=dev)
+    else:
+        inv, key = _prologue(metric, NA)
     xa = _rows_of(metric, a_idx, 0 if alternating else None)
     xb = _rows_of(metric, b_idx, 1 if alternating else None)
-    if alternating:  # strided views of the inverse norms: no copy
+    if fused:  # never read
+        inv_a = inv_b = key
+        step_a = step_b = 0
+    elif alternating:  # strided views of the inverse norms: no copy
         inv_a, inv_b, step_a, step_b = inv, inv[:, 1:], 2, 2
     else:
         inv_a, inv_b, step_a, step_b = inv.gather(1, a_idx), inv.gather(1, b_idx), 1, 1
@@ -362,27 +484,94 @@ def _match_scores_triton(metric, inv, a_idx, b_idx, a_ok, b_ok, alternating, *, 
         ok_strides = (a_ok8.stride(0), b_ok8.stride(0))
         steps = dict(A_STEP=1, A_OFF=0, B_STEP=1, B_OFF=0)
     else:
-        a_ok8 = b_ok8 = inv  # never read
+        a_ok8 = b_ok8 = key  # never read
         ok_strides = (0, 0)
         steps = dict(A_STEP=2, A_OFF=0, B_STEP=2, B_OFF=1)
     upcast, prec = dot_flags(metric.dtype, dev)
-    args = (xa, xb, inv_a, inv_b, a_ok8, b_ok8, best, part, NA, NB, C, split, B, int(prot),
+    args = (xa, xb, inv_a, inv_b, a_ok8, b_ok8, key, NA, NB, C, split, int(prot),
             xa.stride(0), xa.stride(1), xa.stride(2), xb.stride(0), xb.stride(1), xb.stride(2),
-            inv_a.stride(0), step_a, inv_b.stride(0), step_b, *ok_strides)
+            inv_a.stride(0), step_a, inv_b.stride(0), step_b, *ok_strides, key.stride(0))
     if tuned:
-        kern = _get_match_tuned()
-        grid = lambda meta: (B, triton.cdiv(NA, meta["BLOCK_A"]), split)  # noqa: E731
-        kern[grid](*args, **steps, MASKED=masked, UPCAST=upcast, PRECISION=prec)
+        even_c = C % _EVEN_C == 0
+        consts = dict(steps, MASKED=masked, EVEN_C=even_c, FUSED=fused, UPCAST=upcast, PRECISION=prec)
+        tkey = (NA, NB, C, split, masked, even_c, metric.dtype, dev)
+        cfg = _MATCH_BEST.get(tkey)
+        if cfg is None:
+            tuner = _get_match_tuned()
+            tuner[lambda meta: (B, triton.cdiv(NA, meta["BLOCK_A"]), split)](*args, **consts)
+            _MATCH_BEST[tkey] = tuner.best_config
+        else:
+            _match_kernel[(B, triton.cdiv(NA, cfg.kwargs["BLOCK_A"]), split)](*args, **consts, **cfg.all_kwargs())
     else:
         ba, bb, bc = blocks or (16, 16, min(32, max(16, next_pow2(C))))
-        kern = launchable(_match_kernel, dev)
-        kern[(B, triton.cdiv(NA, ba), split)](*args, **steps, MASKED=masked, BLOCK_A=ba, BLOCK_B=bb, BLOCK_C=bc,
-                                               UPCAST=upcast, PRECISION=prec)
-    if split == 1:
-        return best[0], part[0]
-    # Splits cover increasing B ranges: the first maximal split holds the lowest index.
-    which = best.argmax(dim=0, keepdim=True)
-    return best.gather(0, which)[0], part.gather(0, which)[0]
+        launchable(_match_kernel, dev)[(B, triton.cdiv(NA, ba), split)](
+            *args, **steps, BLOCK_A=ba, BLOCK_B=bb, BLOCK_C=bc, MASKED=masked, EVEN_C=C % bc == 0, FUSED=fused,
+            UPCAST=upcast, PRECISION=prec)
+    return key
+
+
+@jit
+def _rank_kernel(
+    key_ptr, aidx_ptr, bidx_ptr, src_ptr, dst_ptr, score_ptr,
+    NA, R, stride_kb, stride_ab, stride_bb, stride_ob,
+    A_STEP: tl.constexpr, A_OFF: tl.constexpr, B_STEP: tl.constexpr, B_OFF: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Top-r of the packed keys by counting: rank(i) = #{j: score_j > score_i, or equal and j < i}.
+
+    One program per (sample, tile of ``BLOCK_I`` A rows) compares its rows with all ``NA`` keys
+    (``NA^2`` comparisons in all, no sort, no host sync), which is the order of a stable
+    descending sort; rows with rank < R write their source token, partner token and score to
+    slot ``rank`` of ``src`` / ``dst`` / ``score [B, R]``.
+    """
+    pid_b = tl.program_id(0)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    in_i = offs_i < NA
+    k_base = key_ptr + pid_b.to(tl.int64) * stride_kb
+    ki = tl.load(k_base + offs_i, mask=in_i, other=_NO_KEY)
+    si = (ki >> 32).to(tl.int32)  # the score part (int32 compares are cheaper)
+    rank = tl.zeros([BLOCK_I], tl.int32)
+    for j0 in range(0, NA, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        sj = (tl.load(k_base + offs_j, mask=offs_j < NA, other=_NO_KEY) >> 32).to(tl.int32)
+        beats = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        beats = beats & (offs_j < NA)[None, :]
+        rank += tl.sum(beats.to(tl.int32), axis=1)
+    sel = in_i & (rank < R)
+    score = (si ^ ((si >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    pos = 0xFFFFFFFF - (ki & 0xFFFFFFFF)
+    if GATHER:
+        src = tl.load(aidx_ptr + pid_b * stride_ab + offs_i, mask=sel, other=0)
+        dst = tl.load(bidx_ptr + pid_b * stride_bb + pos, mask=sel, other=0)
+    else:
+        src = (offs_i * A_STEP + A_OFF).to(tl.int64)
+        dst = pos * B_STEP + B_OFF
+    out = pid_b.to(tl.int64) * stride_ob + rank
+    tl.store(src_ptr + out, src, mask=sel)
+    tl.store(dst_ptr + out, dst, mask=sel)
+    tl.store(score_ptr + out, score, mask=sel)
+
+
+def _pair_blocks(device) -> tuple[int, int]:
+    """(BLOCK_I, BLOCK_J) of the counting kernels (rank, merge prep)."""
+    return (32, 256) if device.type == "cuda" else (16, 16)
+
+
+def _top_r_triton(key, r, a_idx=None, b_idx=None):
+    """(src, dst, scores) [B, r] from the packed keys; token indices from the alternating split
+    (``a_idx is None``) or from the index sets."""
+    B, NA = key.shape
+    dev = key.device
+    src, dst = torch.empty(2, B, r, dtype=torch.int64, device=dev)  # one allocation (host time matters here)
+    scores = torch.empty(B, r, dtype=torch.float32, device=dev)
+    gather = a_idx is not None
+    ai, bi = (a_idx, b_idx) if gather else (key, key)  # never read without GATHER
+    bi_, bj = _pair_blocks(dev)
+    launchable(_rank_kernel, dev)[(B, triton.cdiv(NA, bi_))](
+        key, ai, bi, src, dst, scores, NA, r, key.stride(0), ai.stride(0), bi.stride(0), r,
+        A_STEP=2, A_OFF=0, B_STEP=2, B_OFF=1, GATHER=gather, BLOCK_I=bi_, BLOCK_J=bj,
+    )
+    return src, dst, scores
 
 
 def _fast_alternating(metric, protected, a_idx, b_idx, r):
@@ -407,7 +596,9 @@ def _fast_alternating(metric, protected, a_idx, b_idx, r):
 def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None, _b_split=None):
     """Triton implementation of :func:`vtok.kernels.bipartite_match` (fused, no score matrix).
 
-    ``_b_split`` forces how many programs share the B tiles of one A tile (tests).
+    Three launches in the common case (alternating split, int protection): inverse norms, match,
+    counting top-r; no host synchronisation. ``_b_split`` forces how many programs share the B
+    tiles of one A tile (tests).
     """
     B = metric.shape[0]
     fast = _fast_alternating(metric, protected, a_idx, b_idx, r)
@@ -415,18 +606,17 @@ def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None,
         r, prot = fast
         if r == 0:
             return _empty_match(B, metric.device)
-        best, part = _match_scores_triton(metric, inv_norm(metric), None, None, None, None, True, prot=prot,
-                                          split=_b_split)
-        order = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
-        return order * 2, part.gather(1, order), best.gather(1, order)
+        key = _match_keys_triton(metric, None, None, None, None, True, prot=prot, split=_b_split)
+        return _top_r_triton(key, r)
     alternating = a_idx is None and b_idx is None
     a_idx, b_idx, a_ok, b_ok, n_a, n_b = _split(metric, protected, a_idx, b_idx)
     r = _clamp_r(r, a_ok, b_ok, n_a, n_b)
     if r == 0:
         return _empty_match(B, metric.device)
-    inv = inv_norm(metric)
-    best, part = _match_scores_triton(metric, inv, a_idx, b_idx, a_ok, b_ok, alternating, split=_b_split)
-    return _top_r(best, part, a_idx, b_idx, r)
+    key = _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, split=_b_split)
+    return _top_r_triton(key, r, a_idx, b_idx)
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,118 +662,165 @@ def merge_weighted_torch(x, sizes, src_idx, dst_idx):
 
 
 @jit
-def _merge_kernel(
-    x_ptr, s_ptr, kept_ptr, start_ptr, count_ptr, srcs_ptr, out_ptr, sout_ptr,
-    K, R, C,
-    stride_xb, stride_xn, stride_xc, stride_sb,
-    stride_ob, stride_on,
-    BLOCK_C: tl.constexpr,
+def _merge_prep_kernel(
+    src_ptr, dst_ptr, ssrc_ptr, sdst_ptr, bysrc_ptr, tb_ptr,
+    R, T, stride_sb, stride_db, stride_ob, stride_tb,
+    TILE_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
+    """The index bookkeeping of the merge, by counting (no sort, no scan, no host sync).
+
+    For pair i (program axis 1 over tiles of ``BLOCK_I`` pairs): its slot in ``ssrc`` (the
+    sources in increasing order; they are distinct, so slot = #{smaller sources}) and in ``sdst``
+    / ``bysrc`` (destinations in increasing order, ties in input order: a stable sort, with the
+    source of each). For token tile t = 0..T (the same programs, over tiles of ``BLOCK_I`` tile
+    numbers): ``tb[0, t]`` = #{sources < t * TILE_N} and ``tb[1, t]`` = #{destinations < t *
+    TILE_N}, where the merge kernel's tile t starts in ``ssrc`` and ``sdst``.
+    """
     pid_b = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_c = cc < C
-    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    tok = tl.load(kept_ptr + pid_b * K + pid_k)
-    size = tl.load(s_ptr + pid_b * stride_sb + tok).to(tl.float32)
-    acc = tl.load(x_base + tok.to(tl.int64) * stride_xn + cc * stride_xc, mask=in_c, other=0.0).to(tl.float32) * size
-    ssum = size
-    start = tl.load(start_ptr + pid_b * K + pid_k)
-    count = tl.load(count_ptr + pid_b * K + pid_k)
-    for i in range(start, start + count):
-        j = tl.load(srcs_ptr + pid_b * R + i)
-        sj = tl.load(s_ptr + pid_b * stride_sb + j).to(tl.float32)
-        acc += tl.load(x_base + j.to(tl.int64) * stride_xn + cc * stride_xc, mask=in_c, other=0.0).to(tl.float32) * sj
-        ssum += sj
-    out = acc / ssum
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_k.to(tl.int64) * stride_on + cc,
-             out.to(out_ptr.dtype.element_ty), mask=in_c)
-    if pid_c == 0:
-        tl.store(sout_ptr + pid_b * K + pid_k, ssum.to(sout_ptr.dtype.element_ty))
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    in_i = offs_i < R
+    s_base = src_ptr + pid_b.to(tl.int64) * stride_sb
+    d_base = dst_ptr + pid_b.to(tl.int64) * stride_db
+    si = tl.load(s_base + offs_i, mask=in_i, other=0).to(tl.int32)
+    di = tl.load(d_base + offs_i, mask=in_i, other=0).to(tl.int32)
+    bound = offs_i * TILE_N  # token tile offs_i starts here
+    ps = tl.zeros([BLOCK_I], tl.int32)
+    pd = tl.zeros([BLOCK_I], tl.int32)
+    ts = tl.zeros([BLOCK_I], tl.int32)
+    td = tl.zeros([BLOCK_I], tl.int32)
+    for j0 in range(0, R, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        in_j = (offs_j < R)[None, :]
+        sj = tl.load(s_base + offs_j, mask=offs_j < R, other=0).to(tl.int32)[None, :]
+        dj = tl.load(d_base + offs_j, mask=offs_j < R, other=0).to(tl.int32)[None, :]
+        ps += tl.sum(((sj < si[:, None]) & in_j).to(tl.int32), axis=1)
+        before = (dj < di[:, None]) | ((dj == di[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        pd += tl.sum((before & in_j).to(tl.int32), axis=1)
+        ts += tl.sum(((sj < bound[:, None]) & in_j).to(tl.int32), axis=1)
+        td += tl.sum(((dj < bound[:, None]) & in_j).to(tl.int32), axis=1)
+    o_base = pid_b.to(tl.int64) * stride_ob
+    tl.store(ssrc_ptr + o_base + ps, si, mask=in_i)
+    tl.store(sdst_ptr + o_base + pd, di, mask=in_i)
+    tl.store(bysrc_ptr + o_base + pd, si, mask=in_i)
+    t_base = tb_ptr + pid_b.to(tl.int64) * stride_tb
+    tl.store(t_base + offs_i, ts, mask=offs_i <= T)
+    tl.store(t_base + (T + 1) + offs_i, td, mask=offs_i <= T)
 
 
 @jit
-def _merge_sorted_kernel(
-    x_ptr, s_ptr, ssrc_ptr, sdst_ptr, bysrc_ptr, out_ptr, sout_ptr, kept_ptr,
-    R, C,
-    stride_xb, stride_xn, stride_xc, stride_sb, stride_rb,
+def _merge_kernel(
+    x_ptr, s_ptr, ssrc_ptr, sdst_ptr, bysrc_ptr, tb_ptr, out_ptr, sout_ptr, kept_ptr,
+    N, R, C, T,
+    stride_xb, stride_xn, stride_xc, stride_sb, stride_rb, stride_tb,
     stride_ob, stride_on, stride_kb,
-    HAS_SIZES: tl.constexpr, LOG2R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SIZES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, WIN: tl.constexpr, MAXC: tl.constexpr,
 ):
-    """One program per (sample, token n, channel block); the indices need only two sorts.
+    """One program per (sample, tile of ``BLOCK_N`` tokens, channel block); gather-based.
 
-    ``ssrc``: the sources sorted; ``sdst``: the destinations sorted (stable) and ``bysrc`` the
-    sources in that order. A binary search in ``ssrc`` tells whether n is a source (nothing to
-    write) and how many sources precede it (its output position is ``n - that``); two in
-    ``sdst`` give the range of its own sources, read in a fixed order (no atomics: deterministic).
+    The tile's sources start at ``ssrc[tb[0, t]]`` and its destinations' entries fill
+    ``sdst[tb[1, t] : tb[1, t + 1]]`` (from the prep kernel), so a few window comparisons give,
+    per token, whether it is a source (nothing to write), its output slot (n - #sources before
+    it) and the range of its own sources in ``bysrc``. The first ``MAXC`` sources of every token
+    are gathered in one [BLOCK_N, MAXC, BLOCK_C] load (independent loads in flight instead of a
+    chain); more, if any, in a loop. Fixed summation order, no atomics: deterministic.
     """
     pid_b = tl.program_id(0)
-    n = tl.program_id(1)
-    pid_c = tl.program_id(2)
+    t = tl.program_id(1)
+    n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = n < N
     r_base = pid_b.to(tl.int64) * stride_rb
-    # Three lower-bound searches in one vector (lane 0: #sources < n; lanes 1, 2: the range of
-    # n in the sorted destinations; lane 3 idle), LOG2R halvings with masked loads.
-    lane = tl.arange(0, 4)
-    target = n + (lane == 2).to(tl.int32)
-    arr = tl.where(lane == 0, ssrc_ptr + r_base, sdst_ptr + r_base)
-    lo = tl.zeros([4], tl.int32)
-    hi = tl.where(lane < 3, R, 0)
-    for _ in tl.static_range(LOG2R):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(arr + mid, mask=active, other=0)
-        lo = tl.where(active & (v < target), mid + 1, lo)
-        hi = tl.where(active & (v >= target), mid, hi)
-    n_before = tl.sum(tl.where(lane == 0, lo, 0), axis=0)
-    first = tl.load(ssrc_ptr + r_base + n_before, mask=n_before < R, other=-1)
-    if first != n:
-        d_lo = tl.sum(tl.where(lane == 1, lo, 0), axis=0)
-        d_hi = tl.sum(tl.where(lane == 2, lo, 0), axis=0)
-        cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        in_c = cc < C
-        x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
+    t_base = tb_ptr + pid_b.to(tl.int64) * stride_tb
+    s0 = tl.load(t_base + t)
+    d0 = tl.load(t_base + (T + 1) + t)
+    d1 = tl.load(t_base + (T + 1) + t + 1)
+    # sources: at most BLOCK_N of them fall in this tile, all at slots >= s0
+    w = s0 + tl.arange(0, BLOCK_N)
+    ws = tl.load(ssrc_ptr + r_base + w, mask=w < R, other=2147483647)
+    before = s0 + tl.sum((ws[None, :] < n[:, None]).to(tl.int32), axis=1)
+    is_src = tl.sum((ws[None, :] == n[:, None]).to(tl.int32), axis=1) > 0
+    write = in_n & ~is_src
+    # destinations: this tile's entries of sdst, compared in windows of WIN
+    lo = tl.zeros([BLOCK_N], tl.int32) + d0
+    count = tl.zeros([BLOCK_N], tl.int32)
+    for e0 in range(d0, d1, WIN):
+        e = e0 + tl.arange(0, WIN)
+        wd = tl.load(sdst_ptr + r_base + e, mask=e < d1, other=2147483647)
+        lo += tl.sum((wd[None, :] < n[:, None]).to(tl.int32), axis=1)
+        count += tl.sum((wd[None, :] == n[:, None]).to(tl.int32), axis=1)
+    count = tl.where(write, count, 0)
+    cc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_c = cc < C
+    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
+    s_base = s_ptr + pid_b.to(tl.int64) * stride_sb
+    if HAS_SIZES:
+        ssum = tl.load(s_base + n, mask=write, other=1.0).to(tl.float32)
+    else:
+        ssum = tl.full([BLOCK_N], 1.0, tl.float32)
+    acc = tl.load(x_base + n[:, None].to(tl.int64) * stride_xn + cc[None, :] * stride_xc,
+                  mask=write[:, None] & in_c[None, :], other=0.0).to(tl.float32) * ssum[:, None]
+    k = tl.arange(0, MAXC)
+    m2 = k[None, :] < count[:, None]
+    j2 = tl.load(bysrc_ptr + r_base + lo[:, None] + k[None, :], mask=m2, other=0)
+    if HAS_SIZES:
+        s2 = tl.load(s_base + j2, mask=m2, other=0.0).to(tl.float32)
+    else:
+        s2 = m2.to(tl.float32)
+    rows = tl.load(x_base + j2[:, :, None].to(tl.int64) * stride_xn + cc[None, None, :] * stride_xc,
+                   mask=m2[:, :, None] & in_c[None, None, :], other=0.0)
+    acc += tl.sum(rows.to(tl.float32) * s2[:, :, None], axis=1)
+    ssum += tl.sum(s2, axis=1)
+    for i in range(MAXC, tl.max(count, axis=0)):  # tokens with more than MAXC sources
+        more = i < count
+        j = tl.load(bysrc_ptr + r_base + lo + i, mask=more, other=0)
         if HAS_SIZES:
-            ssum = tl.load(s_ptr + pid_b * stride_sb + n).to(tl.float32)
+            sj = tl.load(s_base + j, mask=more, other=0.0).to(tl.float32)
         else:
-            ssum = tl.full([], 1.0, tl.float32)
-        acc = tl.load(x_base + n.to(tl.int64) * stride_xn + cc * stride_xc, mask=in_c, other=0.0).to(tl.float32)
-        acc = acc * ssum
-        for i in range(d_lo, d_hi):
-            j = tl.load(bysrc_ptr + r_base + i)
-            if HAS_SIZES:
-                sj = tl.load(s_ptr + pid_b * stride_sb + j).to(tl.float32)
-            else:
-                sj = tl.full([], 1.0, tl.float32)
-            acc += tl.load(x_base + j.to(tl.int64) * stride_xn + cc * stride_xc, mask=in_c, other=0.0).to(tl.float32) * sj
-            ssum += sj
-        pos = n - n_before
-        tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pos.to(tl.int64) * stride_on + cc,
-                 (acc / ssum).to(out_ptr.dtype.element_ty), mask=in_c)
-        if pid_c == 0:
-            tl.store(sout_ptr + pid_b * stride_kb + pos, ssum.to(sout_ptr.dtype.element_ty))
-            tl.store(kept_ptr + pid_b * stride_kb + pos, n.to(tl.int64))
+            sj = more.to(tl.float32)
+        row = tl.load(x_base + j[:, None].to(tl.int64) * stride_xn + cc[None, :] * stride_xc,
+                      mask=more[:, None] & in_c[None, :], other=0.0)
+        acc += row.to(tl.float32) * sj[:, None]
+        ssum += sj
+    pos = n - before
+    o_rows = out_ptr + pid_b.to(tl.int64) * stride_ob + pos[:, None].to(tl.int64) * stride_on + cc[None, :]
+    tl.store(o_rows, (acc / ssum[:, None]).to(out_ptr.dtype.element_ty), mask=write[:, None] & in_c[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(sout_ptr + pid_b * stride_kb + pos, ssum.to(sout_ptr.dtype.element_ty), mask=write)
+        tl.store(kept_ptr + pid_b * stride_kb + pos, n.to(tl.int64), mask=write)
 
 
-def _merge_blocks(device, C: int) -> tuple[int, int]:
-    """(BLOCK_C, num_warps) of the merge kernels: a whole row per program on CUDA, small blocks for the interpreter."""
+#: sources per token gathered in one load by the merge kernel (more go through a loop)
+_MERGE_MAXC = 4
+
+
+def _merge_blocks(device, C: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps) of the merge kernel; small blocks for the interpreter."""
     if device.type == "cuda":
-        block_c = min(1024, next_pow2(C))
-        return block_c, (4 if block_c <= 512 else 8)
-    return min(32, next_pow2(C)), 4
+        return 16, min(128, next_pow2(C)), 4
+    return 8, min(32, next_pow2(C)), 4
 
 
-def merge_weighted_triton(x, sizes, src_idx, dst_idx, *, _path=None):
+def _sorted_pairs(src_idx, dst_idx, N, tile_n):
+    """(ssrc, sdst, bysrc [B, R] int32, tile starts [B, 2, T + 1] int32): see ``_merge_prep_kernel``."""
+    B, R = src_idx.shape
+    dev = src_idx.device
+    T = triton.cdiv(N, tile_n)
+    buf = torch.empty(3, B, R, dtype=torch.int32, device=dev)
+    tb = torch.empty(B, 2, T + 1, dtype=torch.int32, device=dev)
+    bi, bj = _pair_blocks(dev)
+    launchable(_merge_prep_kernel, dev)[(B, triton.cdiv(max(R, T + 1), bi))](
+        src_idx, dst_idx, buf[0], buf[1], buf[2], tb, R, T, src_idx.stride(0), dst_idx.stride(0), R, 2 * (T + 1),
+        TILE_N=tile_n, BLOCK_I=bi, BLOCK_J=bj,
+    )
+    return buf[0], buf[1], buf[2], tb
+
+
+def merge_weighted_triton(x, sizes, src_idx, dst_idx):
     """Triton implementation of :func:`vtok.kernels.merge_weighted` (gather-based, fp32 sums).
 
-    Default (*sorted*): the only preprocessing is two small sorts of the r indices, then one
-    launch over all tokens. ``_path="csr"``: the earlier kernel, which builds the kept list and a
-    CSR of sources per destination with about a dozen torch ops first (kept for comparison in
-    the benchmark). Forward only: the outputs carry no autograd graph (the dispatcher picks the
-    torch reference when gradients are needed).
+    Two launches: the index bookkeeping by counting (``_merge_prep_kernel``), then the merge over
+    all tokens. Forward only: the outputs carry no autograd graph (the dispatcher picks the torch
+    reference when gradients are needed).
     """
-    if _path == "csr":
-        return _merge_csr(x, sizes, src_idx, dst_idx)
     sizes, src_idx, dst_idx = _check_merge_args(x, sizes, src_idx, dst_idx, ones_if_none=False)
     has_sizes = sizes is not None
     B, N, C = x.shape
@@ -599,50 +836,20 @@ def merge_weighted_triton(x, sizes, src_idx, dst_idx, *, _path=None):
         return out, s_out, kept
     if has_sizes:
         sizes = sizes.contiguous()
-    ssrc = torch.sort(src_idx, dim=1).values
-    sdst, perm = torch.sort(dst_idx, dim=1, stable=True)
-    bysrc = src_idx.gather(1, perm)
-    block_c, warps = _merge_blocks(dev, C)
+    block_n, block_c, warps = _merge_blocks(dev, C)
+    T = triton.cdiv(N, block_n)
+    if R:
+        ssrc, sdst, bysrc, tb = _sorted_pairs(src_idx.contiguous(), dst_idx.contiguous(), N, block_n)
+    else:  # no sources: every tile's windows are empty
+        ssrc = sdst = bysrc = torch.empty(B, 1, dtype=torch.int32, device=dev)
+        tb = torch.zeros(B, 2, T + 1, dtype=torch.int32, device=dev)
     s_arg = sizes if has_sizes else out
-    launchable(_merge_sorted_kernel, dev)[(B, N, triton.cdiv(C, block_c))](
-        x, s_arg, ssrc, sdst, bysrc, out, s_out, kept,
-        R, C,
-        x.stride(0), x.stride(1), x.stride(2), s_arg.stride(0) if has_sizes else 0, ssrc.stride(0),
+    launchable(_merge_kernel, dev)[(B, T, triton.cdiv(C, block_c))](
+        x, s_arg, ssrc, sdst, bysrc, tb, out, s_out, kept,
+        N, R, C, T,
+        x.stride(0), x.stride(1), x.stride(2), s_arg.stride(0) if has_sizes else 0, ssrc.stride(0), tb.stride(0),
         out.stride(0), out.stride(1), K,
-        HAS_SIZES=has_sizes, LOG2R=max(1, int(R).bit_length()), BLOCK_C=block_c, num_warps=warps,
-    )
-    return out, s_out, kept
-
-
-def _merge_csr(x, sizes, src_idx, dst_idx):
-    sizes, src_idx, dst_idx = _check_merge_args(x, sizes, src_idx, dst_idx)
-    sizes = sizes.contiguous()
-    B, N, C = x.shape
-    R = src_idx.shape[1]
-    K = N - R
-    dev = x.device
-    kept = _kept_indices(src_idx, B, N)
-    # CSR of sources per destination: sources grouped by destination (stable -> ascending src order).
-    order = torch.argsort(dst_idx, dim=1, stable=True)
-    srcs = src_idx.gather(1, order).to(torch.int32).contiguous()
-    counts = torch.zeros(B, N, dtype=torch.int32, device=dev)
-    counts.scatter_add_(1, dst_idx, torch.ones_like(dst_idx, dtype=torch.int32))
-    starts = torch.cumsum(counts, dim=1, dtype=torch.int32) - counts
-    start_k = starts.gather(1, kept).contiguous()
-    count_k = counts.gather(1, kept).contiguous()
-    kept32 = kept.to(torch.int32).contiguous()
-    out = torch.empty(B, K, C, dtype=x.dtype, device=dev)
-    s_out = torch.empty(B, K, dtype=sizes.dtype, device=dev)
-    if K == 0 or C == 0:
-        return out, s_out, kept
-    block_c, warps = _merge_blocks(dev, C)
-    grid = (B, K, triton.cdiv(C, block_c))
-    launchable(_merge_kernel, dev)[grid](
-        x, sizes, kept32, start_k, count_k, srcs, out, s_out,
-        K, R, C,
-        x.stride(0), x.stride(1), x.stride(2), sizes.stride(0),
-        out.stride(0), out.stride(1),
-        BLOCK_C=block_c, num_warps=warps,
+        HAS_SIZES=has_sizes, BLOCK_N=block_n, BLOCK_C=block_c, WIN=2 * block_n, MAXC=_MERGE_MAXC, num_warps=warps,
     )
     return out, s_out, kept
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -52,40 +53,63 @@ def _check(k, *, tensor_cores: bool):
 
 
 MATCH_TYPES = {"xa_ptr": "*bf16", "xb_ptr": "*bf16", "inva_ptr": "*fp32", "invb_ptr": "*fp32",
-               "a_ok_ptr": "*i8", "b_ok_ptr": "*i8", "best_ptr": "*fp32", "part_ptr": "*i64"}
+               "a_ok_ptr": "*i8", "b_ok_ptr": "*i8", "key_ptr": "*i64"}
+def test_compile_prologue():
+    types = {"x_ptr": "*bf16", "inv_ptr": "*fp32", "key_ptr": "*i64"}
+    _check(_compile(bipartite._prologue_kernel, types, {"BLOCK_R": 32, "BLOCK_C": 256}), tensor_cores=False)
+
+
 #: the alternating split with a protected count (no masks): ToMe's case
-FAST = {"A_STEP": 2, "A_OFF": 0, "B_STEP": 2, "B_OFF": 1, "MASKED": False}
+FAST = {"A_STEP": 2, "A_OFF": 0, "B_STEP": 2, "B_OFF": 1, "MASKED": False, "EVEN_C": True, "FUSED": False}
 
 
-@pytest.mark.parametrize("cfg", bipartite._MATCH_CONFIGS[:2], ids=str)
-def test_compile_match_autotune_configs(cfg):
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("cfg", bipartite._MATCH_CONFIGS, ids=str)
+def test_compile_match_autotune_configs(cfg, fused):
     a, b, c, w, s = cfg
     k = _compile(bipartite._match_kernel, MATCH_TYPES,
-                 {**FAST, "BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c, "UPCAST": False, "PRECISION": "tf32"},
+                 {**FAST, "FUSED": fused, "BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c, "UPCAST": False,
+                  "PRECISION": "tf32"},
                  warps=w, stages=s)
     _check(k, tensor_cores=True)
+    # split kernels flush with the packed-key atomic_max; the fused one stores every row once
+    assert ("atom" in k.asm["ptx"]) != fused
 
 
-def test_compile_match_fp32_ieee():
+def test_compile_match_fp32_ieee_masked():
     types = {**MATCH_TYPES, "xa_ptr": "*fp32", "xb_ptr": "*fp32"}
     k = _compile(bipartite._match_kernel, types,
-                 {"A_STEP": 1, "A_OFF": 0, "B_STEP": 1, "B_OFF": 0, "MASKED": True,
+                 {"A_STEP": 1, "A_OFF": 0, "B_STEP": 1, "B_OFF": 0, "MASKED": True, "EVEN_C": False, "FUSED": True,
                   "BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_C": 32, "UPCAST": False, "PRECISION": "ieee"})
     _check(k, tensor_cores=False)
 
 
-def test_compile_merge():
-    types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "s_ptr": "*fp32", "sout_ptr": "*fp32",
-             "kept_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32", "srcs_ptr": "*i32"}
-    _check(_compile(bipartite._merge_kernel, types, {"BLOCK_C": 1024}, warps=8), tensor_cores=False)
+@pytest.mark.parametrize("gather", [True, False])
+def test_compile_rank(gather):
+    types = {"key_ptr": "*i64", "aidx_ptr": "*i64", "bidx_ptr": "*i64", "src_ptr": "*i64", "dst_ptr": "*i64",
+             "score_ptr": "*fp32"}
+    bi, bj = 64, 128
+    consts = {"A_STEP": 2, "A_OFF": 0, "B_STEP": 2, "B_OFF": 1, "GATHER": gather, "BLOCK_I": bi, "BLOCK_J": bj}
+    _check(_compile(bipartite._rank_kernel, types, consts), tensor_cores=False)
+
+
+def test_compile_merge_prep():
+    types = {"src_ptr": "*i64", "dst_ptr": "*i64", "ssrc_ptr": "*i32", "sdst_ptr": "*i32", "bysrc_ptr": "*i32",
+             "tb_ptr": "*i32"}
+    block_i, block_j = bipartite._pair_blocks(torch.device("cuda"))
+    tile_n = bipartite._merge_blocks(torch.device("cuda"), 1152)[0]
+    consts = {"TILE_N": tile_n, "BLOCK_I": block_i, "BLOCK_J": block_j}
+    _check(_compile(bipartite._merge_prep_kernel, types, consts), tensor_cores=False)
 
 
 @pytest.mark.parametrize("has_sizes", [True, False])
-def test_compile_merge_sorted(has_sizes):
+def test_compile_merge(has_sizes):
     types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "s_ptr": "*fp32", "sout_ptr": "*fp32", "kept_ptr": "*i64",
-             "ssrc_ptr": "*i64", "sdst_ptr": "*i64", "bysrc_ptr": "*i64"}
-    consts = {"HAS_SIZES": has_sizes, "LOG2R": 8, "BLOCK_C": 1024}
-    _check(_compile(bipartite._merge_sorted_kernel, types, consts, warps=8), tensor_cores=False)
+             "ssrc_ptr": "*i32", "sdst_ptr": "*i32", "bysrc_ptr": "*i32", "tb_ptr": "*i32"}
+    block_n, block_c, warps = bipartite._merge_blocks(torch.device("cuda"), 1152)
+    consts = {"HAS_SIZES": has_sizes, "BLOCK_N": block_n, "BLOCK_C": block_c, "WIN": 2 * block_n,
+              "MAXC": bipartite._MERGE_MAXC}
+    _check(_compile(bipartite._merge_kernel, types, consts, warps=warps), tensor_cores=False)
 
 
 def test_compile_gram():
