@@ -325,3 +325,82 @@ def test_vit_merge_kept_on_long_sequences():
     kept = ViTMerge(src=src, dst=torch.tensor([[4, 201, 0]])).kept(n)
     expect = [i for i in range(n) if i not in (3, 200, 299)]
     assert kept[0].tolist() == expect
+
+
+# ----------------------------------------------------------------------------- kernel dispatch
+
+
+def oracle_matching(metric, r, protected):
+    """Brute force: the full cosine matrix in float64, max / first argmax, stable sort."""
+    b, n, _ = metric.shape
+    r = max(0, min(r, (n - protected) // 2))
+    m = metric.double()
+    inv = 1.0 / m.norm(dim=-1)
+    cos = (m @ m.transpose(-1, -2)) * inv[:, :, None] * inv[:, None, :]  # [B, N, N]
+    a_idx = torch.tensor([i for i in range(protected, n) if i % 2 == 0])
+    b_idx = torch.tensor([j for j in range(protected, n) if j % 2 == 1])
+    s = cos[:, a_idx][:, :, b_idx]
+    best = s.max(dim=-1).values
+    first = torch.where(s == best[..., None], torch.arange(len(b_idx)), len(b_idx)).min(dim=-1).values
+    ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src, unm = ranked[:, :r], ranked[:, r:]
+    if protected:
+        unm = unm.sort(dim=-1).values
+    return a_idx[src], b_idx[first.gather(1, src)], a_idx[unm]
+
+
+def _metric_with_ties(seed, n, c=16):
+    # Small integers: every dot product is exact in fp32 and fp64, so duplicated tokens tie exactly
+    # in both (a tie the kernel must break towards the lower token index), and distinct scores are
+    # far apart compared with fp32 rounding.
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randint(-9, 10, (3, n, c), generator=g).float()
+    m[:, 7] = m[:, 1]  # two B tokens alike (1 is protected when protected=2)
+    m[:, 10] = m[:, 1]  # ... and an A token equal to them: cosine 1
+    m[:, 12] = m[:, 4]  # duplicated A tokens: equal best scores
+    m[:, 6] = m[:, 0]  # duplicate of token 0 (protected when protected >= 1)
+    m[:, 9] = m[:, 3]  # duplicated B tokens: equal partners
+    m[1, 14] = m[1, 8]
+    return m
+
+
+@pytest.mark.parametrize("n", [15, 16, 23])
+@pytest.mark.parametrize("protected", [0, 1, 2])
+def test_matching_equals_bruteforce_oracle_with_ties(n, protected):
+    for seed in range(4):
+        metric = _metric_with_ties(seed, n)
+        for r in (1, 3, 5, 100):
+            got = bipartite_soft_matching(metric, r, protected)
+            want = oracle_matching(metric, r, protected)
+            for name, a, b in zip(("src", "dst", "unm"), got, want):
+                assert a.dtype == torch.long and torch.equal(a, b), (name, seed, r, a.tolist(), b.tolist())
+    # the ties really are exercised: the protected partner is skipped, duplicates go low-index first
+    src, dst, _ = bipartite_soft_matching(metric, 100, protected)
+    pairs = dict(zip(src[0].tolist(), dst[0].tolist()))
+    assert pairs[10] == (1 if protected < 2 else 7)
+    assert pairs[4] == pairs[12] and src[0].tolist().index(4) < src[0].tolist().index(12)
+
+
+def test_tome_goes_through_vtok_kernels(monkeypatch):
+    import vtok.kernels as K
+
+    calls = {"bipartite_match": 0, "merge_weighted": 0}
+
+    def counting(name):
+        fn = getattr(K, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(K, name, counting(name))
+    model = tiny_timm_vit(seed=1, depth=4)
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), vtok.apply(model, "tome", r=[3, 0, 2, 2]) as h:
+        model.forward_features(img)
+        merges = len(h.stats)
+    assert merges == 3
+    assert calls == {"bipartite_match": merges, "merge_weighted": merges}

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 __all__ = ["ViTView", "ViTMerge", "ViTSource", "merge_tokens", "remap_assign", "first_source", "source_matrix"]
 
 
@@ -113,18 +115,21 @@ def merge_tokens(x: torch.Tensor, sizes: torch.Tensor, plan: ViTMerge):
     """Size-weighted merge (ToMe's ``merge_wavg``): returns the surviving tokens and their sizes.
 
     x [B, N, C], sizes [B, N] float. A destination becomes ``sum(x_i * s_i) / sum(s_i)`` over
-    itself and its sources; its size becomes ``sum(s_i)``. Accumulates in fp32.
+    itself and its sources; its size becomes ``sum(s_i)``. Accumulates in fp32. The merge is
+    :func:`vtok.kernels.merge_weighted` (Triton on CUDA, deterministic; the torch reference
+    elsewhere and whenever gradients are needed); the survivors then follow ``plan.order``.
     """
     n = x.shape[1]
-    xs = x.float() * sizes.unsqueeze(-1)
-    s = sizes
-    if plan.r:
-        xs = xs.scatter_reduce(1, plan.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _gather_rows(xs, plan.src), "sum")
-        s = s.scatter_reduce(1, plan.dst, s.gather(1, plan.src), "sum")
-    order = plan.output_order(n)
-    s_out = s.gather(1, order)
-    x_out = _gather_rows(xs, order) / s_out.unsqueeze(-1)
-    return x_out.to(x.dtype), s_out
+    if not plan.r:
+        order = plan.output_order(n)
+        s_out = sizes.gather(1, order)
+        x_out = _gather_rows(x.float() * sizes.unsqueeze(-1), order) / s_out.unsqueeze(-1)
+        return x_out.to(x.dtype), s_out
+    x_out, s_out, kept = kernels.merge_weighted(x, sizes, plan.src, plan.dst)
+    if plan.order is not None:  # a permutation of the survivors: its positions among the sorted kept
+        pos = torch.searchsorted(kept.contiguous(), plan.order.to(kept.device).contiguous())
+        x_out, s_out = _gather_rows(x_out, pos), s_out.gather(1, pos)
+    return x_out, s_out
 
 
 def remap_assign(assign: torch.Tensor, plan: ViTMerge, n: int) -> torch.Tensor:

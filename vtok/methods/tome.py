@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..method import Method, hparam, register
 from ..vit import ViTMerge, ViTView
 
@@ -57,9 +58,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0):
 
     A = even positions, B = odd positions; the first ``protected`` tokens are neither sources
     (A) nor destinations (B). ``r`` is clamped to ``(N - protected) // 2``. Pairs are ordered by
-    decreasing similarity; ties go to the lower token index (stable sort, first argmax). ``unm``:
-    the unmerged A tokens (protected ones excluded) -- in index order when tokens are protected
-    (ToMe sorts them to keep the class token first), else by decreasing similarity (as ToMe).
+    decreasing cosine similarity; ties go to the lower token index (stable sort, first argmax).
+    ``unm``: the unmerged A tokens (protected ones excluded) -- in index order when tokens are
+    protected (ToMe sorts them to keep the class token first), else by decreasing similarity (as
+    ToMe). The matching itself is :func:`vtok.kernels.bipartite_match` (Triton on CUDA, the
+    torch reference elsewhere), asked to rank *all* mergeable A tokens; the first ``r'`` are
+    merged, the rest are ``unm``.
     """
     b, n, _ = metric.shape
     dev = metric.device
@@ -67,17 +71,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0):
     empty = torch.zeros(b, 0, dtype=torch.long, device=dev)
     if r == 0:
         return empty, empty, empty
-    m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a_idx = torch.arange(protected + protected % 2, n, 2, device=dev)  # even, not protected
-    b_idx = torch.arange(protected + 1 - protected % 2, n, 2, device=dev)  # odd, not protected
-    scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)  # [B, |A|, |B|]
-    best, partner = scores.max(dim=-1)
-    ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices
-    src, unm = ranked[:, :r], ranked[:, r:]
+    r_all = len(range(protected + protected % 2, n, 2))  # mergeable A tokens: even, >= protected
+    src_all, dst_all, _ = kernels.bipartite_match(metric, r=r_all, protected=protected)
+    src, dst, unm = src_all[:, :r], dst_all[:, :r], src_all[:, r:]
     if protected:
         unm = unm.sort(dim=-1).values
-    return a_idx[src], b_idx[partner.gather(1, src)], a_idx[unm]
+    return src, dst, unm
 
 
 def tome_order(unm: torch.Tensor, n: int, protected: int) -> torch.Tensor:
