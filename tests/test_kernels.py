@@ -609,6 +609,20 @@ def test_interpreter_independent_of_import_order():
     assert tl.max is before
 
 
+def test_auto_split_policy(monkeypatch):
+    """The measured split choice (H100, 132 SMs): the fused single split for ViT batches, about
+    four waves of split programs for one long sequence; always 1 off CUDA."""
+    from vtok.kernels import bipartite
+
+    monkeypatch.setattr(bipartite, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda")  # only its type is read; no GPU needed
+    split = lambda B, N: bipartite._auto_split(B, (N + 1) // 2, N // 2, cuda)  # noqa: E731
+    assert split(32, 577) == 1 and split(32, 729) == 1  # ViT-L / SigLIP batches: no prologue launch
+    assert split(1, 25088) == 6 and split(1, 6272) == 8  # video scale: B tiles over several programs
+    assert split(64, 25088) == 1  # four waves of A tiles without splitting
+    assert bipartite._auto_split(1, 12544, 12544, torch.device("cpu")) == 1
+
+
 def test_input_validation_errors():
     x = torch.randn(2, 7, 4)
     with pytest.raises(ValueError, match=r"\[B, N, C\]"):
