@@ -154,7 +154,7 @@ def build_cases(shapes, kernels, dtype, device, greedy_target=True, colmean_targ
             if "match" in kernels:
                 cases.append(Case("match", shp, f"r={r}", lambda x=x, r=r: bipartite_match_triton(x, r=r, protected=1),
                                   lambda x=x, r=r: bipartite_match_torch(x, r=r, protected=1), mflops, B * N * C * es,
-                                  check=lambda a, b: _close(a[2], b[2], torch.float32, atol=1e-3)))
+                                  check=lambda a, b, x=x: _check_match(x, a, b)))
             if "merge" in kernels:
                 cases.append(Case("merge", shp, f"r={r}", lambda x=x, s=sizes, a=src, b=dst: merge_weighted_triton(x, s, a, b),
                                   lambda x=x, s=sizes, a=src, b=dst: merge_weighted_torch(x, s, a, b),
@@ -215,6 +215,18 @@ def _close(a, b, dtype, atol=None):
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] if atol is None else atol
     ok = torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
     return "ok" if ok else f"max err {(a.float() - b.float()).abs().max().item():.2e}"
+
+
+def _check_match(x, tri, ref, atol=1e-3):
+    """Scores close to the reference's, and each returned pair really has its returned score (so a
+    wrong partner index cannot pass on the scores alone)."""
+    src, dst, score = tri
+    gather = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])).float()  # noqa: E731
+    a, b = gather(src), gather(dst)
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+    if not torch.allclose(cos, score, atol=atol):
+        return f"pair scores off by {(cos - score).abs().max().item():.2e}"
+    return _close(score, ref[2], torch.float32, atol=atol)
 
 
 def _frac_equal(a, b):

@@ -674,6 +674,10 @@ def test_bench_cases_run_and_agree_on_cpu():
         rows.append((c, 1.0, 2.0, 0.5 if c.flops or c.nbytes else None, "", "ok"))
     md = bench.markdown(rows, "NVIDIA H100 80GB HBM3", torch.bfloat16, "table", 3.35e12, 989e12)
     assert md.count("\n| ") == len(rows) + 1 and "| 2.0x |" in md and "| 50 % |" in md
+    # the match check looks at the pairs, not only the scores: shuffled partners do not pass
+    match = next(c for c in cases if c.kernel == "match")
+    src, dst, sc = match.ref()
+    assert match.check((src, dst.flip(1), sc), (src, dst, sc)).startswith("pair scores off")
 
 
 def test_bench_peaks_doc_and_cpu_exit(tmp_path, capsys):
