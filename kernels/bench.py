@@ -222,8 +222,7 @@ def _check_match(x, tri, ref, atol=1e-3):
     wrong partner index cannot pass on the scores alone)."""
     src, dst, score = tri
     gather = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])).float()  # noqa: E731
-    a, b = gather(src), gather(dst)
-    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+    cos = torch.nn.functional.cosine_similarity(gather(src), gather(dst), dim=-1)
     if not torch.allclose(cos, score, atol=atol):
         return f"pair scores off by {(cos - score).abs().max().item():.2e}"
     return _close(score, ref[2], torch.float32, atol=atol)

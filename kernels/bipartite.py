@@ -76,6 +76,7 @@ import torch
 
 from ._common import (
     HAS_TRITON,
+    NORM_EPS,
     dot_flags,
     interpret_enabled,
     inv_norm,
@@ -238,6 +239,7 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
 #: ``key`` value of an A row with no candidate (protected, masked, or not reached): below every key.
 NO_KEY = -(2**63)
 _NO_KEY = tl.constexpr(NO_KEY)  # the same, as the kernels see it
+_EPS = tl.constexpr(NORM_EPS)  # the norm floor of ``inv_norm``, for the kernels that compute norms
 
 
 @jit
@@ -257,7 +259,7 @@ def _prologue_kernel(
         cc = c0 + tl.arange(0, BLOCK_C)
         v = tl.load(base + cc[None, :] * stride_xc, mask=in_r[:, None] & (cc < C)[None, :], other=0.0).to(tl.float32)
         ss += tl.sum(v * v, axis=1)
-    inv = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
+    inv = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), _EPS))
     tl.store(inv_ptr + pid_b * stride_ib + rows, inv, mask=in_r)
     tl.store(key_ptr + pid_b.to(tl.int64) * stride_kb + rows, tl.full([BLOCK_R], _NO_KEY, tl.int64), mask=rows < NA)
 
@@ -349,9 +351,8 @@ def _match_kernel(
             pa += BLOCK_C * stride_ac
             pb += BLOCK_C * stride_bc
         if FUSED:
-            one = tl.full([BLOCK_A], 1.0, tl.float32)
-            inv_a = tl.div_rn(one, tl.maximum(tl.sqrt_rn(sq_a), 1e-12))
-            inv_b = tl.div_rn(tl.full([BLOCK_B], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq_b), 1e-12))
+            inv_a = tl.div_rn(tl.full([BLOCK_A], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq_a), _EPS))
+            inv_b = tl.div_rn(tl.full([BLOCK_B], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq_b), _EPS))
         else:
             inv_b = tl.load(invb_ptr + pid_b * stride_ib + offs_b * step_ib, mask=in_b, other=0.0)
         s = acc * inv_a[:, None] * inv_b[None, :]
@@ -451,32 +452,30 @@ def _rows_of(metric, idx, alternating_start):
     return metric.gather(1, idx[..., None].expand(-1, -1, C))
 
 
-def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0, blocks=None, split=None):
-    """Packed ``key [B, NA]`` int64 per A row (see ``_match_kernel``), two launches (prologue,
-    match). ``alternating``: A / B are the even / odd tokens (``a_idx`` / ``b_idx`` are then not
+def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0, split=None):
+    """Packed ``key [B, NA]`` int64 per A row (see ``_match_kernel``): one launch with one split
+    (the fused kernel), else two (prologue, match). ``alternating``: A / B are the even / odd tokens (``a_idx`` / ``b_idx`` are then not
     read). ``a_ok is None``: no masks, the first ``prot`` tokens are protected (alternating split
     only). ``split`` forces how many programs share the B tiles of one A tile (tests)."""
     B, N, C = metric.shape
     NA, NB = ((N + 1) // 2, N // 2) if alternating else (a_idx.shape[1], b_idx.shape[1])
     dev = metric.device
-    tuned = dev.type == "cuda" and blocks is None and not interpret_enabled()
+    tuned = dev.type == "cuda" and not interpret_enabled()
     if split is None:
         split = _auto_split(B, NA, NB, dev)
     fused = split == 1  # norms inside the match kernel, plain stores: no prologue launch
-    if fused:
-        inv = None
-        key = torch.empty(B, NA, dtype=torch.int64, device=dev)
-    else:
-        inv, key = _prologue(metric, NA)
     xa = _rows_of(metric, a_idx, 0 if alternating else None)
     xb = _rows_of(metric, b_idx, 1 if alternating else None)
-    if fused:  # never read
-        inv_a = inv_b = key
+    if fused:
+        key = torch.empty(B, NA, dtype=torch.int64, device=dev)
+        inv_a = inv_b = key  # never read
         step_a = step_b = 0
-    elif alternating:  # strided views of the inverse norms: no copy
-        inv_a, inv_b, step_a, step_b = inv, inv[:, 1:], 2, 2
     else:
-        inv_a, inv_b, step_a, step_b = inv.gather(1, a_idx), inv.gather(1, b_idx), 1, 1
+        inv, key = _prologue(metric, NA)
+        if alternating:  # strided views of the inverse norms: no copy
+            inv_a, inv_b, step_a, step_b = inv, inv[:, 1:], 2, 2
+        else:
+            inv_a, inv_b, step_a, step_b = inv.gather(1, a_idx), inv.gather(1, b_idx), 1, 1
     masked = a_ok is not None
     if masked:
         a_ok8 = a_ok.to(torch.int8).contiguous()
@@ -491,9 +490,10 @@ def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0,
     args = (xa, xb, inv_a, inv_b, a_ok8, b_ok8, key, NA, NB, C, split, int(prot),
             xa.stride(0), xa.stride(1), xa.stride(2), xb.stride(0), xb.stride(1), xb.stride(2),
             inv_a.stride(0), step_a, inv_b.stride(0), step_b, *ok_strides, key.stride(0))
+    consts = dict(steps, MASKED=masked, FUSED=fused, UPCAST=upcast, PRECISION=prec)
     if tuned:
         even_c = C % _EVEN_C == 0
-        consts = dict(steps, MASKED=masked, EVEN_C=even_c, FUSED=fused, UPCAST=upcast, PRECISION=prec)
+        consts["EVEN_C"] = even_c
         tkey = (NA, NB, C, split, masked, even_c, metric.dtype, dev)
         cfg = _MATCH_BEST.get(tkey)
         if cfg is None:
@@ -503,10 +503,9 @@ def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0,
         else:
             _match_kernel[(B, triton.cdiv(NA, cfg.kwargs["BLOCK_A"]), split)](*args, **consts, **cfg.all_kwargs())
     else:
-        ba, bb, bc = blocks or (16, 16, min(32, max(16, next_pow2(C))))
+        ba, bb, bc = 16, 16, min(32, max(16, next_pow2(C)))  # small tiles: the interpreter's speed
         launchable(_match_kernel, dev)[(B, triton.cdiv(NA, ba), split)](
-            *args, **steps, BLOCK_A=ba, BLOCK_B=bb, BLOCK_C=bc, MASKED=masked, EVEN_C=C % bc == 0, FUSED=fused,
-            UPCAST=upcast, PRECISION=prec)
+            *args, **consts, BLOCK_A=ba, BLOCK_B=bb, BLOCK_C=bc, EVEN_C=C % bc == 0)
     return key
 
 
