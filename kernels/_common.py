@@ -80,12 +80,20 @@ class _Interpreted:
       but an interpreted *helper* call (``tl.max`` inside the kernel) patches them again and
       never restores (Triton 3.x). Every attribute the interpreter sets during the launch is
       recorded with its first (pristine) value and put back.
+
+    ``wrap`` (optional) turns the interpreted function into what is launched, e.g. an autotuner
+    around it; its attributes (``best_config``) are reachable through this object.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, wrap=None):
         from triton.runtime.interpreter import InterpretedFunction
 
         self.fn = InterpretedFunction(fn)
+        if wrap is not None:
+            self.fn = wrap(self.fn)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["fn"], name)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -121,7 +129,7 @@ class _Interpreted:
         return launch
 
 
-def launchable(kernel, device: torch.device):
+def launchable(kernel, device: torch.device, wrap=None):
     """Return something that can be launched as ``kernel[grid](...)`` for tensors on ``device``.
 
     On CUDA this is the kernel itself. Elsewhere Triton can only run under its interpreter
@@ -129,6 +137,10 @@ def launchable(kernel, device: torch.device):
     imported, which would make the outcome depend on import order (pytest's conftest may import
     triton long before a test sets the variable); so the interpreted kernel is built here, at
     launch time, from the plain Python function.
+
+    ``wrap``: what wraps the interpreted function (an autotuner for tests of the tuned path; a
+    module-level callable, as it is part of the cache key). On CUDA ``kernel`` is returned as is,
+    so pass the already wrapped kernel there.
     """
     if not HAS_TRITON:
         raise RuntimeError("vtok.kernels: the Triton backend needs the `triton` package (pip install triton)")
@@ -143,9 +155,9 @@ def launchable(kernel, device: torch.device):
     fn = kernel
     while hasattr(fn, "fn"):  # autotuner -> JITFunction / InterpretedFunction -> python function
         fn = fn.fn
-    if fn not in _INTERPRETED:
-        _INTERPRETED[fn] = _Interpreted(fn)
-    return _INTERPRETED[fn]
+    if (fn, wrap) not in _INTERPRETED:
+        _INTERPRETED[(fn, wrap)] = _Interpreted(fn, wrap)
+    return _INTERPRETED[(fn, wrap)]
 
 
 def dot_flags(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:

@@ -386,21 +386,48 @@ _MATCH_CONFIGS = [
 ]
 _EVEN_C = 128  # every BLOCK_C above divides it
 
-_match_tuned = None
+
+def _autotuned(fn, do_bench=None):
+    """``fn`` (the match kernel, or its interpreted twin) under Triton's autotuner over ``_MATCH_CONFIGS``."""
+    cfgs = [
+        triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c}, num_warps=w, num_stages=s)
+        for a, b, c, w, s in _MATCH_CONFIGS
+    ]
+    # Every timed config starts from the prologue's keys: atomic_max would otherwise leave the
+    # maximum over all timed configs, whose scores can differ in the last bit (different
+    # summation orders), and the first call of a shape would disagree with the later ones.
+    extra = {} if do_bench is None else {"do_bench": do_bench}  # (the argument is newer than Triton 3.0)
+    return triton.autotune(configs=cfgs, key=["NA", "NB", "C", "SPLIT", "MASKED"],
+                           restore_value=["key_ptr"], **extra)(fn)
 
 
-def _get_match_tuned():
+def _wall_clock_bench(kernel_call, quantiles):
+    """``do_bench`` for the autotuner under the interpreter (tests of the tuned path on CPU):
+    each config runs three times, as timing runs repeat a launch, and its wall time is its score."""
+    import time
+
+    t0 = time.perf_counter()
+    for _ in range(3):
+        kernel_call()
+    t = (time.perf_counter() - t0) / 3
+    return [t] * len(quantiles) if quantiles else t
+
+
+def _interpreted_autotuned(fn):
+    return _autotuned(fn, do_bench=_wall_clock_bench)
+
+
+def _match_tuner(device):
+    """The autotuned match kernel: compiled on CUDA, interpreted elsewhere (tests)."""
     global _match_tuned
-    if _match_tuned is None:
-        cfgs = [
-            triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c}, num_warps=w, num_stages=s)
-            for a, b, c, w, s in _MATCH_CONFIGS
-        ]
-        # Every timed config starts from the prologue's keys (atomic_max would otherwise keep the
-        # maximum over all configs, whose scores can differ in the last bit).
-        _match_tuned = triton.autotune(configs=cfgs, key=["NA", "NB", "C", "SPLIT", "MASKED"],
-                                       restore_value=["key_ptr"])(_match_kernel)
-    return _match_tuned
+    if device.type == "cuda":
+        if _match_tuned is None:
+            _match_tuned = _autotuned(_match_kernel)
+        return _match_tuned
+    return launchable(_match_kernel, device, wrap=_interpreted_autotuned)
+
+
+_match_tuned = None
 
 
 @functools.cache
@@ -452,15 +479,17 @@ def _rows_of(metric, idx, alternating_start):
     return metric.gather(1, idx[..., None].expand(-1, -1, C))
 
 
-def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0, split=None):
+def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0, split=None, autotune=None):
     """Packed ``key [B, NA]`` int64 per A row (see ``_match_kernel``): one launch with one split
     (the fused kernel), else two (prologue, match). ``alternating``: A / B are the even / odd tokens (``a_idx`` / ``b_idx`` are then not
     read). ``a_ok is None``: no masks, the first ``prot`` tokens are protected (alternating split
-    only). ``split`` forces how many programs share the B tiles of one A tile (tests)."""
+    only). ``split`` forces how many programs share the B tiles of one A tile (tests).
+    ``autotune``: whether to launch through the autotuner (default: on CUDA, compiled); ``True``
+    under the interpreter runs the tuned path on CPU (tests: several configs, timing runs)."""
     B, N, C = metric.shape
     NA, NB = ((N + 1) // 2, N // 2) if alternating else (a_idx.shape[1], b_idx.shape[1])
     dev = metric.device
-    tuned = dev.type == "cuda" and not interpret_enabled()
+    tuned = (dev.type == "cuda" and not interpret_enabled()) if autotune is None else autotune
     if split is None:
         split = _auto_split(B, NA, NB, dev)
     fused = split == 1  # norms inside the match kernel, plain stores: no prologue launch
@@ -497,11 +526,12 @@ def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0,
         tkey = (NA, NB, C, split, masked, even_c, metric.dtype, dev)
         cfg = _MATCH_BEST.get(tkey)
         if cfg is None:
-            tuner = _get_match_tuned()
+            tuner = _match_tuner(dev)
             tuner[lambda meta: (B, triton.cdiv(NA, meta["BLOCK_A"]), split)](*args, **consts)
             _MATCH_BEST[tkey] = tuner.best_config
         else:
-            _match_kernel[(B, triton.cdiv(NA, cfg.kwargs["BLOCK_A"]), split)](*args, **consts, **cfg.all_kwargs())
+            launchable(_match_kernel, dev)[(B, triton.cdiv(NA, cfg.kwargs["BLOCK_A"]), split)](
+                *args, **consts, **cfg.all_kwargs())
     else:
         ba, bb, bc = 16, 16, min(32, max(16, next_pow2(C)))  # small tiles: the interpreter's speed
         launchable(_match_kernel, dev)[(B, triton.cdiv(NA, ba), split)](
@@ -592,12 +622,13 @@ def _fast_alternating(metric, protected, a_idx, b_idx, r):
 
 
 @torch.no_grad()
-def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None, _b_split=None):
+def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None, _b_split=None, _autotune=None):
     """Triton implementation of :func:`vtok.kernels.bipartite_match` (fused, no score matrix).
 
-    Three launches in the common case (alternating split, int protection): inverse norms, match,
-    counting top-r; no host synchronisation. ``_b_split`` forces how many programs share the B
-    tiles of one A tile (tests).
+    In the common case (alternating split, int protection) two launches (the fused match, the
+    counting top-r) or, with split B tiles, three (prologue first); no host synchronisation.
+    Test knobs: ``_b_split`` forces how many programs share the B tiles of one A tile;
+    ``_autotune=True`` takes the autotuned path even under the interpreter.
     """
     B = metric.shape[0]
     fast = _fast_alternating(metric, protected, a_idx, b_idx, r)
@@ -605,14 +636,14 @@ def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None,
         r, prot = fast
         if r == 0:
             return _empty_match(B, metric.device)
-        key = _match_keys_triton(metric, None, None, None, None, True, prot=prot, split=_b_split)
+        key = _match_keys_triton(metric, None, None, None, None, True, prot=prot, split=_b_split, autotune=_autotune)
         return _top_r_triton(key, r)
     alternating = a_idx is None and b_idx is None
     a_idx, b_idx, a_ok, b_ok, n_a, n_b = _split(metric, protected, a_idx, b_idx)
     r = _clamp_r(r, a_ok, b_ok, n_a, n_b)
     if r == 0:
         return _empty_match(B, metric.device)
-    key = _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, split=_b_split)
+    key = _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, split=_b_split, autotune=_autotune)
     return _top_r_triton(key, r, a_idx, b_idx)
 
 

@@ -320,6 +320,29 @@ def test_bipartite_match_triton_multi_tile_ties():
         assert 63 not in tri[1].flatten().tolist() and 45 not in tri[1].flatten().tolist()
 
 
+def test_bipartite_match_autotuned_path_on_cpu(monkeypatch):
+    """The path a GPU takes, under the interpreter: the first call of a shape goes through Triton's
+    autotuner (five configs, each launched three times into the same key buffer), later calls
+    launch its choice directly. Both must return the same pairs as each other and as the
+    reference; with split B tiles the keys are combined by atomic_max, so without the autotuner
+    restoring them between configs the first call returns the maximum over configs (their fp32
+    sums differ in the last bit: BLOCK_C 64 vs 128)."""
+    from vtok.kernels import bipartite
+
+    monkeypatch.setattr(bipartite, "_MATCH_BEST", {})
+    monkeypatch.setattr(_common, "_INTERPRETED", {})
+    x = torch.randn(2, 130, 256, generator=_gen(3)).to(torch.bfloat16)
+    a_idx = torch.arange(0, 130, 3)
+    for kw in (dict(protected=1), dict(a_idx=a_idx)):  # the fast path; index sets with masks
+        ref = K.bipartite_match_torch(x, r=30, **kw)
+        for split in (3, 1):  # atomic_max over split programs; the fused single split (plain stores)
+            tri = K.bipartite_match_triton(x, r=30, **kw, _b_split=split, _autotune=True)
+            assert len(bipartite._MATCH_BEST) > 0  # the autotuner ran and its choice was kept
+            again = K.bipartite_match_triton(x, r=30, **kw, _b_split=split, _autotune=True)
+            assert all(torch.equal(u, v) for u, v in zip(tri, again)), (kw.keys(), split)
+            _assert_match_equivalent(ref, tri, x, kw.get("protected"), kw.get("a_idx"), exact=False)
+
+
 @HYP
 @given(
     B=st.integers(1, 3),
