@@ -586,11 +586,33 @@ def _pair_blocks(device) -> tuple[int, int]:
     return (32, 256) if device.type == "cuda" else (16, 16)
 
 
+#: Above this many A rows the top r is a stable torch sort of the keys' score parts, O(N_A log N_A),
+#: instead of the counting kernel's N_A^2 comparisons (0.08 ms at N_A = 12544 on an H100, four
+#: times that at twice the length). The bench shapes stay below it; the crossover itself has not
+#: been timed on a GPU yet.
+_COUNT_MAX_NA = 16384
+
+
+def _top_r_sorted(key, r, a_idx=None, b_idx=None):
+    """The same as the counting kernel, by sorting: descending score bits, ties by lower row
+    (stable); rows without a partner (``_NO_KEY``) sort last, as r never reaches them."""
+    order = torch.sort(key >> 32, dim=1, descending=True, stable=True).indices[:, :r]
+    k = key.gather(1, order)
+    sb = (k >> 32).to(torch.int32)
+    scores = (sb ^ ((sb >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    pos = 0xFFFFFFFF - (k & 0xFFFFFFFF)
+    if a_idx is None:  # alternating split: A row i is token 2i, B position p is token 2p + 1
+        return order * 2, pos * 2 + 1, scores
+    return a_idx.gather(1, order), b_idx.gather(1, pos), scores
+
+
 def _top_r_triton(key, r, a_idx=None, b_idx=None):
     """(src, dst, scores) [B, r] from the packed keys; token indices from the alternating split
     (``a_idx is None``) or from the index sets."""
     B, NA = key.shape
     dev = key.device
+    if NA > _COUNT_MAX_NA:
+        return _top_r_sorted(key, r, a_idx, b_idx)
     src, dst = torch.empty(2, B, r, dtype=torch.int64, device=dev)  # one allocation (host time matters here)
     scores = torch.empty(B, r, dtype=torch.float32, device=dev)
     gather = a_idx is not None

@@ -320,6 +320,27 @@ def test_bipartite_match_triton_multi_tile_ties():
         assert 63 not in tri[1].flatten().tolist() and 45 not in tri[1].flatten().tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bipartite_top_r_sort_path_equals_counting(dtype, monkeypatch):
+    """Long sequences take the top r by a torch sort of the keys instead of the counting kernel:
+    the same pairs, scores and order, exact ties (duplicated tokens) and protected rows included."""
+    from vtok.kernels import bipartite
+
+    x = _tokens(2, 41, 12, dtype, "int", 11)
+    x[:, 30] = x[:, 0]
+    x[:, 33] = x[:, 1]
+    mask = torch.rand(2, 41, generator=_gen(2)) < 0.2
+    cases = (dict(r=15), dict(r=20, protected=3), dict(r=12, protected=mask),
+             dict(r=9, a_idx=torch.randperm(41, generator=_gen(4))[:14]))
+    counted = [K.bipartite_match_triton(x, **kw) for kw in cases]
+    monkeypatch.setattr(bipartite, "_COUNT_MAX_NA", 0)
+    for kw, c in zip(cases, counted):
+        s = K.bipartite_match_triton(x, **kw)
+        assert all(torch.equal(u, v) for u, v in zip(c, s)), kw
+        _assert_match_equivalent(K.bipartite_match_torch(x, **kw), s, x, kw.get("protected"), kw.get("a_idx"),
+                                 exact=True)
+
+
 def test_bipartite_match_autotuned_path_on_cpu(monkeypatch):
     """The path a GPU takes, under the interpreter: the first call of a shape goes through Triton's
     autotuner (five configs, each launched three times into the same key buffer), later calls
