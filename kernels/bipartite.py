@@ -57,7 +57,8 @@ synchronisation and no torch glue between them:
    views of ``metric`` (no copy); given index sets are gathered once.
 3. ``_rank_kernel``: the top r by counting, rank(i) = #{j beating i} (score, then lower index:
    the order of a stable descending sort), one program per tile of A rows; rows with rank < r
-   write their (source, destination, score) to slot rank.
+   write their (source, destination, score) to slot rank. Its N_A^2 comparisons grow with the
+   square of the length, so above ``_COUNT_MAX_NA`` rows a stable torch sort of the keys replaces it.
 4. ``_merge_prep_kernel``: again by counting, the sources in increasing order, the destinations
    in increasing order (stable) with their sources, and where each token tile of the merge starts
    in both lists.
