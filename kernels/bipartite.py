@@ -418,12 +418,23 @@ def _interpreted_autotuned(fn):
     return _autotuned(fn, do_bench=_wall_clock_bench)
 
 
+def _short_bench(kernel_call, quantiles):
+    """Triton's ``do_bench`` with 5 ms of warm-up and 25 ms of timing per config (the defaults,
+    25 and 100 ms, spend over half a second on each new shape for a kernel of 0.01 to 1 ms)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def _match_tuner(device):
     """The autotuned match kernel: compiled on CUDA, interpreted elsewhere (tests)."""
     global _match_tuned
     if device.type == "cuda":
         if _match_tuned is None:
-            _match_tuned = _autotuned(_match_kernel)
+            import inspect
+
+            import triton.testing  # noqa: F401  (the submodule _short_bench calls)
+
+            custom = "do_bench" in inspect.signature(triton.autotune).parameters
+            _match_tuned = _autotuned(_match_kernel, do_bench=_short_bench if custom else None)
         return _match_tuned
     return launchable(_match_kernel, device, wrap=_interpreted_autotuned)
 
@@ -453,8 +464,11 @@ def _auto_split(B: int, NA: int, NB: int, device) -> int:
     return max(1, min(8, triton.cdiv(NB, 256), triton.cdiv(4 * sms, programs)))
 
 
-#: (NA, NB, C, SPLIT, MASKED, EVEN_C, dtype, device) -> the autotuner's choice, launched directly
-#: on later calls: the autotuner's own bookkeeping costs about as much host time as a launch.
+#: (NA and NB rounded up to powers of two, C, SPLIT, MASKED, EVEN_C, dtype, device) -> the
+#: autotuner's choice, launched directly on later calls: the autotuner's own bookkeeping costs
+#: about as much host time as a launch, and tuning every exact length would time five configs at
+#: every layer of a ToMe schedule (the token count changes at each), where one choice per
+#: power-of-two range serves them all.
 _MATCH_BEST: dict = {}
 
 
@@ -524,7 +538,7 @@ def _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, *, prot=0,
     if tuned:
         even_c = C % _EVEN_C == 0
         consts["EVEN_C"] = even_c
-        tkey = (NA, NB, C, split, masked, even_c, metric.dtype, dev)
+        tkey = (next_pow2(NA), next_pow2(NB), C, split, masked, even_c, metric.dtype, dev)
         cfg = _MATCH_BEST.get(tkey)
         if cfg is None:
             tuner = _match_tuner(dev)

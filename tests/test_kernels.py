@@ -653,6 +653,25 @@ def test_interpreter_independent_of_import_order():
     assert tl.max is before
 
 
+def test_autotuner_runs_once_per_length_range_over_a_tome_schedule(monkeypatch):
+    """ToMe changes the token count at every layer; the autotuner must not time its configs at
+    each. ViT-B/16 with r = 8: N = 197, 189, ..., 109 is twelve lengths in two power-of-two ranges
+    of N_A / N_B, so two tuning runs and ten direct launches, every one of them exact."""
+    from vtok.kernels import bipartite
+
+    monkeypatch.setattr(bipartite, "_MATCH_BEST", {})
+    monkeypatch.setattr(_common, "_INTERPRETED", {})
+    tuned = []
+    real = bipartite._match_tuner
+    monkeypatch.setattr(bipartite, "_match_tuner", lambda device: tuned.append(device) or real(device))
+    x = _tokens(1, 197, 16, torch.float32, "int", 9)
+    for n in range(197, 108, -8):
+        ref = K.bipartite_match_torch(x[:, :n], r=8, protected=1)
+        tri = K.bipartite_match_triton(x[:, :n], r=8, protected=1, _b_split=2, _autotune=True)
+        _assert_match_equivalent(ref, tri, x[:, :n], 1, None, exact=True)
+    assert len(tuned) == 2
+
+
 def test_auto_split_policy(monkeypatch):
     """The measured split choice (H100, 132 SMs): the fused single split for ViT batches, about
     four waves of split programs for one long sequence; always 1 off CUDA."""

@@ -54,6 +54,8 @@ def _check(k, *, tensor_cores: bool):
 
 MATCH_TYPES = {"xa_ptr": "*bf16", "xb_ptr": "*bf16", "inva_ptr": "*fp32", "invb_ptr": "*fp32",
                "a_ok_ptr": "*i8", "b_ok_ptr": "*i8", "key_ptr": "*i64"}
+
+
 def test_compile_prologue():
     types = {"x_ptr": "*bf16", "inv_ptr": "*fp32", "key_ptr": "*i64"}
     _check(_compile(bipartite._prologue_kernel, types, {"BLOCK_R": 32, "BLOCK_C": 256}), tensor_cores=False)
@@ -144,3 +146,20 @@ PROBE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "kmask_ptr": "*i8", "qpos_ptr
 def test_compile_attention_probes(name, consts):
     k = _compile(getattr(attn_probe, name), PROBE_TYPES, {**consts, "UPCAST": False, "PRECISION": "tf32"})
     _check(k, tensor_cores=True)
+
+
+def test_cuda_autotuner_setup(monkeypatch):
+    """The autotuner the CUDA path builds (built here without a GPU; nothing is launched): it
+    restores the match keys between timed configs (the packed-key atomic_max would otherwise
+    accumulate over them) and times with short runs through a ``do_bench`` call that the
+    installed Triton accepts."""
+    import inspect
+
+    import triton.testing
+
+    monkeypatch.setattr(bipartite, "_match_tuned", None)
+    tuner = bipartite._match_tuner(torch.device("cuda"))
+    assert tuner.restore_value == ["key_ptr"]
+    assert tuner.do_bench is bipartite._short_bench
+    assert [c.kwargs["BLOCK_A"] for c in tuner.configs] == [c[0] for c in bipartite._MATCH_CONFIGS]
+    inspect.signature(triton.testing.do_bench).bind(lambda: None, warmup=5, rep=25, quantiles=(0.5, 0.2, 0.8))
