@@ -397,7 +397,11 @@ def _autotuned(fn, do_bench=None):
     # Every timed config starts from the prologue's keys: atomic_max would otherwise leave the
     # maximum over all timed configs, whose scores can differ in the last bit (different
     # summation orders), and the first call of a shape would disagree with the later ones.
-    extra = {} if do_bench is None else {"do_bench": do_bench}  # (the argument is newer than Triton 3.0)
+    import inspect
+
+    # ``do_bench`` is newer than Triton 3.0; without it Triton's default timing is used
+    takes_bench = "do_bench" in inspect.signature(triton.autotune).parameters
+    extra = {"do_bench": do_bench} if do_bench is not None and takes_bench else {}
     return triton.autotune(configs=cfgs, key=["NA", "NB", "C", "SPLIT", "MASKED"],
                            restore_value=["key_ptr"], **extra)(fn)
 
@@ -429,12 +433,9 @@ def _match_tuner(device):
     global _match_tuned
     if device.type == "cuda":
         if _match_tuned is None:
-            import inspect
-
             import triton.testing  # noqa: F401  (the submodule _short_bench calls)
 
-            custom = "do_bench" in inspect.signature(triton.autotune).parameters
-            _match_tuned = _autotuned(_match_kernel, do_bench=_short_bench if custom else None)
+            _match_tuned = _autotuned(_match_kernel, do_bench=_short_bench)
         return _match_tuned
     return launchable(_match_kernel, device, wrap=_interpreted_autotuned)
 
