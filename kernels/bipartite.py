@@ -58,10 +58,10 @@ synchronisation and no torch glue between them:
 3. ``_rank_kernel``: the top r by counting, rank(i) = #{j beating i} (score, then lower index:
    the order of a stable descending sort), one program per tile of A rows; rows with rank < r
    write their (source, destination, score) to slot rank. Its N_A^2 comparisons grow with the
-   square of the length, so above ``_COUNT_MAX_NA`` rows a stable torch sort of the keys replaces it.
+   square of the length, so above ``_COUNT_MAX`` rows a stable torch sort of the keys replaces it.
 4. ``_merge_prep_kernel``: again by counting, the sources in increasing order, the destinations
    in increasing order (stable) with their sources, and where each token tile of the merge starts
-   in both lists.
+   in both lists. Above ``_COUNT_MAX`` pairs: two torch sorts and two ``searchsorted``.
 5. ``_merge_kernel``: gather-based, one program per (sample, tile of tokens, channel block). A few
    window comparisons give each token's fate (source: nothing written; else its output slot and
    the range of its sources), the first ``MAXC`` sources of every token are gathered in one load,
@@ -602,11 +602,11 @@ def _pair_blocks(device) -> tuple[int, int]:
     return (32, 256) if device.type == "cuda" else (16, 16)
 
 
-#: Above this many A rows the top r is a stable torch sort of the keys' score parts, O(N_A log N_A),
-#: instead of the counting kernel's N_A^2 comparisons (0.08 ms at N_A = 12544 on an H100, four
-#: times that at twice the length). The bench shapes stay below it; the crossover itself has not
-#: been timed on a GPU yet.
-_COUNT_MAX_NA = 16384
+#: Above this many rows the counting kernels (the top r over N_A rows, the merge bookkeeping over
+#: r pairs) give way to stable torch sorts, O(n log n) instead of n^2 comparisons (the top r: 0.08
+#: ms at N_A = 12544 on an H100, four times that at twice the length). The bench shapes stay
+#: below it; the crossover itself has not been timed on a GPU yet.
+_COUNT_MAX = 16384
 
 
 def _top_r_sorted(key, r, a_idx=None, b_idx=None):
@@ -627,7 +627,7 @@ def _top_r_triton(key, r, a_idx=None, b_idx=None):
     (``a_idx is None``) or from the index sets."""
     B, NA = key.shape
     dev = key.device
-    if NA > _COUNT_MAX_NA:
+    if NA > _COUNT_MAX:
         return _top_r_sorted(key, r, a_idx, b_idx)
     src, dst = torch.empty(2, B, r, dtype=torch.int64, device=dev)  # one allocation (host time matters here)
     scores = torch.empty(B, r, dtype=torch.float32, device=dev)
@@ -872,6 +872,13 @@ def _sorted_pairs(src_idx, dst_idx, N, tile_n):
     B, R = src_idx.shape
     dev = src_idx.device
     T = triton.cdiv(N, tile_n)
+    if R > _COUNT_MAX:  # the same by sorting (the counting kernel's R^2 comparisons would dominate)
+        ssrc = torch.sort(src_idx, dim=1).values
+        sdst, order = torch.sort(dst_idx, dim=1, stable=True)
+        bounds = (torch.arange(T + 1, device=dev) * tile_n).expand(B, -1).contiguous()
+        tb = torch.stack([torch.searchsorted(ssrc, bounds), torch.searchsorted(sdst, bounds)], 1)
+        buf = torch.stack([ssrc, sdst, src_idx.gather(1, order)]).to(torch.int32)
+        return buf[0], buf[1], buf[2], tb.to(torch.int32)
     buf = torch.empty(3, B, R, dtype=torch.int32, device=dev)
     tb = torch.empty(B, 2, T + 1, dtype=torch.int32, device=dev)
     bi, bj = _pair_blocks(dev)

@@ -321,9 +321,10 @@ def test_bipartite_match_triton_multi_tile_ties():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bipartite_top_r_sort_path_equals_counting(dtype, monkeypatch):
-    """Long sequences take the top r by a torch sort of the keys instead of the counting kernel:
-    the same pairs, scores and order, exact ties (duplicated tokens) and protected rows included."""
+def test_sort_paths_equal_counting_kernels(dtype, monkeypatch):
+    """Long sequences take the top r by a torch sort of the keys, and the merge bookkeeping by
+    torch sorts, instead of the counting kernels: the same pairs, scores and order (exact ties from
+    duplicated tokens, protected rows) and the same merged tokens."""
     from vtok.kernels import bipartite
 
     x = _tokens(2, 41, 12, dtype, "int", 11)
@@ -332,13 +333,19 @@ def test_bipartite_top_r_sort_path_equals_counting(dtype, monkeypatch):
     mask = torch.rand(2, 41, generator=_gen(2)) < 0.2
     cases = (dict(r=15), dict(r=20, protected=3), dict(r=12, protected=mask),
              dict(r=9, a_idx=torch.randperm(41, generator=_gen(4))[:14]))
+    keep = torch.tensor([0, 5, 17, 40])  # 37 sources into 4 destinations: many per destination
+    pairs = K.bipartite_match_torch(x, r=37, b_idx=keep)[:2]
+    sizes = torch.rand(2, 41, generator=_gen(5)) + 0.5
     counted = [K.bipartite_match_triton(x, **kw) for kw in cases]
-    monkeypatch.setattr(bipartite, "_COUNT_MAX_NA", 0)
+    merged = K.merge_weighted_triton(x, sizes, *pairs)
+    monkeypatch.setattr(bipartite, "_COUNT_MAX", 0)
     for kw, c in zip(cases, counted):
         s = K.bipartite_match_triton(x, **kw)
         assert all(torch.equal(u, v) for u, v in zip(c, s)), kw
         _assert_match_equivalent(K.bipartite_match_torch(x, **kw), s, x, kw.get("protected"), kw.get("a_idx"),
                                  exact=True)
+    # the merge bookkeeping by sorting: the same kernel inputs, so bit-identical outputs
+    assert all(torch.equal(u, v) for u, v in zip(merged, K.merge_weighted_triton(x, sizes, *pairs)))
 
 
 def test_bipartite_match_autotuned_path_on_cpu(monkeypatch):
