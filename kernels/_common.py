@@ -7,6 +7,7 @@ kernels replace (dot products, reductions).
 
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 
@@ -178,6 +179,12 @@ def inv_norm(x: torch.Tensor) -> torch.Tensor:
     """``1 / max(||x||_2, 1e-12)`` over the last dimension, in fp32 (shared by both backends)."""
     n = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
     return 1.0 / n.clamp_min(NORM_EPS)
+
+
+@functools.cache
+def num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: asked on every launch's grid choice)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def next_pow2(n: int) -> int:

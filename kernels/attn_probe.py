@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from ._common import HAS_TRITON, dot_flags, jit, launchable, next_pow2, tl, triton
+from ._common import HAS_TRITON, dot_flags, jit, launchable, next_pow2, num_sms, tl, triton
 
 __all__ = [
     "attention_rows_torch",
@@ -326,7 +326,7 @@ def _lse_split(device, programs: int, Nk: int, bn: int) -> int:
     (H100, 1 x 16 heads x 16 rows x 25088 keys: one program per head left the GPU nearly idle.)"""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = num_sms(device)
     return max(1, min(triton.cdiv(2 * sms, max(1, programs)), triton.cdiv(Nk, 4 * bn)))
 
 

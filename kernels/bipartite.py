@@ -71,8 +71,6 @@ synchronisation and no torch glue between them:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._common import (
@@ -84,6 +82,7 @@ from ._common import (
     jit,
     launchable,
     next_pow2,
+    num_sms as _num_sms,
     tl,
     triton,
 )
@@ -425,6 +424,8 @@ def _interpreted_autotuned(fn):
 def _short_bench(kernel_call, quantiles):
     """Triton's ``do_bench`` with 5 ms of warm-up and 25 ms of timing per config (the defaults,
     25 and 100 ms, spend over half a second on each new shape for a kernel of 0.01 to 1 ms)."""
+    import triton.testing
+
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
@@ -433,19 +434,12 @@ def _match_tuner(device):
     global _match_tuned
     if device.type == "cuda":
         if _match_tuned is None:
-            import triton.testing  # noqa: F401  (the submodule _short_bench calls)
-
             _match_tuned = _autotuned(_match_kernel, do_bench=_short_bench)
         return _match_tuned
     return launchable(_match_kernel, device, wrap=_interpreted_autotuned)
 
 
 _match_tuned = None
-
-
-@functools.cache
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _auto_split(B: int, NA: int, NB: int, device) -> int:
@@ -683,8 +677,6 @@ def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None,
         return _empty_match(B, metric.device)
     key = _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, split=_b_split, autotune=_autotune)
     return _top_r_triton(key, r, a_idx, b_idx)
-
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, dot_flags, interpret_enabled, inv_norm, jit, launchable, next_pow2, tl, triton
+from ._common import HAS_TRITON, dot_flags, inv_norm, jit, launchable, next_pow2, tl, triton
 
 __all__ = ["greedy_select_torch", "greedy_select_triton"]
 
