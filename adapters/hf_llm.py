@@ -8,11 +8,11 @@ builds its own masks from our shorter 2-D masks.
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import create_causal_mask
+
+from vtok.hf_compat import causal_mask, rotary_fn
 
 __all__ = ["SeqState", "attention_rows", "build_layer_kwargs", "remap_mask"]
 
@@ -100,25 +100,8 @@ def remap_mask(state: SeqState, mask2d: torch.Tensor) -> torch.Tensor:
 def build_layer_kwargs(lm, hidden, mask2d, positions, cache, layer_idx):
     """attention_mask, position_ids and position_embeddings for decoder layers from ``layer_idx`` on."""
     pe = lm.rotary_emb(hidden, position_ids=positions)
-    mask = create_causal_mask(
-        config=lm.config,
-        inputs_embeds=hidden,
-        attention_mask=mask2d,
-        past_key_values=cache,
-        position_ids=positions,
-        layer_idx=layer_idx,
-    )
+    mask = causal_mask(lm.config, hidden, mask2d, cache, positions, layer_idx)
     return {"attention_mask": mask, "position_ids": positions, "position_embeddings": pe}
-
-
-def _rope(attn_module):
-    mod = sys.modules[type(attn_module).__module__]
-    fn = getattr(mod, "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise ValueError(
-            f"cannot compute attention probes for {type(attn_module).__name__}: its module has no apply_rotary_pos_emb"
-        )
-    return fn
 
 
 def _project(attn, proj, norm_name, h, n_heads, head_dim):
@@ -143,7 +126,7 @@ def attention_rows(attn, hidden, position_embeddings, valid, query: str):
     cfg = attn.config
     n_q, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
     scaling = getattr(attn, "scaling", head_dim**-0.5)
-    rope = _rope(attn)
+    rope = rotary_fn(attn)
     cos, sin = position_embeddings
     b = hidden.shape[0]
     if cos.shape[0] != b:
@@ -167,7 +150,3 @@ def attention_rows(attn, hidden, position_embeddings, valid, query: str):
 def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
     ar = torch.arange(valid.shape[1], device=valid.device)
     return (valid.long() * ar).argmax(1)
-
-
-def with_state(state: SeqState, **kw) -> SeqState:
-    return replace(state, **kw)

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
+from vtok.hf_compat import family_module
 from vtok.method import ViTAttention
 from vtok.tokens import VisualTokens
 
@@ -126,7 +126,7 @@ class LlavaNextAdapter(VLMAdapter):
 
     def _hf_module(self):
         """The transformers module of this family (its anyres helpers)."""
-        return sys.modules[type(self.core).__module__]
+        return family_module(self.core)
 
     def _strategy(self, value=None) -> str:
         return value if value is not None else self.model.config.vision_feature_select_strategy

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtok.hf_compat import attn_implementation
 from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.vit import ViTMerge, ViTSource, ViTView, merge_tokens, remap_assign
@@ -177,8 +178,7 @@ def hf_block_parts(tower: nn.Module) -> list[BlockParts]:
 
 
 def hf_attn_implementation(tower: nn.Module) -> str | None:
-    cfg = getattr(tower, "config", None)
-    return getattr(cfg, "_attn_implementation", None)
+    return attn_implementation(getattr(tower, "config", None))
 
 
 def timm_block_parts(model: nn.Module) -> list[BlockParts]:

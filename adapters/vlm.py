@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtok.hf_compat import cache_from_kwargs, output_cache, precomputed_visual_features
 from vtok.method import LLMAttention, LLMView, TextQuery, ViTAttention
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
@@ -167,7 +168,7 @@ class VLMAdapter(Adapter):
         if fw is None:
             return output
         if fw.prefill and fw.active and self._gen is not None:
-            self._gen.cache = getattr(output, "past_key_values", None)
+            self._gen.cache = output_cache(output)
         final = next((s for s in reversed(fw.states) if s is not None and not s.is_identity()), None)
         logits = getattr(output, "logits", None)
         if final is not None and fw.prefill and logits is not None and logits.shape[1] == final.length > 1:
@@ -186,7 +187,7 @@ class VLMAdapter(Adapter):
     # forward start -------------------------------------------------------------
     def _core_pre(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self._gen = None
@@ -208,7 +209,7 @@ class VLMAdapter(Adapter):
             )
             self.handle.stats.clear()  # stats describe the last prefill, also a text-only one
             if has_visual:
-                mm = kwargs.get("mm_encoder_outputs")
+                mm = precomputed_visual_features(kwargs)
                 if mm:
                     feats = self.features_from_encoder_outputs(mm)
                     if feats is not None:
@@ -362,7 +363,7 @@ class VLMAdapter(Adapter):
         embeds = kwargs.get("inputs_embeds")
         b, q = embeds.shape[:2]
         dev = embeds.device
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         decoded = cache.get_seq_length() - entry.length
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
@@ -418,7 +419,7 @@ class VLMAdapter(Adapter):
                         pos = fw.pos - state.step_shift.unsqueeze(1)
                         fw.mask2d, fw.pos = mask, pos
                         fw.layer_kwargs = build_layer_kwargs(
-                            self.lm, hidden, mask, pos, kwargs.get("past_key_values"), layer
+                            self.lm, hidden, mask, pos, cache_from_kwargs(kwargs), layer
                         )
             if fw.layer_kwargs is None:
                 return None
@@ -458,6 +459,6 @@ class VLMAdapter(Adapter):
         fw.states.append(state)
         hidden = state.gather(hidden)
         fw.layer_kwargs = build_layer_kwargs(
-            self.lm, hidden, state.valid.long(), state.positions, kwargs.get("past_key_values"), layer
+            self.lm, hidden, state.valid.long(), state.positions, cache_from_kwargs(kwargs), layer
         )
         return hidden

@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtok.hf_compat import cache_from_kwargs
+
 __all__ = [
     "Stack",
     "VisionSpec",
@@ -749,7 +751,7 @@ class Tracker:
 
     def _top_pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if past and self.records:
             q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
@@ -995,7 +997,7 @@ def visual_layout(config, image_size=None, images: int = 1, frames: int = 0):
         if mt == "llava":
             crops, tokens = images, images * n_sel
         else:
-            from transformers.image_processing_utils import select_best_resolution
+            from vtok.hf_compat import select_best_resolution
 
             h, w = image_size or (v.image_size * 2, v.image_size * 2)
             if mt == "llava_onevision" and images > 1:

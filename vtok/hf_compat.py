@@ -1,0 +1,119 @@
+"""Every place vtok depends on transformers internals, in one module; the rest of vtok calls this.
+
+Each helper detects the feature (a keyword in a signature, a field of an output class, an attribute
+of a modelling module) rather than reading the version string, and names the releases it covers.
+Tested by CI at both ends of the range ``pyproject.toml`` admits (``MIN_TRANSFORMERS`` and newest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+
+import torch
+
+__all__ = [
+    "MIN_TRANSFORMERS",
+    "cache_from_kwargs",
+    "output_cache",
+    "causal_mask",
+    "rotary_fn",
+    "attn_implementation",
+    "precomputed_visual_features",
+    "family_module",
+    "select_best_resolution",
+]
+
+#: The oldest transformers release vtok supports; keep equal to the lower bound in pyproject.toml.
+#: 5.14 is the first whose ``create_causal_mask`` takes ``layer_idx``: after in-LLM pruning the
+#: layers from K on hold a shorter KV cache than layer 0, and the mask of a decode step must be
+#: sized from the cache of the layer it is for.
+MIN_TRANSFORMERS = "5.14.0"
+
+#: The keyword a model's forward (and generate's calls of it) use for the KV cache:
+#: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (where the old name still works, with a warning).
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The KV cache a forward was called with, under either name (5.14-5.23: past_key_values; 5.24+: cache)."""
+    for key in _CACHE_KEYS:
+        cache = kwargs.get(key)
+        if cache is not None:
+            return cache
+    return None
+
+
+def output_cache(output):
+    """The cache a model output carries (field ``cache`` from 5.24, ``past_key_values`` before).
+
+    Read through the dataclass fields so that 5.24's deprecated ``past_key_values`` property (which
+    logs a warning) is never touched.
+    """
+    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
+    for key in _CACHE_KEYS:
+        if key in names:
+            return getattr(output, key)
+    return None
+
+
+@functools.cache
+def _causal_mask_params() -> frozenset:
+    from transformers.masking_utils import create_causal_mask
+
+    return frozenset(inspect.signature(create_causal_mask).parameters)
+
+
+def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, layer_idx):
+    """transformers' own ``create_causal_mask`` for decoder layer ``layer_idx``, so that the user's
+    attention implementation (SDPA, FlashAttention, flex, eager) builds its mask from a 2-D one.
+
+    5.14-5.23 name the cache ``past_key_values``, 5.24+ ``cache`` (the old name is deprecated, removed
+    in 5.40); ``layer_idx`` (5.14+) sizes the mask from that layer's cache length.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    params = _causal_mask_params()
+    kw = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+    kw["cache" if "cache" in params else "past_key_values"] = cache
+    if "layer_idx" in params:
+        kw["layer_idx"] = layer_idx
+    return create_causal_mask(**kw)
+
+
+def family_module(module: torch.nn.Module):
+    """The transformers modelling module a model class lives in (its private helpers)."""
+    return sys.modules[type(module).__module__]
+
+
+def rotary_fn(attn_module):
+    """The ``apply_rotary_pos_emb(q, k, cos, sin)`` of an attention module's modelling file.
+
+    Every Llama-style family in 5.x defines it at module level (the probes reuse the model's own RoPE).
+    """
+    fn = getattr(family_module(attn_module), "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise ValueError(
+            f"cannot compute attention probes for {type(attn_module).__name__}: its module has no apply_rotary_pos_emb"
+        )
+    return fn
+
+
+def attn_implementation(config) -> str | None:
+    """The attention implementation a config selected (``config._attn_implementation``, all 5.x)."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def precomputed_visual_features(kwargs: dict):
+    """``mm_encoder_outputs``: the visual features ``generate`` computes before the prefill forward
+    (5.20+); None where generate lets the forward run the vision tower itself (5.14-5.19)."""
+    return kwargs.get("mm_encoder_outputs")
+
+
+def select_best_resolution(size, grid_pinpoints):
+    """AnyRes: the grid pinpoint a (height, width) image is resized to (all 5.x)."""
+    from transformers.image_processing_utils import select_best_resolution as best
+
+    return best(size, grid_pinpoints)
