@@ -11,6 +11,7 @@ from conftest import supported_pairs, tiny_model
 
 import vtok
 from vtok.adapters.testing import TINY_CASES
+from vtok.hf_compat import output_cache
 from vtok.method import get_method_class
 
 
@@ -240,7 +241,7 @@ def test_in_llm_cache_lengths_per_layer(case_name, method):
     with vtok.apply(model, example(method)) as h:
         out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         (stage,) = [r for r in h.stats if r.stage == "in_llm"]
-    cache = out.past_key_values
+    cache = output_cache(out)
     lens = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
     s = batch["input_ids"].shape[1]
     removed = min(a - b for a, b in zip(stage.tokens_in, stage.tokens_out))

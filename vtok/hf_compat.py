@@ -27,18 +27,18 @@ __all__ = [
 ]
 
 #: The oldest transformers release vtok supports; keep equal to the lower bound in pyproject.toml.
-#: 5.14 is the first whose ``create_causal_mask`` takes ``layer_idx``: after in-LLM pruning the
-#: layers from K on hold a shorter KV cache than layer 0, and the mask of a decode step must be
-#: sized from the cache of the layer it is for.
-MIN_TRANSFORMERS = "5.14.0"
+#: Below it: ``create_causal_mask`` has no ``layer_idx`` before 5.14 (after in-LLM pruning the
+#: layers from K on hold a shorter KV cache than layer 0, and a decode step's mask must be sized from
+#: the cache of the layer it is for), and DINOv2's attention has no ``q_proj``/``k_proj`` before 5.18.
+MIN_TRANSFORMERS = "5.18.0"
 
 #: The keyword a model's forward (and generate's calls of it) use for the KV cache:
-#: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (where the old name still works, with a warning).
+#: ``past_key_values`` in 5.18-5.23, ``cache`` from 5.24 (where the old name still works, with a warning).
 _CACHE_KEYS = ("cache", "past_key_values")
 
 
 def cache_from_kwargs(kwargs: dict):
-    """The KV cache a forward was called with, under either name (5.14-5.23: past_key_values; 5.24+: cache)."""
+    """The KV cache a forward was called with, under either name (5.18-5.23: past_key_values; 5.24+: cache)."""
     for key in _CACHE_KEYS:
         cache = kwargs.get(key)
         if cache is not None:
@@ -70,8 +70,8 @@ def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, laye
     """transformers' own ``create_causal_mask`` for decoder layer ``layer_idx``, so that the user's
     attention implementation (SDPA, FlashAttention, flex, eager) builds its mask from a 2-D one.
 
-    5.14-5.23 name the cache ``past_key_values``, 5.24+ ``cache`` (the old name is deprecated, removed
-    in 5.40); ``layer_idx`` (5.14+) sizes the mask from that layer's cache length.
+    5.18-5.23 name the cache ``past_key_values``, 5.24+ ``cache`` (the old name is deprecated, removed
+    in 5.40); ``layer_idx`` sizes the mask from that layer's cache length.
     """
     from transformers.masking_utils import create_causal_mask
 
@@ -91,7 +91,7 @@ def family_module(module: torch.nn.Module):
 def rotary_fn(attn_module):
     """The ``apply_rotary_pos_emb(q, k, cos, sin)`` of an attention module's modelling file.
 
-    Every Llama-style family in 5.x defines it at module level (the probes reuse the model's own RoPE).
+    Every Llama-style family in 5.18+ defines it at module level (the probes reuse the model's own RoPE).
     """
     fn = getattr(family_module(attn_module), "apply_rotary_pos_emb", None)
     if fn is None:
@@ -102,18 +102,18 @@ def rotary_fn(attn_module):
 
 
 def attn_implementation(config) -> str | None:
-    """The attention implementation a config selected (``config._attn_implementation``, all 5.x)."""
+    """The attention implementation a config selected (``config._attn_implementation``, 5.18+)."""
     return getattr(config, "_attn_implementation", None)
 
 
 def precomputed_visual_features(kwargs: dict):
     """``mm_encoder_outputs``: the visual features ``generate`` computes before the prefill forward
-    (5.20+); None where generate lets the forward run the vision tower itself (5.14-5.19)."""
+    (5.18+); None when the caller's forward runs the vision tower itself."""
     return kwargs.get("mm_encoder_outputs")
 
 
 def select_best_resolution(size, grid_pinpoints):
-    """AnyRes: the grid pinpoint a (height, width) image is resized to (all 5.x)."""
+    """AnyRes: the grid pinpoint a (height, width) image is resized to (5.18+)."""
     from transformers.image_processing_utils import select_best_resolution as best
 
     return best(size, grid_pinpoints)
