@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import ClassVar
 
 from torch import nn
@@ -17,6 +19,11 @@ class Adapter:
     Subclasses declare the stages they run and the probe types they serve, say whether a model
     is theirs (``matches``), and install hooks in ``attach``. Hooks are kept in ``self._hooks``
     and removed by ``detach``; nothing on the model's class is ever touched.
+
+    Nested calls: a hook (method code included) may call the model it is attached to, e.g. to
+    score frames with the same VLM. While one of this adapter's hooks runs, every hook of the
+    adapter passes through (``in_hook()``), so the nested call runs the untouched model and the
+    outer call's per-forward state is left as it was. The flag is per thread.
     """
 
     name: ClassVar[str] = ""
@@ -28,6 +35,7 @@ class Adapter:
         self.methods = methods
         self.handle = handle
         self._hooks: list = []
+        self._local = threading.local()
 
     # ------------------------------------------------------------ discovery
     @classmethod
@@ -66,13 +74,58 @@ class Adapter:
                     self._check_llm_layer(layer, f"{method.name} layer")
             for probe in method.probes():
                 self.check_probe(probe, method)
+        for method in {id(m): m for m in self.methods.values()}.values():
+            self._check_probe_order(method)
+
+    @staticmethod
+    def _check_probe_order(method: Method) -> None:
+        """An LLM probe is computed when its decoder layer runs and is handed to the method's in_llm
+        stages at later layers; one that no stage can receive is refused here, not at run time."""
+        stage_layers = sorted(method.llm_layers()) if "in_llm" in method.stages else []
+        for p in method.probes():
+            if not isinstance(p, LLMAttention):
+                continue
+            if not stage_layers:
+                raise ValueError(
+                    f"{method.name}: an LLMAttention probe at layer {p.layer} is computed inside the language model "
+                    f"and handed only to in_llm stages, which {method.name} does not have (stages: "
+                    f"{', '.join(method.stages)}); ask for it from an in_llm stage at a later layer"
+                )
+            if p.layer >= stage_layers[-1]:
+                raise ValueError(
+                    f"{method.name}: its LLMAttention probe at layer {p.layer} is at or after its last stage layer "
+                    f"{stage_layers[-1]}; a stage at layer L sees the probes of layers < L (the probe is computed "
+                    f"when its layer runs), so put the probe before a stage layer (e.g. layer {stage_layers[-1] - 1})"
+                )
 
     # ------------------------------------------------------------ hooks
-    def hook(self, module: nn.Module, fn, *, pre: bool) -> None:
+    def in_hook(self) -> bool:
+        """True while one of this adapter's hooks runs in this thread (a model call now is nested)."""
+        return getattr(self._local, "depth", 0) > 0
+
+    def guarded(self, fn):
+        """``fn`` as a hook that passes through (returns None) when called from inside another hook
+        of this adapter, and marks the thread as inside a hook while it runs."""
+
+        @functools.wraps(fn)
+        def run(*args):
+            if self.in_hook():
+                return None
+            self._local.depth = 1
+            try:
+                return fn(*args)
+            finally:
+                self._local.depth = 0
+
+        return run
+
+    def hook(self, module: nn.Module, fn, *, pre: bool, prepend: bool = False) -> None:
+        """Register ``fn`` (kwargs-style) as a forward pre- or post-hook of ``module``, guarded for nesting."""
+        fn = self.guarded(fn)
         if pre:
-            h = module.register_forward_pre_hook(fn, with_kwargs=True)
+            h = module.register_forward_pre_hook(fn, with_kwargs=True, prepend=prepend)
         else:
-            h = module.register_forward_hook(fn, with_kwargs=True)
+            h = module.register_forward_hook(fn, with_kwargs=True, prepend=prepend)
         self._hooks.append(h)
 
     def attach(self) -> None:  # pragma: no cover - abstract

@@ -183,7 +183,7 @@ class LlavaNextAdapter(VLMAdapter):
 
         @functools.wraps(orig)
         def get_image_features(*args, **kwargs):
-            if not self._needs_layouts():
+            if not self._needs_layouts() or self.in_hook():  # in_hook: a nested call runs untouched
                 return orig(*args, **kwargs)
             out, raw = self._call_tower(orig, *args, **kwargs)
             bound = sig.bind(*args, **kwargs)

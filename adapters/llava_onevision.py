@@ -112,7 +112,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             bound = sig.bind(*args, **kwargs)
             videos = bound.arguments.get("pixel_values_videos")
             ragged = isinstance(videos, (list, tuple))
-            if not ragged and not self._needs_layouts():
+            if not ragged and (not self._needs_layouts() or self.in_hook()):  # in_hook: a nested call
                 return orig(*args, **kwargs)
             if ragged:
                 out, raw, frames = self._ragged_videos(orig, bound, videos)

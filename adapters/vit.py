@@ -420,7 +420,7 @@ class InViTRunner:
                 a.hook(part.mlp_in, self._make_merge(i, part), pre=True)
                 a.hook(part.branch_end, self._branch_end, pre=False)
                 # before any other forward hook (e.g. transformers' hidden-state capture)
-                a._hooks.append(part.block.register_forward_hook(self._block_end, with_kwargs=True, prepend=True))
+                a.hook(part.block, self._block_end, pre=False, prepend=True)
 
     # hooks ---------------------------------------------------------------------------------
     def _start(self, module, args, kwargs):

@@ -46,6 +46,10 @@ class _Forward:
     labels: torch.Tensor | None = None
     vit_reduced: bool = False  # the units were already reduced inside the vision tower (in_vit)
 
+    def current(self):
+        """The layout the sequence has now (a stage that removed nothing stores None, not a layout)."""
+        return next(s for s in reversed(self.states) if s is not None)
+
 
 @dataclass
 class _Generation:
@@ -244,13 +248,15 @@ class VLMAdapter(Adapter):
         fw.reduced = out
         self._record_units(method, "before_llm", units, out)
 
-    def _collect_probes(self, method, kinds=("vit", "text", "llm")):
+    def _collect_probes(self, method, kinds=("vit", "text", "llm"), before_layer=None):
+        """The method's probes of the given kinds; LLM probes only those of layers before ``before_layer``
+        (a probe is computed when its layer runs, so a stage at layer L sees the probes of layers < L)."""
         fw = self._fw
         fw.probes.update(self._captured)
         res = {}
         for p in method.probes():
             kind = "text" if isinstance(p, TextQuery) else "llm" if isinstance(p, LLMAttention) else "vit"
-            if kind not in kinds:
+            if kind not in kinds or (kind == "llm" and before_layer is not None and p.layer >= before_layer):
                 continue
             if kind == "text":
                 res[p] = self._text_query()
@@ -389,7 +395,7 @@ class VLMAdapter(Adapter):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             for p in probes:
                 fw.probes[p] = attention_rows(
-                    module, hidden, kwargs["position_embeddings"], fw.states[-1].valid, p.query
+                    module, hidden, kwargs["position_embeddings"], fw.current().valid, p.query
                 )
             return None
 
@@ -434,9 +440,9 @@ class VLMAdapter(Adapter):
     def _prefill_stage(self, layer, hidden, kwargs):
         fw = self._fw
         method = self.methods["in_llm"]
-        prev = next(s for s in reversed(fw.states) if s is not None)
+        prev = fw.current()
         vis_idx = prev.visual_index()
-        probes = self._collect_probes(method)
+        probes = self._collect_probes(method, before_layer=layer)
         view = LLMView(layer, hidden, prev.valid, prev.visual, vis_idx, probes)
         kept = method.in_llm(view)
         keep = prev.valid & ~prev.visual

@@ -167,15 +167,37 @@ def _pareto(points):
     return front
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets and quotes: ``"r=[0,0,8],x=1"`` -> ``["r=[0,0,8]", "x=1"]``."""
+    items, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise ValueError(f"unbalanced brackets or quotes in {text!r}")
+    items.append(text[start:])
+    return [s for s in items if s.strip()]
+
+
 def parse_method(spec: str) -> tuple:
-    """``"fastv:layer=2,retain=0.5"`` -> ("fastv", {"layer": 2, "retain": 0.5}); values are Python literals."""
+    """``"fastv:layer=2,retain=0.5"`` -> ("fastv", {"layer": 2, "retain": 0.5}); values are Python
+    literals, lists and tuples included (``tome:r=[0,0,8,8]``, ``tome:r=(8,-0.5)``)."""
     import ast
 
     name, _, rest = spec.partition(":")
     if not name:
         raise ValueError(f"empty method name in {spec!r}; write e.g. fastv:layer=2,retain=0.5")
     hp = {}
-    for item in filter(None, rest.split(",")):
+    for item in _split_top_level(rest):
         key, eq, val = item.partition("=")
         if not eq:
             raise ValueError(f"bad hyper-parameter {item!r} in {spec!r}; write key=value")
@@ -323,14 +345,14 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
         gathered = _gather(state, _run(model, dataset, setting, mine, batch_size, bar))
         row = _summarise(setting, gathered, result.rows[0] if result.rows else None)
         result.rows.append(row)
-        seen.add((setting.method, setting.settings))
+        seen.add((setting.method, repr(setting.settings)))  # repr: list values are unhashable
         return row
 
     try:
         full = run(Setting(None, (), "full"))
         for name, hp in parsed:
             setting = Setting(name, tuple(sorted(hp.items())), "method", hp.get("retain"))
-            if (setting.method, setting.settings) in seen:
+            if (setting.method, repr(setting.settings)) in seen:
                 bar.update(n_batches * (1 + len(baselines)))
                 continue
             row = run(setting)

@@ -105,10 +105,12 @@ def test_cli_eval(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| full | 8.910 | 3.329 |" in out and "fastv" in out
     code = main(["eval", "--model", "tiny-llava", "--dataset", "synthetic", "--n", "4", "--batch-size", "2",
-                 "--methods", "fastv:layer=2,retain=0.5", "--no-baselines", "--no-progress", "--out", str(tmp_path)])  # fmt: skip
+                 "--methods", "fastv:layer=2,retain=0.5", "tome:r=[2,2]", "--no-baselines", "--no-progress",
+                 "--out", str(tmp_path)])  # fmt: skip
     assert code == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["full", "fastv"]
+    assert [r["method"] for r in rows] == ["full", "fastv", "tome"]
+    assert rows[2]["settings"] == "r=[2, 2]"  # a list-valued setting is not split at its commas
     assert (tmp_path / "pareto.png").exists() and "| fastv |" in capsys.readouterr().out
 
 

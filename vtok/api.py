@@ -76,7 +76,11 @@ class Handle:
         self.adapter.validate()
         if getattr(model, _ATTR, None) is not None:
             raise ValueError("this model already has vtok methods attached; call handle.remove() first")
-        self.adapter.attach()
+        try:
+            self.adapter.attach()
+        except BaseException:
+            self.adapter.detach()  # take off whatever attach() installed before it failed
+            raise
         setattr(model, _ATTR, self)
         self.attached = True
 
