@@ -40,103 +40,37 @@ def interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_INTERPRETED: dict = {}
-_LANG_JIT: list | None = None
+def interpreted(fn, wrap=None):
+    """The plain Python kernel ``fn`` as Triton's interpreter runs it (``wrap``: e.g. an autotuner around it).
 
-
-def _lang_jit_functions():
-    """(module, name, interpreted) for every ``@triton.jit`` helper inside ``triton.language``.
-
-    ``tl.max``, ``tl.sum``, ``tl.argmin`` ... are themselves ``@triton.jit`` functions. If triton
-    was imported before ``TRITON_INTERPRET=1`` was set they are compiled-mode ``JITFunction`` objects,
-    which refuse to be called from an interpreted kernel. We keep interpreted twins and swap them
-    in for the duration of an interpreted launch (see :class:`_Interpreted`).
+    Triton's own helpers (``tl.max``, ``tl.sum``, ...) are ``@triton.jit`` functions themselves, and
+    ``triton.jit`` picks compiled or interpreted when triton is imported; so the interpreter works
+    only when ``TRITON_INTERPRET=1`` was set before the first ``import triton``.
     """
-    global _LANG_JIT
-    if _LANG_JIT is None:
-        import sys
+    from triton.runtime.jit import JITFunction
 
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-
-        found = []
-        for mod_name, mod in list(sys.modules.items()):
-            if mod is None or not (mod_name == "triton.language" or mod_name.startswith("triton.language.")):
-                continue
-            for name, val in list(vars(mod).items()):
-                if isinstance(val, JITFunction):
-                    found.append((mod, name, val, InterpretedFunction(val.fn)))
-        _LANG_JIT = found
-    return _LANG_JIT
+    if isinstance(getattr(triton.language, "max", None), JITFunction):
+        raise RuntimeError(
+            "vtok.kernels: triton was imported before TRITON_INTERPRET=1 was set, so its own helpers are "
+            "compiled-mode functions that the CPU interpreter cannot call; set TRITON_INTERPRET=1 before "
+            "the first import of triton (e.g. in the shell), or use VTOK_KERNELS=torch"
+        )
+    return _interpreted_cached(fn, wrap)
 
 
-class _Interpreted:
-    """``kernel[grid](...)`` under the interpreter, whatever the import order of triton was.
+@functools.cache
+def _interpreted_cached(fn, wrap):
+    from triton.runtime.interpreter import InterpretedFunction
 
-    Two things are undone after every launch so that compiled kernels keep working in the same
-    process (e.g. a test session that also compiles for a GPU target):
-
-    * the interpreted twins of ``triton.language`` helpers are swapped back for the originals;
-    * the interpreter patches ``triton.language`` builtins while a kernel runs and restores them,
-      but an interpreted *helper* call (``tl.max`` inside the kernel) patches them again and
-      never restores (Triton 3.x). Every attribute the interpreter sets during the launch is
-      recorded with its first (pristine) value and put back.
-
-    ``wrap`` (optional) turns the interpreted function into what is launched, e.g. an autotuner
-    around it; its attributes (``best_config``) are reachable through this object.
-    """
-
-    def __init__(self, fn, wrap=None):
-        from triton.runtime.interpreter import InterpretedFunction
-
-        self.fn = InterpretedFunction(fn)
-        if wrap is not None:
-            self.fn = wrap(self.fn)
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["fn"], name)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            from triton.runtime import interpreter
-
-            scope_cls = interpreter._LangPatchScope
-            plain_set_attr = scope_cls.set_attr
-            pristine: dict = {}
-
-            def recording_set_attr(scope, obj, name, value):
-                pristine.setdefault((id(obj), name), (obj, name, getattr(obj, name, interpreter._MISSING)))
-                plain_set_attr(scope, obj, name, value)
-
-            swapped = []
-            scope_cls.set_attr = recording_set_attr
-            try:
-                for mod, name, jit_fn, interp in _lang_jit_functions():
-                    if vars(mod).get(name) is jit_fn:
-                        setattr(mod, name, interp)
-                        swapped.append((mod, name, jit_fn))
-                return self.fn[grid](*args, **kwargs)
-            finally:
-                scope_cls.set_attr = plain_set_attr
-                for obj, name, original in pristine.values():
-                    if original is interpreter._MISSING:
-                        if hasattr(obj, name):
-                            delattr(obj, name)
-                    else:
-                        setattr(obj, name, original)
-                for mod, name, jit_fn in swapped:
-                    setattr(mod, name, jit_fn)
-
-        return launch
+    kernel = InterpretedFunction(fn)
+    return wrap(kernel) if wrap is not None else kernel
 
 
 def launchable(kernel, device: torch.device, wrap=None):
     """Return something that can be launched as ``kernel[grid](...)`` for tensors on ``device``.
 
     On CUDA this is the kernel itself. Elsewhere Triton can only run under its interpreter
-    (``TRITON_INTERPRET=1``). ``triton.jit`` decides compiled vs interpreted when a module is
-    imported, which would make the outcome depend on import order (pytest's conftest may import
-    triton long before a test sets the variable); so the interpreted kernel is built here, at
+    (``TRITON_INTERPRET=1``, see :func:`interpreted`); the interpreted kernel is built here, at
     launch time, from the plain Python function.
 
     ``wrap``: what wraps the interpreted function (an autotuner for tests of the tuned path; a
@@ -156,9 +90,7 @@ def launchable(kernel, device: torch.device, wrap=None):
     fn = kernel
     while hasattr(fn, "fn"):  # autotuner -> JITFunction / InterpretedFunction -> python function
         fn = fn.fn
-    if (fn, wrap) not in _INTERPRETED:
-        _INTERPRETED[(fn, wrap)] = _Interpreted(fn, wrap)
-    return _INTERPRETED[(fn, wrap)]
+    return interpreted(fn, wrap)
 
 
 def dot_flags(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:

@@ -3,8 +3,10 @@
 The Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1). ``triton.jit`` picks
 compiled vs interpreted when a module is imported, which here may already have happened (pytest
 imports everything at collection); ``vtok.kernels._common.launchable`` therefore builds the
-interpreted kernel at launch time from the current value of the variable, and
-``test_interpreter_independent_of_import_order`` checks that. The variable is set at the top of
+interpreted kernel at launch time from the current value of the variable; the test session routes it
+through ``tests/triton_interp.py``, which tolerates either import order, and
+``test_interpreter_independent_of_import_order`` checks that (the shipped plain path is tested in a
+fresh process by ``test_shipped_interpreter_path``). The variable is set at the top of
 this module (before triton is imported, where that is still possible) only when there is no
 CUDA device, so GPU runs of other test modules keep compiled kernels; the autouse fixture sets
 it for the duration of each test here in any case.
@@ -29,6 +31,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import vtok.kernels as K  # noqa: E402
 from vtok.kernels import _common  # noqa: E402
+
+from triton_interp import interpreted_any_import_order  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _common.HAS_TRITON, reason="triton is not installed (Linux-only dependency)")
 
@@ -358,7 +362,7 @@ def test_bipartite_match_autotuned_path_on_cpu(monkeypatch):
     from vtok.kernels import bipartite
 
     monkeypatch.setattr(bipartite, "_MATCH_BEST", {})
-    monkeypatch.setattr(_common, "_INTERPRETED", {})
+    interpreted_any_import_order.cache_clear()
     x = torch.randn(2, 130, 256, generator=_gen(3)).to(torch.bfloat16)
     a_idx = torch.arange(0, 130, 3)
     for kw in (dict(protected=1), dict(a_idx=a_idx)):  # the fast path; index sets with masks
@@ -644,9 +648,9 @@ def test_dispatch_errors(monkeypatch):
 
 
 def test_interpreter_independent_of_import_order():
-    """Interpreted launches work even when triton was imported before TRITON_INTERPRET=1
-    (pytest's conftest imports it here): tl.max/tl.sum, themselves @triton.jit, are swapped
-    for interpreted twins during the launch and restored afterwards."""
+    """In the test session, interpreted launches work even when triton was imported before
+    TRITON_INTERPRET=1 (pytest's conftest imports it here): tl.max/tl.sum, themselves @triton.jit,
+    are swapped for interpreted twins during the launch and restored afterwards (tests/triton_interp.py)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     import triton.language as tl
@@ -660,6 +664,39 @@ def test_interpreter_independent_of_import_order():
     assert tl.max is before
 
 
+_SHIPPED = """
+import os, sys, torch
+if sys.argv[1] == "before":
+    os.environ["TRITON_INTERPRET"] = "1"
+import triton  # noqa: F401
+os.environ["TRITON_INTERPRET"] = "1"
+import vtok.kernels as K
+x = torch.randint(-3, 4, (1, 9, 5)).float()
+try:
+    tri = K.bipartite_match_triton(x, r=2)
+except RuntimeError as e:
+    print("ERROR", e)
+else:
+    print("EQUAL", torch.equal(tri[0], K.bipartite_match_torch(x, r=2)[0]))
+"""
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_shipped_interpreter_path(order):
+    """The package itself uses Triton's plain interpreter, with no private patching: it works when
+    TRITON_INTERPRET=1 is set before triton is imported, and says so clearly when it was set after."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VTOK_KERNELS")}
+    out = subprocess.run([sys.executable, "-c", _SHIPPED, order], capture_output=True, text=True, env=env,
+                         timeout=300).stdout  # fmt: skip
+    if order == "before":
+        assert out.strip().endswith("EQUAL True"), out
+    else:
+        assert "ERROR" in out and "before the first import of triton" in out, out
+
+
 def test_autotuner_runs_once_per_length_range_over_a_tome_schedule(monkeypatch):
     """ToMe changes the token count at every layer; the autotuner must not time its configs at
     each. ViT-B/16 with r = 8: N = 197, 189, ..., 109 is twelve lengths in two power-of-two ranges
@@ -667,7 +704,7 @@ def test_autotuner_runs_once_per_length_range_over_a_tome_schedule(monkeypatch):
     from vtok.kernels import bipartite
 
     monkeypatch.setattr(bipartite, "_MATCH_BEST", {})
-    monkeypatch.setattr(_common, "_INTERPRETED", {})
+    interpreted_any_import_order.cache_clear()
     tuned = []
     real = bipartite._match_tuner
     monkeypatch.setattr(bipartite, "_match_tuner", lambda device: tuned.append(device) or real(device))
