@@ -173,3 +173,24 @@ def test_method_settings_take_list_and_tuple_literals():
     assert parse_method("pool") == ("pool", {})
     with pytest.raises(ValueError, match="unbalanced"):
         parse_method("tome:r=[0,0")
+
+
+def test_one_validator_for_every_method():
+    import numpy as np
+
+    from vtok.method import get_method_class
+
+    Pool, Random, FastV = (get_method_class(n) for n in ("pool", "random", "fastv"))
+    with pytest.raises(TypeError, match=r"pool: retain=True must be a number in \(0, 1\]"):
+        Pool(retain=True)
+    with pytest.raises(ValueError, match=r"random: seed=.* is out of range"):
+        Random(seed=2**70)
+    assert Random(retain=np.float32(0.5)).retain == 0.5  # real numbers of any library
+    assert Random(retain=torch.tensor(0.25)).retain == 0.25
+    assert isinstance(FastV(layer=np.int64(3)).layer, int)
+    with pytest.raises(ValueError, match="query='first' is not one of"):
+        FastV(query="first")
+    m = Random(retain=0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        m.retain = 2.0  # changed after construction: validated again
+    assert "[a number in (0, 1]]" in vtok.describe("random") and "[an int >= 1]" in vtok.describe("fastv")

@@ -41,7 +41,7 @@ def test_retain_out_of_range(llava, method, retain):
 
 
 def test_pool_bad_factor(llava):
-    with pytest.raises(ValueError, match="factor=0 must be an int >= 1"):
+    with pytest.raises(ValueError, match="factor=0 is out of range: it must be an int >= 1"):
         vtok.apply(llava, "pool", factor=0)
 
 
@@ -49,7 +49,7 @@ def test_layer_outside_model(llava):
     n = len(llava.model.language_model.layers)
     with pytest.raises(ValueError, match=rf"fastv layer = {n + 3} is outside the language model.*0\.\.{n - 1}"):
         vtok.apply(llava, "fastv", layer=n + 3)
-    with pytest.raises(ValueError, match="layer=0 must be an int >= 1"):
+    with pytest.raises(ValueError, match="layer=0 is out of range: it must be an int >= 1"):
         vtok.apply(llava, "fastv", layer=0)
 
 

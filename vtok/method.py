@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -28,11 +30,100 @@ __all__ = [
 
 STAGES = ("in_vit", "before_llm", "in_llm", "projector")
 POSITION_POLICIES = ("keep", "compact")
+#: query rows of an LLM attention probe: the last prompt token, every valid row, the text tokens,
+#: the instruction (text after the visual span), the visual tokens
+QUERY_SETS = ("last", "mean", "text", "instruction", "visual")
 
 
-def hparam(default, help: str, **kw):
-    """A method hyper-parameter: a dataclass field with a one-line description."""
-    return field(default=default, metadata={"help": help, **kw})
+def hparam(default, help: str, *, type=None, range: str | None = None, choices=None, **kw):
+    """A method hyper-parameter: a dataclass field with a one-line description and what it accepts.
+
+    ``type``: ``int``, ``float`` (any real number: Python, numpy or a 0-d tensor; stored as float),
+    ``bool``, ``str`` or a tuple of types; ``range``: an interval such as ``"(0, 1]"`` or ``"[1, inf)"``;
+    ``choices``: the allowed values. A field whose default is None also accepts None. One validator
+    (:func:`check_hparams`) gives every method the same errors, and ``vtok describe`` prints these.
+    """
+    if range is not None:
+        _parse_range(range)
+    return field(default=default, metadata={"help": help, "type": type, "range": range, "choices": choices, **kw})
+
+
+def _parse_range(text: str) -> tuple:
+    lo_c, hi_c = text[0], text[-1]
+    lo, hi = (float(v) for v in text[1:-1].split(","))
+    if lo_c not in "[(" or hi_c not in "])":
+        raise ValueError(f"bad range {text!r}; write e.g. '(0, 1]'")
+    return lo, hi, lo_c == "[", hi_c == "]"
+
+
+def _requirement(meta: dict) -> str:
+    """Human words for what a field accepts, e.g. 'an int >= 1', 'a number in (0, 1]'."""
+    t, rng, choices = meta.get("type"), meta.get("range"), meta.get("choices")
+    if choices is not None:
+        return f"one of {tuple(choices)}"
+    kind = {int: "an int", float: "a number", bool: "True or False", str: "a string"}.get(t) if not isinstance(t, tuple) else None
+    kind = kind or ("one of the types " + ", ".join(x.__name__ for x in t) if isinstance(t, tuple) else "a value")
+    if rng is None:
+        return kind
+    lo, hi, lo_in, hi_in = _parse_range(rng)
+    if math.isinf(hi):
+        return f"{kind} {'>=' if lo_in else '>'} {lo:g}"
+    return f"{kind} in {rng}"
+
+
+def _coerce(value, t):
+    """The value as the declared type, or raise TypeError. Real numbers of any library count as numbers."""
+    if t is None or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalar or 0-d tensor
+        value = value.item()
+    if isinstance(t, tuple):
+        if isinstance(value, bool) and bool not in t:
+            raise TypeError
+        if not isinstance(value, t):
+            raise TypeError
+        return value
+    if t is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if isinstance(value, bool):
+        raise TypeError
+    if t is int:
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        raise TypeError
+    if t is float:
+        if isinstance(value, numbers.Real) and math.isfinite(float(value)):
+            return float(value)
+        raise TypeError
+    if not isinstance(value, t):
+        raise TypeError
+    return value
+
+
+def check_hparams(method: "Method") -> None:
+    """The shared validator: type, range and choices of every declared field (coerced in place)."""
+    for f in dataclasses.fields(method):
+        meta = f.metadata
+        if not meta or not any(meta.get(k) is not None for k in ("type", "range", "choices")):
+            continue
+        value = getattr(method, f.name)
+        if value is None and f.default is None:
+            continue
+        req = _requirement(meta)
+        try:
+            value = _coerce(value, meta.get("type"))
+        except TypeError:
+            raise TypeError(f"{method.name}: {f.name}={value!r} must be {req}; {meta.get('help', '')}") from None
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise ValueError(f"{method.name}: {f.name}={value!r} is not one of {tuple(meta['choices'])}")
+        if meta.get("range") is not None:
+            lo, hi, lo_in, hi_in = _parse_range(meta["range"])
+            ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+            if not ok:
+                raise ValueError(f"{method.name}: {f.name}={value!r} is out of range: it must be {req}; {meta.get('help', '')}")
+        object.__setattr__(method, f.name, value)
 
 
 # ---------------------------------------------------------------- probes
@@ -123,7 +214,16 @@ class Method:
                 raise ValueError(
                     f"{self.name}: position_policy={getattr(self, f.name)!r} is not one of {POSITION_POLICIES}"
                 )
+        check_hparams(self)
         self.validate()
+        object.__setattr__(self, "_vtok_ready", True)
+
+    def __setattr__(self, name, value):
+        """A hyper-parameter set after construction is validated again (a bad value raises at once)."""
+        object.__setattr__(self, name, value)
+        if self.__dict__.get("_vtok_ready") and name in {f.name for f in dataclasses.fields(self)}:
+            check_hparams(self)
+            self.validate()
 
     def validate(self) -> None:
         """Check hyper-parameters; raise ValueError naming the bad value and the valid range."""
@@ -148,14 +248,6 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
-
-
-def check_retain(method: str, retain: float) -> None:
-    if not isinstance(retain, (int, float)) or isinstance(retain, bool) or not (0.0 < float(retain) <= 1.0):
-        raise ValueError(
-            f"{method}: retain={retain!r} is out of range; it is the fraction of visual tokens kept, "
-            "a number in (0, 1] (e.g. retain=0.25 keeps a quarter)"
-        )
 
 
 def keep_count(n: int, retain: float) -> int:
@@ -209,5 +301,7 @@ def describe(name: str) -> str:
     lines = [f"{cls.name}: {(cls.__doc__ or '').strip().splitlines()[0]}", f"  stages: {', '.join(cls.stages)}"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else "(required)"
-        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+        meta = f.metadata
+        accepts = f" [{_requirement(meta)}]" if any(meta.get(k) is not None for k in ("type", "range", "choices")) else ""
+        lines.append(f"  {f.name} = {default!r}{accepts}: {meta.get('help', '')}")
     return "\n".join(lines)

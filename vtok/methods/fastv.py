@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..method import LLMAttention, LLMView, Method, check_retain, hparam, keep_count, register
+from ..method import POSITION_POLICIES, QUERY_SETS, LLMAttention, LLMView, Method, hparam, keep_count, register
 
 
 @register
@@ -20,17 +20,20 @@ class FastV(Method):
     example = {"layer": 2, "retain": 0.5}
     needs_scores = True
 
-    layer: int = hparam(2, "decoder layer K (0-based) from which the pruned tokens are gone; scores come from layer K-1")
-    retain: float = hparam(0.5, "fraction of each sample's visual tokens kept (paper: R=50% removed -> retain=0.5)")
-    query: str = hparam("last", "'last': attention of the last prompt token (official code); 'mean': over all rows")
-    position_policy: str = hparam("keep", "'keep' original RoPE positions of kept tokens (official), 'compact' renumber")
-
-    def validate(self):
-        check_retain(self.name, self.retain)
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 1:
-            raise ValueError(f"fastv: layer={self.layer!r} must be an int >= 1 (scores come from layer K-1)")
-        if self.query not in ("last", "mean"):
-            raise ValueError(f"fastv: query={self.query!r} must be 'last' or 'mean'")
+    layer: int = hparam(
+        2, "decoder layer K (0-based) from which the pruned tokens are gone; scores come from layer K-1",
+        type=int, range="[1, inf)",
+    )
+    retain: float = hparam(
+        0.5, "fraction of each sample's visual tokens kept (paper: R=50% removed -> retain=0.5)", type=float, range="(0, 1]"
+    )
+    query: str = hparam(
+        "last", "query rows whose attention ranks the visual tokens: 'last' prompt token (official code), 'mean' of "
+        "all rows, 'text', 'instruction' (text after the image), 'visual'", choices=QUERY_SETS,
+    )
+    position_policy: str = hparam(
+        "keep", "'keep' original RoPE positions of kept tokens (official), 'compact' renumber", choices=POSITION_POLICIES
+    )
 
     def probes(self):
         return [LLMAttention(layer=self.layer - 1, query=self.query)]

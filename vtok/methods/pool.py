@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..method import Method, hparam, register
+from ..method import POSITION_POLICIES, Method, hparam, register
 from ..tokens import VisualTokens, gather_tokens
 
 
@@ -22,18 +22,17 @@ class Pool(Method):
     example = {"factor": 2}
     kept_meaningful = False  # pooled tokens are new tokens
 
-    factor: int = hparam(2, "pooling window and stride along each grid axis (ceil mode at the borders)")
-    retain: float | None = hparam(
-        None, "instead of factor: target fraction of tokens; the grid is adaptively pooled to ~H*sqrt(r) x W*sqrt(r)"
+    factor: int = hparam(
+        2, "pooling window and stride along each grid axis (ceil mode at the borders); 1 = no pooling",
+        type=int, range="[1, inf)",
     )
-    position_policy: str = hparam("compact", "'compact' renumbers RoPE positions, 'keep' keeps the window's first index")
-
-    def validate(self):
-        if self.retain is not None:
-            if not isinstance(self.retain, (int, float)) or not (0.0 < float(self.retain) <= 1.0):
-                raise ValueError(f"pool: retain={self.retain!r} is out of range; give a fraction in (0, 1]")
-        elif not isinstance(self.factor, int) or isinstance(self.factor, bool) or self.factor < 1:
-            raise ValueError(f"pool: factor={self.factor!r} must be an int >= 1 (1 = no pooling)")
+    retain: float | None = hparam(
+        None, "instead of factor: target fraction of tokens; the grid is adaptively pooled to ~H*sqrt(r) x W*sqrt(r)",
+        type=float, range="(0, 1]",
+    )
+    position_policy: str = hparam(
+        "compact", "'compact' renumbers RoPE positions, 'keep' keeps the window's first index", choices=POSITION_POLICIES
+    )
 
     def output_grid(self, h: int, w: int) -> tuple[int, int]:
         if self.retain is not None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..method import Method, check_retain, hparam, keep_count, register
+from ..method import POSITION_POLICIES, Method, hparam, keep_count, register
 from ..tokens import VisualTokens
 
 
@@ -20,14 +20,14 @@ class RandomPrune(Method):
     noop = {"retain": 1.0}
     example = {"retain": 0.5}
 
-    retain: float = hparam(0.25, "fraction of each image's visual tokens kept, in (0, 1]")
-    seed: int = hparam(0, "random seed; image j of a sample draws from seed and j, so batching does not change it")
-    position_policy: str = hparam("compact", "'compact' renumbers RoPE positions, 'keep' keeps the original ones")
-
-    def validate(self):
-        check_retain(self.name, self.retain)
-        if not isinstance(self.seed, int):
-            raise TypeError(f"random: seed must be an int, got {type(self.seed).__name__}")
+    retain: float = hparam(0.25, "fraction of each image's visual tokens kept", type=float, range="(0, 1]")
+    seed: int = hparam(
+        0, "random seed; image j of a sample draws from seed and j, so batching does not change it",
+        type=int, range="[0, 9e12]",
+    )
+    position_policy: str = hparam(
+        "compact", "'compact' renumbers RoPE positions, 'keep' keeps the original ones", choices=POSITION_POLICIES
+    )
 
     def before_llm(self, tokens: VisualTokens, probes: dict) -> VisualTokens:
         keep = torch.zeros_like(tokens.mask)

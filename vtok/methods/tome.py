@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..method import Method, hparam, register
+from ..method import POSITION_POLICIES, Method, hparam, register
 from ..vit import ViTMerge, ViTView
 
 __all__ = ["ToMe", "parse_r", "bipartite_soft_matching", "tome_order"]
@@ -101,11 +101,18 @@ class ToMe(Method):
     r: int | tuple | list = hparam(
         8, "tokens merged per block: an int, (r, inflection) with inflection in [-1, 1], or a per-block list"
     )
-    prop_attn: bool = hparam(True, "proportional attention: add log(size) of every key to the attention logits")
-    protect_cls: bool = hparam(True, "never merge the prefix tokens (class token, registers, distillation token)")
-    trace_source: bool = hparam(True, "keep the map from original patches to merged tokens (handle.adapter.source)")
+    prop_attn: bool = hparam(
+        True, "proportional attention: add log(size) of every key to the attention logits", type=bool
+    )
+    protect_cls: bool = hparam(
+        True, "never merge the prefix tokens (class token, registers, distillation token)", type=bool
+    )
+    trace_source: bool = hparam(
+        True, "keep the map from original patches to merged tokens (handle.adapter.source)", type=bool
+    )
     position_policy: str = hparam(
-        "compact", "inside a VLM: 'compact' renumbers RoPE positions, 'keep' gives each token its first patch's"
+        "compact", "inside a VLM: 'compact' renumbers RoPE positions, 'keep' gives each token its first patch's",
+        choices=POSITION_POLICIES,
     )
 
     def validate(self):
@@ -127,9 +134,6 @@ class ToMe(Method):
             raise TypeError(
                 f"tome: r must be an int, an (r, inflection) tuple or a per-block list of ints, not {type(r).__name__}"
             )
-        for f in ("prop_attn", "protect_cls", "trace_source"):
-            if not isinstance(getattr(self, f), bool):
-                raise TypeError(f"tome: {f} must be True or False, got {getattr(self, f)!r}")
 
     def vit_schedule(self, num_blocks: int) -> list[int]:
         return parse_r(num_blocks, self.r)
