@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from vtok.method import LLMAttention, Method, Probe
+from vtok.method import LLM_PROBES, Method, Probe
 
 __all__ = ["Adapter"]
 
@@ -30,12 +30,21 @@ class Adapter:
     stages: ClassVar[tuple[str, ...]] = ()
     probe_types: ClassVar[tuple[type, ...]] = ()
 
-    def __init__(self, model: nn.Module, methods: dict[str, Method], handle):
+    def __init__(self, model: nn.Module, methods: dict[str, list[Method]], handle):
         self.model = model
         self.methods = methods
         self.handle = handle
         self._hooks: list = []
         self._local = threading.local()
+
+    def all_methods(self) -> list[Method]:
+        """Every attached method once, in the order given to ``vtok.apply``."""
+        return list({id(m): m for chain in self.methods.values() for m in chain}.values())
+
+    def method(self, stage: str) -> Method | None:
+        """The one method of a stage that takes a single method (in_vit), or None."""
+        chain = self.methods.get(stage, [])
+        return chain[0] if chain else None
 
     # ------------------------------------------------------------ discovery
     @classmethod
@@ -54,7 +63,7 @@ class Adapter:
                 f"method {method.name!r} needs the probe {probe!r}, which the {self.name} adapter cannot serve "
                 f"(it serves: {served}); use the method with a model family that provides it"
             )
-        if isinstance(probe, LLMAttention):
+        if isinstance(probe, LLM_PROBES):
             self._check_llm_layer(probe.layer, f"{method.name} probe layer")
 
     def _check_llm_layer(self, layer: int, what: str) -> None:
@@ -63,18 +72,21 @@ class Adapter:
             raise ValueError(f"{what} = {layer} is outside the language model, which has layers 0..{n - 1}")
 
     def validate(self) -> None:
-        for stage, method in self.methods.items():
-            if stage not in self.stages:
-                raise ValueError(
-                    f"method {method.name!r} runs at stage {stage!r}, which the {self.name} adapter does not "
-                    f"support (it supports: {', '.join(self.stages)})"
-                )
-            if stage == "in_llm":
-                for layer in method.llm_layers():
-                    self._check_llm_layer(layer, f"{method.name} layer")
+        for stage, chain in self.methods.items():
+            for method in chain:
+                if stage not in self.stages:
+                    raise ValueError(
+                        f"method {method.name!r} runs at stage {stage!r}, which the {self.name} adapter does not "
+                        f"support (it supports: {', '.join(self.stages)})"
+                    )
+                if stage == "in_llm":
+                    if not method.llm_layers():
+                        raise ValueError(f"{method.name}: an in_llm method must name its layers (llm_layers())")
+                    for layer in method.llm_layers():
+                        self._check_llm_layer(layer, f"{method.name} layer")
+        for method in self.all_methods():
             for probe in method.probes():
                 self.check_probe(probe, method)
-        for method in {id(m): m for m in self.methods.values()}.values():
             self._check_probe_order(method)
 
     @staticmethod
@@ -83,17 +95,17 @@ class Adapter:
         stages at later layers; one that no stage can receive is refused here, not at run time."""
         stage_layers = sorted(method.llm_layers()) if "in_llm" in method.stages else []
         for p in method.probes():
-            if not isinstance(p, LLMAttention):
+            if not isinstance(p, LLM_PROBES):
                 continue
             if not stage_layers:
                 raise ValueError(
-                    f"{method.name}: an LLMAttention probe at layer {p.layer} is computed inside the language model "
+                    f"{method.name}: an {type(p).__name__} probe at layer {p.layer} is computed inside the language model "
                     f"and handed only to in_llm stages, which {method.name} does not have (stages: "
                     f"{', '.join(method.stages)}); ask for it from an in_llm stage at a later layer"
                 )
             if p.layer >= stage_layers[-1]:
                 raise ValueError(
-                    f"{method.name}: its LLMAttention probe at layer {p.layer} is at or after its last stage layer "
+                    f"{method.name}: its {type(p).__name__} probe at layer {p.layer} is at or after its last stage layer "
                     f"{stage_layers[-1]}; a stage at layer L sees the probes of layers < L (the probe is computed "
                     f"when its layer runs), so put the probe before a stage layer (e.g. layer {stage_layers[-1] - 1})"
                 )

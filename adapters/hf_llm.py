@@ -14,7 +14,7 @@ import torch
 
 from vtok.hf_compat import causal_mask, rotary_fn
 
-__all__ = ["SeqState", "attention_rows", "build_layer_kwargs", "remap_mask"]
+__all__ = ["SeqState", "attention_scores", "query_rows", "build_layer_kwargs", "remap_mask", "decoder_input_norm"]
 
 
 @dataclass
@@ -112,14 +112,51 @@ def _project(attn, proj, norm_name, h, n_heads, head_dim):
     return x.transpose(1, 2)
 
 
-@torch.no_grad()
-def attention_rows(attn, hidden, position_embeddings, valid, query: str):
-    """Head-averaged attention of chosen query rows of a Llama-style attention module.
+#: query rows handled per matmul in ``attention_scores`` (bounds the [B, Hq, rows, S] probabilities)
+ROW_CHUNK = 256
 
-    hidden [B, S, D]: the module's input (after the layer norm); valid [B, S]: keys that exist.
-    query "last": the last valid row per sample; "mean": the mean of all valid rows' (causal)
-    attention. q/k come from the module's own projections (and q_norm/k_norm, RoPE); the scores
-    are computed by ``vtok.kernels`` (GQA-aware, no [S, S] map). Returns [B, S] fp32.
+
+def query_rows(query, valid, visual, after):
+    """The rows of a query set per sample: (index [B, R], row mask [B, R]), or None for "mean" (all rows).
+
+    query: "last", "mean", "text", "instruction" (= ``after``: text after the visual span), "visual",
+    or a [B, S] bool mask. Rows are in sequence order; padded rows (mask False) repeat row 0.
+    """
+    valid = valid.bool()
+    if isinstance(query, torch.Tensor):
+        if query.dtype != torch.bool or query.shape != valid.shape:
+            raise ValueError(f"a query mask must be a bool tensor of the view's shape {tuple(valid.shape)}")
+        sel = query & valid
+    elif query == "last":
+        idx = last_valid_index(valid).unsqueeze(1)
+        return idx, torch.ones_like(idx, dtype=torch.bool)
+    elif query == "mean":
+        return None
+    elif query == "text":
+        sel = valid & ~visual
+    elif query == "instruction":
+        sel = after & valid
+    elif query == "visual":
+        sel = visual & valid
+    else:
+        raise ValueError(f"query={query!r} is not a query set ('last', 'mean', 'text', 'instruction', 'visual') or a mask")
+    b, s = sel.shape
+    counts = sel.sum(1)
+    r = max(1, int(counts.max()))
+    ar = torch.arange(s, device=sel.device)
+    order = torch.argsort((~sel).long() * s + ar, dim=1)[:, :r]
+    mask = torch.arange(r, device=sel.device).unsqueeze(0) < counts.unsqueeze(1)
+    return torch.where(mask, order, order[:, :1]), mask
+
+
+@torch.no_grad()
+def attention_scores(attn, hidden, position_embeddings, valid, rows):
+    """Head-averaged attention per key of chosen query rows of a Llama-style attention module.
+
+    hidden [B, S, D]: the module's input (after the layer norm); valid [B, S]: keys that exist; rows:
+    ``query_rows(...)``. q/k come from the module's own projections (and q_norm/k_norm, RoPE) for the
+    needed rows only; the scores by ``vtok.kernels`` (GQA-aware, causal, no [S, S] map). Returns
+    (per_key [B, S] fp32 averaged over heads and rows, padded number of query rows computed).
     """
     from vtok.kernels import attention_colmean, attention_rows as rows_kernel
 
@@ -128,23 +165,31 @@ def attention_rows(attn, hidden, position_embeddings, valid, query: str):
     scaling = getattr(attn, "scaling", head_dim**-0.5)
     rope = rotary_fn(attn)
     cos, sin = position_embeddings
-    b = hidden.shape[0]
+    b, s = hidden.shape[:2]
     if cos.shape[0] != b:
         cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     k = _project(attn, "k_proj", "k_norm", hidden, n_kv, head_dim)
     k, _ = rope(k, k, cos, sin)
     valid = valid.bool()
-    if query == "last":
-        last = last_valid_index(valid).unsqueeze(1)  # [B, 1]
-        gather = lambda t: t.gather(1, last.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
-        q = _project(attn, "q_proj", "q_norm", gather(hidden), n_q, head_dim)
-        q, _ = rope(q, q, gather(cos), gather(sin))
-        return rows_kernel(q, k, scale=scaling, key_mask=valid, causal_offset=last)[:, 0]
-    if query == "mean":
+    if rows is None:  # every valid row: column means in row chunks
         q = _project(attn, "q_proj", "q_norm", hidden, n_q, head_dim)
         q, _ = rope(q, q, cos, sin)
-        return attention_colmean(q, k, scale=scaling, key_mask=valid, query_mask=valid, causal=True)
-    raise ValueError(f"query={query!r} must be 'last' or 'mean'")
+        return attention_colmean(q, k, scale=scaling, key_mask=valid, query_mask=valid, causal=True), s
+    idx, mask = rows
+    acc = torch.zeros(b, s, dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, idx.shape[1], ROW_CHUNK):
+        sl = idx[:, r0 : r0 + ROW_CHUNK]
+        gather = lambda t: t.gather(1, sl.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+        q = _project(attn, "q_proj", "q_norm", gather(hidden), n_q, head_dim)
+        q, _ = rope(q, q, gather(cos), gather(sin))
+        p = rows_kernel(q, k, scale=scaling, key_mask=valid, causal_offset=sl)  # [B, r, S]
+        acc += (p * mask[:, r0 : r0 + ROW_CHUNK, None]).sum(1)
+    return acc / mask.sum(1).clamp_min(1).unsqueeze(1), idx.shape[1]
+
+
+def decoder_input_norm(layer):
+    """The norm a Llama-style decoder layer applies before its attention."""
+    return layer.input_layernorm
 
 
 def last_valid_index(valid: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ class LlavaAdapter(VLMAdapter):
 
     def validate(self) -> None:
         super().validate()
-        method = self.methods.get("in_vit")
+        method = self.method("in_vit")
         if method is None:
             return
         hf_block_parts(self.vision_tower)  # raises for block structures vtok does not know
@@ -92,7 +92,7 @@ class LlavaAdapter(VLMAdapter):
                 "'default'), so token 0 must stay unmerged; use protect_cls=True"
             )
         check_vit_method(method, hf_attn_implementation(self.vision_tower), self._feature_layer_blocks())
-        for m in self.methods.values():
+        for m in self.all_methods():
             if any(isinstance(p, ViTAttention) for p in m.probes()):
                 raise ValueError(
                     f"{m.name} needs ViT attention probes, which are not aligned with the tokens once {method.name} "
@@ -103,7 +103,7 @@ class LlavaAdapter(VLMAdapter):
     def attach_vision(self) -> None:
         self._vit: InViTRunner | None = None
         self._vit_last: _ViTFeatures | None = None
-        method = self.methods.get("in_vit")
+        method = self.method("in_vit")
         if method is not None:
             tower = self.vision_tower
             protect = self._drops_cls() or (has_cls_token(tower) and getattr(method, "protect_cls", True))
@@ -219,7 +219,7 @@ class LlavaAdapter(VLMAdapter):
         )
 
     def _record_vit(self, vit: _ViTFeatures, owner: torch.Tensor, batch: int) -> None:
-        name = self.methods["in_vit"].name
+        name = self.method("in_vit").name
         owner = owner.tolist()
         for block, n_in, n_out, kept in vit.records:
             tin, tout = [0] * batch, [0] * batch

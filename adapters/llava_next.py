@@ -159,7 +159,7 @@ class LlavaNextAdapter(VLMAdapter):
         return "before_llm" in self.methods
 
     def _vit_probes(self) -> list:
-        return [p for m in self.methods.values() for p in m.probes() if isinstance(p, ViTAttention)]
+        return [p for m in self.all_methods() for p in m.probes() if isinstance(p, ViTAttention)]
 
     def _call_tower(self, fn, *args, **kwargs):
         """Run ``fn`` (which runs the tower) collecting ViT probe statistics: (output, {probe: [rows, n]})."""
@@ -414,7 +414,7 @@ class LlavaNextAdapter(VLMAdapter):
             p = out.positions[u, :k].to(lay.line.device)
             if int(p.min()) < 0 or int(p.max()) >= lay.n:
                 raise ValueError(
-                    f"{self.methods['before_llm'].name} returned token positions outside the unit's {lay.n} tokens"
+                    f"{'/'.join(m.name for m in self.methods['before_llm'])} returned token positions outside the unit's {lay.n} tokens"
                 )
             line = lay.line[p]
             feats = out.features[u, :k].to(embeds.dtype)

@@ -574,11 +574,11 @@ class ViTAdapter(Adapter):
     def validate(self) -> None:
         super().validate()
         self.block_parts()  # raises for block structures vtok does not know
-        check_vit_method(self.methods["in_vit"], self.attn_implementation(), len(self.block_parts()))
+        check_vit_method(self.method("in_vit"), self.attn_implementation(), len(self.block_parts()))
 
     # hooks
     def attach(self) -> None:
-        method = self.methods["in_vit"]
+        method = self.method("in_vit")
         self.runner = InViTRunner(
             self,
             method,
@@ -593,7 +593,7 @@ class ViTAdapter(Adapter):
 
     def _record(self, block, n_in, n_out, kept):
         b = kept.shape[0]
-        method = self.methods["in_vit"]
+        method = self.method("in_vit")
         self.handle.stats.append(Reduction(method.name, "in_vit", block, [n_in] * b, [n_out] * b, list(kept.cpu())))
 
     @property

@@ -17,12 +17,30 @@ from dataclasses import dataclass, field
 import torch
 
 from vtok.hf_compat import cache_from_kwargs, output_cache, precomputed_visual_features
-from vtok.method import LLMAttention, LLMView, TextQuery, ViTAttention
+from vtok.method import (
+    LLM_PROBES,
+    AttentionScores,
+    LLMAttention,
+    LLMStep,
+    LLMView,
+    TextQuery,
+    Transition,
+    Transitions,
+    ViTAttention,
+)
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
 from .base import Adapter
-from .hf_llm import SeqState, attention_rows, build_layer_kwargs, remap_mask
+from .hf_llm import (
+    SeqState,
+    attention_scores,
+    build_layer_kwargs,
+    decoder_input_norm,
+    last_valid_index,
+    query_rows,
+    remap_mask,
+)
 from .hf_vision import attention_module, has_cls_token, vision_blocks
 
 __all__ = ["VLMAdapter"]
@@ -45,6 +63,8 @@ class _Forward:
     pos: torch.Tensor | None = None  # decode: position ids of the current layout
     labels: torch.Tensor | None = None
     vit_reduced: bool = False  # the units were already reduced inside the vision tower (in_vit)
+    method_state: dict = field(default_factory=dict)  # id(method) -> the dict its LLMViews share
+    transitions: dict = field(default_factory=dict)  # layer -> sub-block tensors captured so far
 
     def current(self):
         """The layout the sequence has now (a stage that removed nothing stores None, not a layout)."""
@@ -95,7 +115,7 @@ class VLMAdapter(Adapter):
         """A pre-hook on the attention of every tower block a ViTAttention probe names; the subclass's
         ``_make_vit_probe(probes)`` computes and captures the statistics."""
         by_layer: dict[int, list] = {}
-        for m in self.methods.values():
+        for m in self.all_methods():
             for p in m.probes():
                 if isinstance(p, ViTAttention):
                     by_layer.setdefault(p.layer, []).append(p)
@@ -147,18 +167,28 @@ class VLMAdapter(Adapter):
         self.hook(self.core, self._core_pre, pre=True)
         self.hook(self.lm, self._lm_pre, pre=True)
         self.attach_vision()
-        method = self.methods.get("in_llm")
-        self._stage_layers = sorted(method.llm_layers()) if method else []
+        # in_llm steps: (layer, method) in layer order, methods of one layer in chain order
+        chain = self.methods.get("in_llm", [])
+        self._steps = sorted(
+            ((layer, i, m) for i, m in enumerate(chain) for layer in sorted(set(m.llm_layers()))),
+            key=lambda t: (t[0], t[1]),
+        )
+        self._steps = [(layer, m) for layer, _, m in self._steps]
+        self._stage_layers = sorted({layer for layer, _ in self._steps})
         if self._stage_layers:
             for layer in range(self._stage_layers[0], len(self.lm.layers)):
                 self.hook(self.lm.layers[layer], self._make_layer_pre(layer), pre=True)
-        probe_layers = {}
-        for m in self.methods.values():
+        probe_layers, transition_layers = {}, set()
+        for m in self.all_methods():
             for p in m.probes():
                 if isinstance(p, LLMAttention):
                     probe_layers.setdefault(p.layer, []).append(p)
+                elif isinstance(p, Transition):
+                    transition_layers.add(p.layer)
         for layer, probes in probe_layers.items():
             self.hook(self.lm.layers[layer].self_attn, self._make_probe_pre(probes), pre=True)
+        for layer in sorted(transition_layers):
+            self._hook_transition(layer)
 
     # top level: labels and logits --------------------------------------------
     def _top_pre(self, module, args, kwargs):
@@ -212,6 +242,7 @@ class VLMAdapter(Adapter):
                 position_ids=kwargs.get("position_ids"),
             )
             self.handle.stats.clear()  # stats describe the last prefill, also a text-only one
+            self.handle.probe_costs.clear()
             if has_visual:
                 mm = precomputed_visual_features(kwargs)
                 if mm:
@@ -233,20 +264,22 @@ class VLMAdapter(Adapter):
     # before_llm ----------------------------------------------------------------
     def _run_before_llm(self) -> None:
         fw = self._fw
-        method = self.methods.get("before_llm")
-        if method is None:
+        chain = self.methods.get("before_llm", [])
+        if not chain:
             if fw.vit_reduced:  # an in_vit stage already shortened the units: splice them as they are
                 fw.reduced = fw.units
             return
         if fw.units is None:
             raise RuntimeError("the visual features of this prefill were not captured")
         units = fw.units
-        probes = self._collect_probes(method, ("vit", "text"))
-        out = method.before_llm(units, probes)
-        if not isinstance(out, VisualTokens):
-            raise TypeError(f"{method.name}.before_llm must return VisualTokens, got {type(out).__name__}")
-        fw.reduced = out
-        self._record_units(method, "before_llm", units, out)
+        for method in chain:  # a chain: each method gets what the previous one returned
+            probes = self._collect_probes(method, ("vit", "text"))
+            out = method.before_llm(units, probes)
+            if not isinstance(out, VisualTokens):
+                raise TypeError(f"{method.name}.before_llm must return VisualTokens, got {type(out).__name__}")
+            self._record_units(method, "before_llm", units, out)
+            units = out
+        fw.reduced = units
 
     def _collect_probes(self, method, kinds=("vit", "text", "llm"), before_layer=None):
         """The method's probes of the given kinds; LLM probes only those of layers before ``before_layer``
@@ -255,7 +288,7 @@ class VLMAdapter(Adapter):
         fw.probes.update(self._captured)
         res = {}
         for p in method.probes():
-            kind = "text" if isinstance(p, TextQuery) else "llm" if isinstance(p, LLMAttention) else "vit"
+            kind = "text" if isinstance(p, TextQuery) else "llm" if isinstance(p, LLM_PROBES) else "vit"
             if kind not in kinds or (kind == "llm" and before_layer is not None and p.layer >= before_layer):
                 continue
             if kind == "text":
@@ -293,8 +326,12 @@ class VLMAdapter(Adapter):
             tin[o] += n_in[u]
             tout[o] += n_out[u]
             p = out.positions[u, : n_out[u]]
-            if self._fw.vit_reduced:  # positions are original patch indices; kept indexes the entering tokens
-                p = torch.searchsorted(units.positions[u, : n_in[u]].contiguous(), p.contiguous())
+            pin = units.positions[u, : n_in[u]]
+            if not torch.equal(pin, torch.arange(n_in[u], device=pin.device)):
+                # positions are original patch indices (after in_vit or an earlier method of the chain):
+                # kept indexes the tokens that entered this method
+                order = torch.argsort(pin)
+                p = order[torch.searchsorted(pin[order].contiguous(), p.contiguous()).clamp_max(max(n_in[u] - 1, 0))]
             kept[o].append(p + offset[o])
             offset[o] += n_in[u]
         kept_t = None
@@ -324,7 +361,7 @@ class VLMAdapter(Adapter):
         pos = pos.expand(b, s0)
         visual = torch.isin(fw.input_ids, self._placeholder_tensor(fw.input_ids))
         state = SeqState.original(valid, pos, visual)
-        out, method = fw.reduced, self.methods.get("before_llm")
+        out, chain = fw.reduced, self.methods.get("before_llm", [])
         changed = out is not None and (
             fw.vit_reduced
             or out.features.shape != fw.units.features.shape
@@ -334,7 +371,8 @@ class VLMAdapter(Adapter):
             keep = valid & ~visual
             embeds = embeds.clone()
             self.place_reduced(out, fw.spans, keep, embeds)
-            policy = (method if method is not None else self.methods["in_vit"]).position_policy
+            # the policy of the method that produced the final tokens (the chain's last, else in_vit's)
+            policy = (chain[-1] if chain else self.method("in_vit")).position_policy
             state = state.compact(keep, policy)
             kwargs["inputs_embeds"] = state.gather(embeds)
             kwargs["attention_mask"] = state.valid.long()
@@ -387,6 +425,24 @@ class VLMAdapter(Adapter):
         return (), kwargs
 
     # in_llm --------------------------------------------------------------------
+    def _scores(self, attn, normed, position_embeddings, state: SeqState, query, layer) -> AttentionScores:
+        """An attention probe of ``query`` over the keys of ``state``'s layout; logs what it computed."""
+        rows = query_rows(query, state.valid, state.visual, _segments(state)[1])
+        per_key, padded_rows = attention_scores(attn, normed, position_embeddings, state.valid, rows)
+        n_rows = state.valid.sum(1) if rows is None else rows[1].sum(1)
+        self.handle.probe_costs.append(
+            {
+                "layer": layer,
+                "batch": int(state.valid.shape[0]),
+                "padded_rows": int(padded_rows),
+                "padded_keys": int(state.length),
+                "rows": [int(x) for x in n_rows.tolist()],
+                "keys": [int(x) for x in state.valid.sum(1).tolist()],
+            }
+        )
+        mass = (per_key * state.visual).sum(1)
+        return AttentionScores(per_key, mass, state.orig_index, state.valid)
+
     def _make_probe_pre(self, probes):
         def pre(module, args, kwargs):
             fw = self._fw
@@ -394,15 +450,38 @@ class VLMAdapter(Adapter):
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             for p in probes:
-                fw.probes[p] = attention_rows(
-                    module, hidden, kwargs["position_embeddings"], fw.current().valid, p.query
-                )
+                fw.probes[p] = self._scores(module, hidden, kwargs["position_embeddings"], fw.current(), p.query, p.layer)
             return None
 
         return pre
 
+    def _hook_transition(self, layer: int) -> None:
+        """Sub-block inputs/outputs of one decoder layer at the visual tokens, from the model's own forward."""
+        dec = self.lm.layers[layer]
+
+        def grab(name, x):
+            fw = self._fw
+            if fw is None or not fw.prefill or not fw.active:
+                return
+            state = fw.current()
+            rows = fw.transitions.setdefault(layer, {})
+            rows[name] = [x[b, idx.to(x.device)].detach() for b, idx in enumerate(state.visual_index())]
+            if len(rows) == 4:
+                fw.probes[Transition(layer)] = Transitions(
+                    rows["attn_in"], rows["attn_out"], rows["mlp_in"], rows["mlp_out"],
+                    [state.orig_index[b, idx] for b, idx in enumerate(state.visual_index())],
+                )  # fmt: skip
+
+        def first(args, kwargs, key):
+            return kwargs[key] if key in kwargs else args[0]
+
+        self.hook(dec.self_attn, lambda m, a, k: grab("attn_in", first(a, k, "hidden_states")), pre=True)
+        self.hook(dec.self_attn, lambda m, a, k, out: grab("attn_out", out[0] if isinstance(out, tuple) else out), pre=False)
+        self.hook(dec.mlp, lambda m, a, k: grab("mlp_in", first(a, k, "x")), pre=True)
+        self.hook(dec.mlp, lambda m, a, k, out: grab("mlp_out", out), pre=False)
+
     def _make_layer_pre(self, layer):
-        stage_index = {k: i + 1 for i, k in enumerate(self._stage_layers)}
+        steps = [i + 1 for i, (lay, _) in enumerate(self._steps) if lay == layer]  # their states' indices
 
         def pre(module, args, kwargs):
             fw = self._fw
@@ -412,21 +491,23 @@ class VLMAdapter(Adapter):
             if fw.prefill:
                 if not fw.active:
                     return None
-                if layer in stage_index:
+                if steps:
                     hidden = self._prefill_stage(layer, hidden, kwargs)
             else:
                 gen = self._gen
                 if gen is None:
                     return None
-                if layer in stage_index:
-                    state = gen.states[stage_index[layer]]
+                changed = False
+                for i in steps:
+                    state = gen.states[i]
                     if state is not None:
-                        mask = remap_mask(state, fw.mask2d)
-                        pos = fw.pos - state.step_shift.unsqueeze(1)
-                        fw.mask2d, fw.pos = mask, pos
-                        fw.layer_kwargs = build_layer_kwargs(
-                            self.lm, hidden, mask, pos, cache_from_kwargs(kwargs), layer
-                        )
+                        fw.mask2d = remap_mask(state, fw.mask2d)
+                        fw.pos = fw.pos - state.step_shift.unsqueeze(1)
+                        changed = True
+                if changed:
+                    fw.layer_kwargs = build_layer_kwargs(
+                        self.lm, hidden, fw.mask2d, fw.pos, cache_from_kwargs(kwargs), layer
+                    )
             if fw.layer_kwargs is None:
                 return None
             kwargs.update(fw.layer_kwargs)
@@ -437,34 +518,106 @@ class VLMAdapter(Adapter):
 
         return pre
 
-    def _prefill_stage(self, layer, hidden, kwargs):
+    def _view(self, layer, method, hidden, state: SeqState) -> LLMView:
         fw = self._fw
-        method = self.methods["in_llm"]
-        prev = fw.current()
-        vis_idx = prev.visual_index()
-        probes = self._collect_probes(method, before_layer=layer)
-        view = LLMView(layer, hidden, prev.valid, prev.visual, vis_idx, probes)
-        kept = method.in_llm(view)
-        keep = prev.valid & ~prev.visual
-        for b, (idx, k) in enumerate(zip(vis_idx, kept)):
-            keep[b, idx[k.to(idx.device)]] = True
-        self.handle.stats.append(
-            Reduction(
-                method.name,
-                "in_llm",
-                layer,
-                [int(i.numel()) for i in vis_idx],
-                [int(k.numel()) for k in kept],
-                [k.sort().values.cpu() for k in kept],
+        before, after = _segments(state)
+
+        def attend(query):
+            dec = self.lm.layers[layer]
+            normed = decoder_input_norm(dec)(hidden)
+            pe = self.lm.rotary_emb(hidden, position_ids=state.positions)
+            return self._scores(dec.self_attn, normed, pe, state, query, layer)
+
+        return LLMView(
+            layer,
+            hidden,
+            state.valid,
+            state.visual,
+            state.visual_index(),
+            self._collect_probes(method, before_layer=layer),
+            positions=state.positions,
+            orig_index=state.orig_index,
+            text_before=before,
+            text_after=after,
+            last=last_valid_index(state.valid),
+            state=fw.method_state.setdefault(id(method), {}),
+            attend=attend,
+        )
+
+    def _prefill_stage(self, layer, hidden, kwargs):
+        """Run every in_llm step of this layer (chain order); each may drop and merge visual tokens."""
+        fw = self._fw
+        for method in [m for lay, m in self._steps if lay == layer]:
+            prev = fw.current()
+            view = self._view(layer, method, hidden, prev)
+            step = _as_step(method, method.in_llm(view), view)
+            keep = prev.valid & ~prev.visual
+            for b, (idx, k) in enumerate(zip(view.visual_index, step.kept)):
+                keep[b, idx[k.to(idx.device)]] = True
+            self.handle.stats.append(
+                Reduction(
+                    method.name,
+                    "in_llm",
+                    layer,
+                    [int(i.numel()) for i in view.visual_index],
+                    [int(k.numel()) for k in step.kept],
+                    [k.cpu() for k in step.kept],
+                )
             )
-        )
-        if torch.equal(keep, prev.valid):
-            fw.states.append(None)
-            return hidden
-        state = prev.compact(keep, method.position_policy)
-        fw.states.append(state)
-        hidden = state.gather(hidden)
-        fw.layer_kwargs = build_layer_kwargs(
-            self.lm, hidden, state.valid.long(), state.positions, cache_from_kwargs(kwargs), layer
-        )
+            if torch.equal(keep, prev.valid):
+                fw.states.append(None)
+                if step.hidden is None:
+                    continue
+                state = prev
+            else:
+                state = prev.compact(keep, method.position_policy)
+                fw.states.append(state)
+                hidden = state.gather(hidden)
+            if step.hidden is not None:  # merges: the kept visual tokens take the method's hidden states
+                hidden = hidden.clone()
+                for b, (idx, h) in enumerate(zip(state.visual_index(), step.hidden)):
+                    hidden[b, idx] = h.to(hidden.dtype)
+            fw.layer_kwargs = build_layer_kwargs(
+                self.lm, hidden, state.valid.long(), state.positions, cache_from_kwargs(kwargs), layer
+            )
         return hidden
+
+
+def _segments(state: SeqState):
+    """(text before the visual span, text after it) [B, S]; a sample without visual tokens has all its
+    text before."""
+    b, s = state.valid.shape
+    ar = torch.arange(s, device=state.valid.device).expand(b, s)
+    text = state.valid & ~state.visual
+    has = state.visual.any(1, keepdim=True)
+    first = torch.where(state.visual, ar, s).min(1, keepdim=True).values
+    last = torch.where(state.visual, ar, -1).max(1, keepdim=True).values
+    before = text & (~has | (ar < first))
+    after = text & has & (ar > last)
+    return before, after
+
+
+def _as_step(method, out, view: LLMView) -> LLMStep:
+    """Check what an in_llm stage returned: per sample sorted, unique positions among its visual tokens
+    (and, for merges, one hidden state per kept token)."""
+    step = out if isinstance(out, LLMStep) else LLMStep(list(out))
+    if len(step.kept) != len(view.visual_index):
+        raise ValueError(f"{method.name}.in_llm returned {len(step.kept)} index lists for {len(view.visual_index)} samples")
+    kept, perms = [], []
+    for b, (idx, k) in enumerate(zip(view.visual_index, step.kept)):
+        k, perm = torch.as_tensor(k, dtype=torch.long).reshape(-1).sort()
+        perms.append(perm)
+        n = idx.numel()
+        if k.numel() and (int(k[0]) < 0 or int(k[-1]) >= n or bool((k[1:] == k[:-1]).any())):
+            raise ValueError(
+                f"{method.name}.in_llm: sample {b} kept {k.tolist()[:8]}...; give unique positions in 0..{n - 1} "
+                "among the visual tokens entering the layer"
+            )
+        kept.append(k)
+    hidden = step.hidden
+    if hidden is not None:
+        d = view.hidden.shape[-1]
+        if len(hidden) != len(kept) or any(tuple(h.shape) != (k.numel(), d) for h, k in zip(hidden, kept)):
+            raise ValueError(f"{method.name}.in_llm: LLMStep.hidden must hold one [kept, {d}] tensor per sample")
+        hidden = [h[perm.to(h.device)] for h, perm in zip(hidden, perms)]
+    return LLMStep(kept, hidden)

@@ -115,9 +115,10 @@ def test_cls_probe_on_tower_without_cls():
         vtok.apply(model, NeedsCls())
 
 
-def test_two_methods_for_the_same_stage(llava):
-    with pytest.raises(ValueError, match=r"two methods for the same stage 'before_llm': 'random' and 'pool'"):
-        vtok.apply(llava, ["random", "pool"])
+def test_two_in_vit_methods_are_refused(llava):
+    tome = vtok.method.get_method_class("tome")
+    with pytest.raises(ValueError, match=r"two in_vit methods: 'tome', 'tome'; one method merges inside the vision"):
+        vtok.apply(llava, [tome(r=1), tome(r=2)])
 
 
 def test_list_hparams_must_be_per_method(llava):

@@ -66,11 +66,57 @@ def test_llm_attention_rows_match_eager_maps(llava, eager):
         att = eager(**batch, output_attentions=True).attentions[1].mean(1)  # [B, S, S] eager, head mean
     mask = batch["attention_mask"].bool()
     last = rec.view.probes[LLMAttention(1, "last")]
-    torch.testing.assert_close(last, att[:, -1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(last.per_key, att[:, -1], atol=1e-5, rtol=1e-4)
     mean = rec.view.probes[LLMAttention(1, "mean")]
     ref = (att * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
-    torch.testing.assert_close(mean, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mean.per_key, ref, atol=1e-5, rtol=1e-4)
     assert llava.config.text_config._attn_implementation == "sdpa"
+
+
+def _eager_query_set(att, rows):
+    """Eager reference of a query set: head-averaged rows [B, S, S] averaged over the chosen rows."""
+    w = rows.float()
+    return (att * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+
+
+@pytest.mark.parametrize("query", ["text", "instruction", "visual", "mask"])
+def test_llm_query_sets_match_eager_maps(llava, eager, query):
+    """Declared probes of every query set (computed at their layer) and the on-demand ``view.attention`` at
+    the stage layer both equal the eager attention maps averaged over that set's rows; the visual mass
+    is the share of that attention on visual keys."""
+    batch = batch_of(llava, [(3, 1, 4), (9, 1, 2)])
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    visual = ids == llava.config.image_token_id
+    after = mask & ~visual & (torch.arange(ids.shape[1]) > torch.where(visual, torch.arange(ids.shape[1]), -1).max(1, keepdim=True).values)
+    rows = {"text": mask & ~visual, "instruction": after, "visual": visual,
+            "mask": mask & (torch.arange(ids.shape[1]) % 3 == 0)}[query]  # fmt: skip
+    declared = () if query == "mask" else (LLMAttention(layer=1, query=query),)
+    got = {}
+
+    @dataclass
+    class AtStage(Recorder):
+        def in_llm(self, view):
+            q = rows if query == "mask" else query
+            got["stage"] = view.attention(q)
+            got["view"] = view
+            return super().in_llm(view)
+
+    rec = AtStage(wanted=declared)
+    with vtok.apply(llava, rec), torch.no_grad():
+        llava(**batch)
+    with torch.no_grad():
+        att = eager(**batch, output_attentions=True).attentions
+    if declared:
+        res = got["view"].probes[declared[0]]
+        ref = _eager_query_set(att[1].mean(1), rows)
+        torch.testing.assert_close(res.per_key, ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(res.visual_mass, (ref * visual).sum(1), atol=1e-5, rtol=1e-4)
+    ref2 = _eager_query_set(att[2].mean(1), rows)  # the stage is at layer 2: its own attention
+    torch.testing.assert_close(got["stage"].per_key, ref2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got["stage"].at(got["view"]), ref2, atol=1e-5, rtol=1e-4)
+    v = got["view"]
+    assert torch.equal(v.text_after, after) and torch.equal(v.text_before, mask & ~visual & ~after)
+    assert torch.equal(v.last, torch.full((2,), ids.shape[1] - 1))
 
 
 def test_vit_attention_probes_match_eager_maps(llava, eager):

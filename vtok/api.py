@@ -52,7 +52,9 @@ def _build_methods(method_or_list, hparams: dict) -> list[Method]:
 class Handle:
     """An attachment of vtok methods to one model instance.
 
-    ``stats`` lists the reductions of the last prefill. ``remove()`` (or leaving the ``with``
+    Methods of different stages compose, and several methods of the before_llm or in_llm stage form a
+    chain run in list order (each sees what the previous one left). ``stats`` lists the reductions of
+    the last prefill, one record per method and step; ``probe_costs`` the probe computations it ran. ``remove()`` (or leaving the ``with``
     block) takes every hook off again; the model is then exactly as before.
     """
 
@@ -62,15 +64,17 @@ class Handle:
         self.model = model
         self.methods = methods
         self.stats: list = []
-        by_stage: dict[str, Method] = {}
+        self.probe_costs: list = []
+        by_stage: dict[str, list[Method]] = {}  # stage -> the chain of methods run there, in list order
         for m in methods:
             for stage in m.stages:
-                if stage in by_stage:
-                    raise ValueError(
-                        f"two methods for the same stage {stage!r}: {by_stage[stage].name!r} and {m.name!r}; "
-                        "combine methods of different stages (e.g. a before_llm method with an in_llm one)"
-                    )
-                by_stage[stage] = m
+                by_stage.setdefault(stage, []).append(m)
+        vit = by_stage.get("in_vit", [])
+        if len(vit) > 1:
+            raise ValueError(
+                f"two in_vit methods: {', '.join(repr(m.name) for m in vit)}; one method merges inside the vision "
+                "tower at a time (chain before_llm or in_llm methods instead, e.g. ['tome', 'pool'])"
+            )
         adapter_cls = find_adapter(model)
         self.adapter = adapter_cls(model, by_stage, self)
         self.adapter.validate()

@@ -26,6 +26,11 @@ __all__ = [
     "describe",
     "hparam",
     "LLMView",
+    "LLMStep",
+    "Transition",
+    "AttentionScores",
+    "Transitions",
+    "QUERY_SETS",
 ]
 
 STAGES = ("in_vit", "before_llm", "in_llm", "projector")
@@ -149,14 +154,82 @@ class ViTAttention(Probe):
 
 @dataclass(frozen=True)
 class LLMAttention(Probe):
-    """Head-averaged attention of chosen query rows of decoder layer ``layer`` (prefill).
+    """Head-averaged attention of a query set of decoder layer ``layer`` (prefill), computed when that
+    layer runs and handed to the method's in_llm stages at later layers.
 
-    query="last": the last prompt token of each sample; "mean": the mean over all valid rows
-    (computed in row chunks). Result: [B, S] over the sequence entering that layer.
+    query (see ``QUERY_SETS``): "last" prompt token of each sample; "mean" of all valid rows; "text"
+    tokens; "instruction" (text after the visual span); "visual" tokens. Result: ``AttentionScores``.
+    At a stage, ``LLMView.attention(query)`` computes the same at the stage's own layer (any boolean
+    mask as the query set too).
     """
 
     layer: int
     query: str = "last"
+
+    def __post_init__(self):
+        if self.query not in QUERY_SETS:
+            raise ValueError(f"LLMAttention: query={self.query!r} is not one of {QUERY_SETS}")
+
+
+@dataclass(frozen=True)
+class Transition(Probe):
+    """Input and output of decoder layer ``layer``'s attention and MLP sub-blocks at the visual tokens
+    (prefill), taken from the model's own forward (attention: its normed input and its output before
+    the residual add; MLP the same). Result: ``Transitions``, handed to stages at later layers."""
+
+    layer: int
+
+
+@dataclass
+class AttentionScores:
+    """Result of an LLM attention probe over the keys of the layout it was computed in.
+
+    per_key [B, S] fp32: attention each key received, averaged over heads and the query rows
+    (each row sums to 1 over its keys, so ``per_key`` of a sample sums to 1); visual_mass [B]: its sum
+    over the visual keys; orig_index / valid [B, S]: where each key sits in the user's sequence.
+    """
+
+    per_key: torch.Tensor
+    visual_mass: torch.Tensor
+    orig_index: torch.Tensor
+    valid: torch.Tensor
+
+    def at(self, view: "LLMView") -> torch.Tensor:
+        """``per_key`` laid out as ``view``'s sequence [B, S_view] (later stages may have removed tokens)."""
+        return _realign(self.per_key, self.orig_index, self.valid, view)
+
+
+@dataclass
+class Transitions:
+    """Sub-block inputs/outputs at the visual tokens of one layer: per sample [n_b, D] tensors, with the
+    original sequence index of each of those tokens (``orig_index``)."""
+
+    attn_in: list
+    attn_out: list
+    mlp_in: list
+    mlp_out: list
+    orig_index: list
+
+    def rows_for(self, view: "LLMView") -> list[torch.Tensor]:
+        """Per sample, the rows of these tensors that hold ``view``'s visual tokens, in the view's order."""
+        out = []
+        for b, idx in enumerate(view.visual_index):
+            want = view.orig_index[b, idx]
+            have = self.orig_index[b].to(want.device)
+            order = torch.argsort(have)
+            out.append(order[torch.searchsorted(have[order], want)])
+        return out
+
+
+def _realign(values, orig_index, valid, view) -> torch.Tensor:
+    b, s0 = values.shape
+    n = int(max(int(orig_index.max()) if orig_index.numel() else 0, int(view.orig_index.max()))) + 2
+    full = values.new_zeros(b, n)
+    full.scatter_(1, torch.where(valid, orig_index, n - 1), values * valid)
+    return full.gather(1, torch.where(view.valid, view.orig_index, n - 1)) * view.valid
+
+
+LLM_PROBES = (LLMAttention, Transition)
 
 
 @dataclass(frozen=True)
@@ -169,11 +242,15 @@ class TextQuery(Probe):
 
 @dataclass
 class LLMView:
-    """What an ``in_llm`` stage sees at its decoder layer during prefill.
+    """What an ``in_llm`` stage sees at one of its decoder layers during prefill.
 
-    hidden: [B, S, D] hidden states entering the layer; valid: [B, S] real (non-pad) tokens;
-    visual: [B, S] True at visual tokens; visual_index: list (per sample) of the sequence
-    indices of its visual tokens, in order; probes: results of the method's probes.
+    hidden [B, S, D]: hidden states entering the layer; valid [B, S]: real (non-pad) tokens;
+    visual [B, S]: visual tokens; visual_index: per sample, the sequence indices of its visual tokens,
+    in order; probes: the method's probes computed so far (LLM probes of earlier layers, ViT probes,
+    the text query); positions [B, S]: current RoPE position ids; orig_index [B, S]: index of each token
+    in the user's sequence; text_before / text_after [B, S]: text tokens before the visual span and
+    after it (the instruction); last [B]: index of the last prompt token; state: a dict the method
+    keeps across its stage layers within one prefill (fresh for every prefill).
     """
 
     layer: int
@@ -182,6 +259,35 @@ class LLMView:
     visual: torch.Tensor
     visual_index: list
     probes: dict
+    positions: torch.Tensor | None = None
+    orig_index: torch.Tensor | None = None
+    text_before: torch.Tensor | None = None
+    text_after: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    state: dict = field(default_factory=dict)
+    attend: object = field(default=None, repr=False)
+
+    @property
+    def instruction(self) -> torch.Tensor:
+        return self.text_after
+
+    def attention(self, query="last") -> AttentionScores:
+        """Attention of a query set (a name of ``QUERY_SETS`` or a [B, S] bool mask) at this layer,
+        from the hidden states entering it (the layer's own norm, q/k projections and RoPE; only the
+        needed rows; never eager, no full attention map)."""
+        if self.attend is None:
+            raise RuntimeError("this LLMView was not made by an adapter; it cannot compute attention")
+        return self.attend(query)
+
+
+@dataclass
+class LLMStep:
+    """What an ``in_llm`` stage returns when it merges: the kept visual tokens per sample (positions among
+    the visual tokens entering the layer, as a plain list return) and, optionally, replacement hidden
+    states [k_b, D] for those kept tokens, one row per entry of ``kept``, in the same order."""
+
+    kept: list
+    hidden: list | None = None
 
 
 # ---------------------------------------------------------------- methods

@@ -42,7 +42,7 @@ class FastV(Method):
         return [self.layer]
 
     def in_llm(self, view: LLMView) -> list[torch.Tensor]:
-        attn = view.probes[LLMAttention(layer=self.layer - 1, query=self.query)]  # [B, S]
+        attn = view.probes[LLMAttention(layer=self.layer - 1, query=self.query)].at(view)  # [B, S]
         kept = []
         for b, idx in enumerate(view.visual_index):
             n = idx.numel()
