@@ -12,34 +12,32 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-PATCHES, BLOCKS = 256, 12  # the offline VLM's DINOv2 at 224 px: 16 x 16 patches, 12 blocks
-
-
-def tome_r(budget: float) -> int:
-    """ToMe removes r tokens in each of the tower's blocks: 256 patches -> 256 - 12 r."""
-    return max(1, min((PATCHES - 1) // BLOCKS, round(PATCHES * (1 - budget) / BLOCKS)))
-
-
-#: (method, settings for a budget b) -- only methods present in the registry are run
-DEMO_METHODS = {
-    "fastv": lambda b: {"layer": 2, "retain": b},
-    "tome": lambda b: {"r": tome_r(b)},
-}
+#: the offline VLM's DINOv2 at 224 px: 16 x 16 patches entering 12 blocks
+CONTEXT_PATCHES, CONTEXT_BLOCKS = 256, 12
+#: the baselines every method is compared with (the runner adds them itself)
+BASELINES = ("random", "pool")
 
 
 def demo_settings(budgets, methods=None) -> list:
-    """Settings per budget. With ToMe among them, each budget snaps to what ToMe can reach exactly
-    (256 - 12 r patches), so every method and the random/pool baselines share the same budgets."""
+    """(method, settings) per budget, from each method's own ``settings_for_budget``: every registered
+    method except the baselines, or ``methods``. Each budget snaps to what every method can reach
+    exactly (``snap_budget``, e.g. ToMe's 256 - 12 r patches), so methods and baselines share budgets."""
     import vtok
+    from vtok.method import BudgetContext, get_method_class
 
-    names = [m for m in (methods or DEMO_METHODS) if m in vtok.list_methods()]
-    unknown = [m for m in (methods or []) if m not in DEMO_METHODS]
-    if unknown:
-        raise ValueError(f"the demo knows settings for {sorted(DEMO_METHODS)}, not {unknown}")
-    if "tome" in names:
-        # rounded as the runner rounds measured budgets, so its baselines are shared, not run twice
-        budgets = [round((PATCHES - BLOCKS * tome_r(b)) / PATCHES, 4) for b in budgets]
-    return [(m, DEMO_METHODS[m](b)) for b in budgets for m in names]
+    context = BudgetContext(CONTEXT_PATCHES, CONTEXT_BLOCKS)
+    names = list(methods) if methods else [m for m in vtok.list_methods() if m not in BASELINES]
+    classes = [get_method_class(m) for m in names]
+    unusable = [c.name for c in classes if c.settings_for_budget(0.5, context) is None]
+    if methods and unusable:
+        raise ValueError(f"{unusable} have no setting for a token budget; give methods that do")
+    classes = [c for c in classes if c.name not in unusable]
+    snapped = []
+    for b in budgets:
+        for c in classes:
+            b = c.snap_budget(b, context)
+        snapped.append(b)
+    return [(c.name, c.settings_for_budget(b, context)) for b in snapped for c in classes]
 
 
 def run_demo(n: int = 200, budgets=(0.5, 0.25), methods=None, out: str = "vtok-demo", batch_size: int = 16,
@@ -85,7 +83,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="compare methods on a real offline VLM (easy-VQA)")
     p.add_argument("--n", type=int, default=200, help="easy-VQA test questions (default 200)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="fractions of visual tokens kept")
-    p.add_argument("--methods", nargs="+", default=None, help=f"subset of {sorted(DEMO_METHODS)}")
+    p.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: every registered one)")
     p.add_argument("--out", default="vtok-demo", help="output folder (results.md, results.json, pareto.png)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

@@ -30,9 +30,9 @@ rule of ``torch.utils.flop_counter.FlopCounterMode`` (the tests check equality w
   prefill instead (what block-skipping FlashAttention kernels compute, roughly);
 * patch embedding convolution ``2 * patches * C * p^2 * d``; the LM head on the rows whose logits are
   computed (all rows, or ``logits_to_keep``);
-* method overhead: the side computations vtok's adapters run for a method's probes (LLM attention rows,
-  ViT attention statistics). A method whose own scoring has further matmuls may define
-  ``overhead_flops(event: Reduction, hidden: int) -> int``; it is added to ``parts['method']``.
+* method overhead: the side computations vtok's adapters run for a method's probes (LLM attention rows as
+  the adapter logged them in ``handle.probe_costs``, ViT attention statistics), plus what each method
+  reports for its own scoring (``Method.overhead_flops``), in ``parts['method']``.
 
 ``padded=True`` (default) counts what ran: every sample of a batch at the padded length of each layer's
 layout (FlopCounterMode sees these shapes). ``report.per_sample`` always holds each sample's useful work
@@ -80,7 +80,6 @@ __all__ = [
     "visual_layout",
     "spec_mismatches",
     "analyse",
-    "VIT_OVERHEAD",
 ]
 
 PARTS = ("vision", "projector", "method", "prefill", "lm_head", "decode")
@@ -381,6 +380,7 @@ class ForwardShapes:
     methods: list = field(default_factory=list)  # the attached vtok methods
     decode_steps: list = field(default_factory=list)  # query tokens of each decode forward
     entry: tuple | None = None  # (padded length, per-sample lengths) read at the LM's input, if recorded
+    probe_costs: list | None = None  # the LLM probe computations the adapter logged (handle.probe_costs)
 
 
 @dataclass
@@ -497,36 +497,19 @@ def _llm_schedule(spec: ModelSpec, shapes: ForwardShapes):
             lens = [n - (a - o) for n, a, o in zip(lens, e.tokens_in, e.tokens_out)]
         if any(a != o for e in entry for a, o in zip(e.tokens_in, e.tokens_out)):
             padded = max(lens)
-    stages = {e.layer: e for e in shapes.events if e.stage == "in_llm"}
+    stages: dict = {}  # layer -> its in_llm events in the order they ran (a chain may share a layer)
+    for e in shapes.events:
+        if e.stage == "in_llm":
+            stages.setdefault(e.layer, []).append(e)
     cur = (padded, lens)
     out = []
     for layer in range(spec.llm.layers):
-        e = stages.get(layer)
-        if e is not None:
+        for e in stages.get(layer, []):
             lens = [n - (a - o) for n, a, o in zip(cur[1], e.tokens_in, e.tokens_out)]
             changed = any(a != o for a, o in zip(e.tokens_in, e.tokens_out))
             cur = (max(lens) if changed else cur[0], lens)
         out.append(cur)
     return out
-
-
-def _tome_overhead(spec: ModelSpec, method, event, per_image) -> int:
-    """ToMe's bipartite matching (scores of set A x set B on head-averaged keys) per image, plus the key
-    projection the adapter computes for ``nn.MultiheadAttention`` blocks."""
-    v = spec.vision
-    p = v.prefix if getattr(method, "protect_cls", True) else 0
-    t = 0
-    for n, _ in per_image:
-        a = len(range(p + p % 2, n, 2))
-        b = len(range(p + 1 - p % 2, n, 2))
-        t += 2 * a * b * v.stack.head_dim
-        if v.mha_keys:
-            t += 2 * n * v.stack.hidden * v.stack.hidden
-    return t
-
-
-#: FLOPs of a known method's own computations per in_vit event: fn(spec, method, event, [(n_in, n_out)] per image)
-VIT_OVERHEAD = {"tome": _tome_overhead}
 
 
 def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact", padded: bool = True,
@@ -584,11 +567,7 @@ def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact"
                 for m in shapes.methods:
                     for e in shapes.events:
                         if e.stage == "in_vit" and e.method == m.name:
-                            fn = getattr(m, "overhead_flops", None)
-                            if fn is not None:
-                                over += int(fn(e, spec))
-                            elif m.name in VIT_OVERHEAD:
-                                over += VIT_OVERHEAD[m.name](spec, m, e, sched_v[e.layer])
+                            over += int(m.overhead_flops(e, spec, sched_v[e.layer]))
                 for p in probes:
                     if isinstance(p, ViTAttention):
                         rows = 1 if p.kind == "cls" else None
@@ -616,25 +595,27 @@ def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact"
                     [s.linear(q) + s.attention(q, x + done + q) for x in lens])  # fmt: skip
             add("decode", b * q * head, [q * head] * b)
             done += q
-        # LLM attention probes (side computations at their layer's layout)
-        for p in probes:
-            if isinstance(p, LLMAttention) and any(shapes.visual):
-                d, qo, kvo = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
-                padded_len, lens = sched[p.layer]
+        # LLM attention probes (side computations): as the adapter logged them, else from the declared probes
+        d, qo, kvo = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
 
-                def probe(n, p=p):
-                    rows = 1 if p.query == "last" else n
-                    return 2 * n * d * kvo + 2 * rows * d * qo + 2 * s.heads * rows * n * s.head_dim
+        def probe(rows, keys):
+            return 2 * keys * d * kvo + 2 * rows * d * qo + 2 * s.heads * rows * keys * s.head_dim
 
-                add("method", b * probe(padded_len), [probe(x) for x in lens])
-    # other declared overheads (in_llm / before_llm methods)
+        if shapes.probe_costs is not None:
+            for c in shapes.probe_costs:
+                add("method", c["batch"] * probe(c["padded_rows"], c["padded_keys"]),
+                    [probe(r, k) for r, k in zip(c["rows"], c["keys"])])  # fmt: skip
+        else:
+            for p in probes:
+                if isinstance(p, LLMAttention) and any(shapes.visual):
+                    padded_len, lens = sched[p.layer]
+                    rows = (lambda n: 1) if p.query == "last" else (lambda n: n)
+                    add("method", b * probe(rows(padded_len), padded_len), [probe(rows(x), x) for x in lens])
+    # the methods' own computations beyond probes (in_llm / before_llm)
     for m in shapes.methods:
-        fn = getattr(m, "overhead_flops", None)
-        if fn is None:
-            continue
         for e in shapes.events:
             if e.method == m.name and e.stage != "in_vit":
-                extra = int(fn(e, spec))
+                extra = int(m.overhead_flops(e, spec))
                 add("method", extra, _shares(extra, weights))
     if not padded:
         parts = {k: sum(p[k] for p in per) for k in PARTS}
@@ -823,6 +804,8 @@ class Tracker:
         self._calls, self._rows = [], 0
         if self.handle is not None:
             cur.events = [e for e in self.handle.stats if id(e) not in self._before]
+            if cur.seq_len and hasattr(self.handle, "probe_costs"):
+                cur.probe_costs = list(self.handle.probe_costs)
         self.records.append(cur)
         return None
 
@@ -1026,41 +1009,13 @@ def visual_layout(config, image_size=None, images: int = 1, frames: int = 0):
 def reductions_for(method, hparams: dict | None, visual_tokens: int, config=None, units: list[int] | None = None):
     """The ``Reduction`` events a method would record for one sample with ``visual_tokens`` visual tokens.
 
-    Known from the hyper-parameters alone: ``in_llm`` methods with ``retain`` (each of ``llm_layers()`` keeps
-    ``retain`` of the tokens entering it), ``pool`` (grid per unit) and ``before_llm`` methods with ``retain``
-    (per unit: ``units`` = tokens per image, default one unit). Others: pass ``reductions=`` to ``estimate``.
+    The method says it (``Method.token_schedule``; ``units`` = tokens per image, default one unit); methods
+    that cannot tell without running raise, and ``estimate`` then takes ``reductions=``.
     """
-    from vtok.method import Method, get_method_class, keep_count
-    from vtok.stats import Reduction
+    from vtok.method import Method, get_method_class
 
     m = method if isinstance(method, Method) else get_method_class(method)(**(hparams or {}))
-    units = units or [visual_tokens]
-    events = []
-    n = visual_tokens
-    for stage in m.stages:
-        if stage in ("before_llm", "projector"):
-            if m.name == "pool":
-                out = 0
-                for u in units:
-                    r = math.isqrt(u)
-                    oh, ow = m.output_grid(r, r) if r * r == u else (u, 1)
-                    out += oh * ow if r * r == u else u
-            elif getattr(m, "retain", None) is not None:
-                out = sum(keep_count(u, m.retain) for u in units)
-            else:
-                raise ValueError(f"cannot tell how many tokens {m.name!r} keeps without running it; pass reductions=")
-            events.append(Reduction(m.name, stage, None, [n], [out], None))
-            n = out
-        elif stage == "in_llm":
-            if getattr(m, "retain", None) is None:
-                raise ValueError(f"cannot tell how many tokens {m.name!r} keeps without running it; pass reductions=")
-            for layer in sorted(m.llm_layers()):
-                out = keep_count(n, m.retain)
-                events.append(Reduction(m.name, "in_llm", layer, [n], [out], None))
-                n = out
-        else:
-            raise ValueError(f"cannot simulate {m.name!r} at stage {stage!r}; pass reductions=")
-    return m, events
+    return m, m.token_schedule(visual_tokens, units or [visual_tokens])
 
 
 def estimate(config_or_name, *, text_tokens: int = 64, images: int = 1, image_size=None, frames: int = 0,

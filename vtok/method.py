@@ -31,6 +31,7 @@ __all__ = [
     "AttentionScores",
     "Transitions",
     "QUERY_SETS",
+    "BudgetContext",
 ]
 
 STAGES = ("in_vit", "before_llm", "in_llm", "projector")
@@ -293,6 +294,15 @@ class LLMStep:
 # ---------------------------------------------------------------- methods
 
 
+@dataclass(frozen=True)
+class BudgetContext:
+    """What a method needs to know about a model to reach a token budget: visual tokens per image
+    (patches entering the vision tower's blocks, CLS excluded) and the tower's blocks that reach them."""
+
+    visual_tokens: int
+    vit_blocks: int
+
+
 @dataclass
 class Method:
     """Base class of every method: a dataclass of validated hyper-parameters.
@@ -346,6 +356,52 @@ class Method:
 
     def in_llm(self, view: LLMView) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    # what the method costs and keeps (eval/ asks the method, never names it) ------------------
+    def overhead_flops(self, event, spec, units=None) -> int:
+        """FLOPs of the method's own computations for one ``Reduction`` event, beyond the probes the
+        adapter serves (those are counted from ``handle.probe_costs``). ``spec``: the model's
+        ``vtok.eval.flops.ModelSpec``; ``units``: for in_vit events, (tokens in, tokens out) per image."""
+        return 0
+
+    def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
+        """The ``Reduction`` events this method would record for one sample with ``visual_tokens`` visual
+        tokens in ``units`` (tokens per image), without running it (for ``vtok.eval.flops.estimate``).
+
+        The default knows methods with a ``retain`` field: before_llm keeps ``retain`` of each unit,
+        each in_llm layer keeps ``retain`` of the tokens entering it. Others override it or raise.
+        """
+        from .stats import Reduction
+
+        retain = getattr(self, "retain", None)
+        events, n = [], visual_tokens
+        for stage in self.stages:
+            if retain is None or stage not in ("before_llm", "projector", "in_llm"):
+                raise ValueError(f"cannot tell how many tokens {self.name!r} keeps at stage {stage!r} without running it; "
+                                 "pass reductions=")  # fmt: skip
+            if stage == "in_llm":
+                for layer in sorted(set(self.llm_layers())):
+                    out = keep_count(n, retain)
+                    events.append(Reduction(self.name, stage, layer, [n], [out], None))
+                    n = out
+            else:
+                out = sum(keep_count(u, retain) for u in units)
+                events.append(Reduction(self.name, stage, None, [n], [out], None))
+                n = out
+        return events
+
+    @classmethod
+    def settings_for_budget(cls, budget: float, context: "BudgetContext") -> dict | None:
+        """Hyper-parameters that keep about ``budget`` of the visual tokens on the model ``context``
+        describes (for comparisons at one budget, e.g. ``vtok demo``); None if the method has no such
+        setting. The default sets ``retain``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return {"retain": budget} if "retain" in names else None
+
+    @classmethod
+    def snap_budget(cls, budget: float, context: "BudgetContext") -> float:
+        """The nearest budget this method reaches exactly on ``context``'s model (default: any)."""
+        return budget
 
     # helpers --------------------------------------------------------------
     def config(self) -> dict:

@@ -35,6 +35,10 @@ class FastV(Method):
         "keep", "'keep' original RoPE positions of kept tokens (official), 'compact' renumber", choices=POSITION_POLICIES
     )
 
+    @classmethod
+    def settings_for_budget(cls, budget, context):
+        return {"layer": 2, "retain": budget}  # K = 2, the paper's setting, named in comparison tables
+
     def probes(self):
         return [LLMAttention(layer=self.layer - 1, query=self.query)]
 

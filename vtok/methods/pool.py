@@ -59,6 +59,17 @@ class Pool(Method):
         first = torch.tensor([a * w + c for (a, _) in ys for (c, _) in xs])
         return pooled.reshape(m, d, oh * ow).transpose(1, 2), sizes, first
 
+    def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
+        """Square grids per unit are pooled to ``output_grid``; other units are left as they are."""
+        from ..stats import Reduction
+
+        out = 0
+        for u in units:
+            r = math.isqrt(u)
+            oh, ow = self.output_grid(r, r) if r * r == u else (u, 1)
+            out += oh * ow if r * r == u else u
+        return [Reduction(self.name, "before_llm", None, [visual_tokens], [out], None)]
+
     def before_llm(self, tokens: VisualTokens, probes: dict) -> VisualTokens:
         """Pool every grid of every unit on its own: an image's grid, each video frame, an AnyRes
         image's base grid and its unpadded high-resolution grid (``VisualTokens.unit_grids``)."""

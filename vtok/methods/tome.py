@@ -135,6 +135,39 @@ class ToMe(Method):
                 f"tome: r must be an int, an (r, inflection) tuple or a per-block list of ints, not {type(r).__name__}"
             )
 
+    def overhead_flops(self, event, spec, units=None) -> int:
+        """The bipartite matching (scores of set A x set B on head-averaged keys) per image, plus the key
+        projection the adapter computes for ``nn.MultiheadAttention`` blocks."""
+        v = spec.vision
+        p = v.prefix if self.protect_cls else 0
+        t = 0
+        for n, _ in units or []:
+            a = len(range(p + p % 2, n, 2))
+            b = len(range(p + 1 - p % 2, n, 2))
+            t += 2 * a * b * v.stack.head_dim
+            if v.mha_keys:
+                t += 2 * n * v.stack.hidden * v.stack.hidden
+        return t
+
+    def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
+        raise ValueError("cannot simulate 'tome' without running the vision tower; pass reductions=")
+
+    @staticmethod
+    def r_for_budget(budget: float, context) -> int:
+        """Per-block r that leaves about ``budget`` of ``context.visual_tokens`` after every block."""
+        n, blocks = context.visual_tokens, context.vit_blocks
+        return max(1, min((n - 1) // blocks, round(n * (1 - budget) / blocks)))
+
+    @classmethod
+    def settings_for_budget(cls, budget: float, context) -> dict:
+        return {"r": cls.r_for_budget(budget, context)}
+
+    @classmethod
+    def snap_budget(cls, budget: float, context) -> float:
+        """ToMe reaches n - blocks * r tokens exactly (rounded as the eval runner rounds budgets)."""
+        n = context.visual_tokens
+        return round((n - context.vit_blocks * cls.r_for_budget(budget, context)) / n, 4)
+
     def vit_schedule(self, num_blocks: int) -> list[int]:
         return parse_r(num_blocks, self.r)
 
