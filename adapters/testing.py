@@ -73,8 +73,9 @@ def _llama_text_config(vocab=160, layers=4):
     return _text_config("llama", vocab, layers)
 
 
-def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8):
-    """A LlavaForConditionalGeneration with a 2-block CLIP tower (16 patches) and a 4-layer Llama."""
+def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8, layers: int = 4):
+    """A LlavaForConditionalGeneration with a 2-block CLIP tower (16 patches) and a 4-layer Llama
+    (``image_size``/``patch`` and ``layers`` shape other grids and depths, e.g. LLaVA-1.5's 24x24 and 32)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -88,7 +89,7 @@ def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", image_size: int
     )
     cfg = LlavaConfig(
         vision_config=vision,
-        text_config=_llama_text_config(),
+        text_config=_llama_text_config(layers=layers),
         image_token_id=150,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",

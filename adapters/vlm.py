@@ -82,7 +82,7 @@ class _Generation:
 
 class VLMAdapter(Adapter):
     stages = ("before_llm", "in_llm")
-    probe_types = (ViTAttention, LLMAttention, TextQuery)
+    probe_types = (ViTAttention, LLMAttention, Transition, TextQuery)
 
     # subclass interface ------------------------------------------------------
     #: placeholder token id(s) whose positions hold visual features

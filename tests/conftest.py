@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import capability_methods  # noqa: F401  (registers the in-LLM capability test methods)
+
 import vtok
 from vtok.adapters import find_adapter
 from vtok.adapters.testing import TINY_CASES

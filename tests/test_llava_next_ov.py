@@ -393,7 +393,7 @@ def test_ragged_video_batch_invariants(method, video):
 def test_fastv_on_stacked_videos_drops_equal_masks_and_generates(policy, video):
     """Two 8-frame videos (one stacked tensor, which the untouched model runs too): in-LLM pruning
     equals the untouched model with the pruned tokens masked from layer K on; generate matches."""
-    from test_invariants import MaskedReference, pruned_mask
+    from test_invariants import MaskedReference, pruned_schedule
 
     model = video[0]
     case = LLAVA_ONEVISION_VIDEO
@@ -404,9 +404,10 @@ def test_fastv_on_stacked_videos_drops_equal_masks_and_generates(policy, video):
         out = fwd(model, batch)
         (stage,) = [r for r in h.stats if r.stage == "in_llm"]
         generated = model.generate(**gen_batch, max_new_tokens=8, do_sample=False)
-    pruned = pruned_mask(batch, stage, model.config.video_token_id)
+    schedule = pruned_schedule(batch, [stage], model.config.video_token_id)
+    pruned = schedule[stage.layer]
     assert bool(pruned.any())
-    with MaskedReference(model, stage.layer, pruned, policy):
+    with MaskedReference(model, schedule, policy):
         ref = fwd(model, batch)
         ref_gen = model.generate(**gen_batch, max_new_tokens=8, do_sample=False)
     keep = batch["attention_mask"].bool() & ~pruned

@@ -323,6 +323,8 @@ class Method:
     needs_scores: ClassVar[bool] = False
     #: whether output tokens are kept input tokens or merge destinations (False: new tokens, e.g. pooling)
     kept_meaningful: ClassVar[bool] = True
+    #: whether the in_llm stage replaces hidden states (LLMStep.hidden): drop == mask does not hold then
+    in_llm_merges: ClassVar[bool] = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
