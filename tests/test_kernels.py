@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import vtok.kernels as K  # noqa: E402
-from vtok.kernels import _common  # noqa: E402
+from vtok.kernels import _common, indexing, match, tuning  # noqa: E402
 
 from triton_interp import interpreted_any_import_order  # noqa: E402
 
@@ -275,7 +275,7 @@ def _assert_match_equivalent(ref, tri, metric, protected, a_idx, exact):
     # Near-ties may pick a different but equally good pair: check optimality within tolerance.
     cos = _cos64(metric.float())
     B, N, _ = metric.shape
-    pm = K.bipartite._protected_mask(protected, B, N, metric.device)
+    pm = indexing._protected_mask(protected, B, N, metric.device)
     for b in range(B):
         srcs = ts[b].tolist()
         assert len(set(srcs)) == len(srcs)
@@ -329,8 +329,6 @@ def test_sort_paths_equal_counting_kernels(dtype, monkeypatch):
     """Long sequences take the top r by a torch sort of the keys, and the merge bookkeeping by
     torch sorts, instead of the counting kernels: the same pairs, scores and order (exact ties from
     duplicated tokens, protected rows) and the same merged tokens."""
-    from vtok.kernels import bipartite
-
     x = _tokens(2, 41, 12, dtype, "int", 11)
     x[:, 30] = x[:, 0]
     x[:, 33] = x[:, 1]
@@ -342,7 +340,7 @@ def test_sort_paths_equal_counting_kernels(dtype, monkeypatch):
     sizes = torch.rand(2, 41, generator=_gen(5)) + 0.5
     counted = [K.bipartite_match_triton(x, **kw) for kw in cases]
     merged = K.merge_weighted_triton(x, sizes, *pairs)
-    monkeypatch.setattr(bipartite, "_COUNT_MAX", 0)
+    monkeypatch.setattr(tuning, "_COUNT_MAX", 0)  # read by the match and the merge
     for kw, c in zip(cases, counted):
         s = K.bipartite_match_triton(x, **kw)
         assert all(torch.equal(u, v) for u, v in zip(c, s)), kw
@@ -359,9 +357,7 @@ def test_bipartite_match_autotuned_path_on_cpu(monkeypatch):
     reference; with split B tiles the keys are combined by atomic_max, so without the autotuner
     restoring them between configs the first call returns the maximum over configs (their fp32
     sums differ in the last bit: BLOCK_C 64 vs 128)."""
-    from vtok.kernels import bipartite
-
-    monkeypatch.setattr(bipartite, "_MATCH_BEST", {})
+    monkeypatch.setattr(tuning, "_MATCH_BEST", {})
     interpreted_any_import_order.cache_clear()
     x = torch.randn(2, 130, 256, generator=_gen(3)).to(torch.bfloat16)
     a_idx = torch.arange(0, 130, 3)
@@ -369,7 +365,7 @@ def test_bipartite_match_autotuned_path_on_cpu(monkeypatch):
         ref = K.bipartite_match_torch(x, r=30, **kw)
         for split in (3, 1):  # atomic_max over split programs; the fused single split (plain stores)
             tri = K.bipartite_match_triton(x, r=30, **kw, _b_split=split, _autotune=True)
-            assert len(bipartite._MATCH_BEST) > 0  # the autotuner ran and its choice was kept
+            assert len(tuning._MATCH_BEST) > 0  # the autotuner ran and its choice was kept
             again = K.bipartite_match_triton(x, r=30, **kw, _b_split=split, _autotune=True)
             assert all(torch.equal(u, v) for u, v in zip(tri, again)), (kw.keys(), split)
             _assert_match_equivalent(ref, tri, x, kw.get("protected"), kw.get("a_idx"), exact=False)
@@ -655,9 +651,9 @@ def test_interpreter_independent_of_import_order():
 
     import triton.language as tl
 
-    kern = _common.launchable(K.bipartite._match_kernel, torch.device("cpu"))
+    kern = _common.launchable(match._match_kernel, torch.device("cpu"))
     assert isinstance(kern.fn, InterpretedFunction)
-    assert _common.launchable(K.bipartite._match_kernel, torch.device("cpu")) is kern  # cached
+    assert _common.launchable(match._match_kernel, torch.device("cpu")) is kern  # cached
     before = tl.max
     x = _tokens(1, 9, 5, torch.float32, "int", 0)
     assert torch.equal(K.bipartite_match_triton(x, r=2)[0], K.bipartite_match_torch(x, r=2)[0])
@@ -701,13 +697,11 @@ def test_autotuner_runs_once_per_length_range_over_a_tome_schedule(monkeypatch):
     """ToMe changes the token count at every layer; the autotuner must not time its configs at
     each. ViT-B/16 with r = 8: N = 197, 189, ..., 109 is twelve lengths in two power-of-two ranges
     of N_A / N_B, so two tuning runs and ten direct launches, every one of them exact."""
-    from vtok.kernels import bipartite
-
-    monkeypatch.setattr(bipartite, "_MATCH_BEST", {})
+    monkeypatch.setattr(tuning, "_MATCH_BEST", {})
     interpreted_any_import_order.cache_clear()
     tuned = []
-    real = bipartite._match_tuner
-    monkeypatch.setattr(bipartite, "_match_tuner", lambda device: tuned.append(device) or real(device))
+    real = match._match_tuner
+    monkeypatch.setattr(match, "_match_tuner", lambda device: tuned.append(device) or real(device))
     x = _tokens(1, 197, 16, torch.float32, "int", 9)
     for n in range(197, 108, -8):
         ref = K.bipartite_match_torch(x[:, :n], r=8, protected=1)
@@ -719,15 +713,13 @@ def test_autotuner_runs_once_per_length_range_over_a_tome_schedule(monkeypatch):
 def test_auto_split_policy(monkeypatch):
     """The measured split choice (H100, 132 SMs): the fused single split for ViT batches, about
     four waves of split programs for one long sequence; always 1 off CUDA."""
-    from vtok.kernels import bipartite
-
-    monkeypatch.setattr(bipartite, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
     cuda = torch.device("cuda")  # only its type is read; no GPU needed
-    split = lambda B, N: bipartite._auto_split(B, (N + 1) // 2, N // 2, cuda)  # noqa: E731
+    split = lambda B, N: tuning._auto_split(B, (N + 1) // 2, N // 2, cuda)  # noqa: E731
     assert split(32, 577) == 1 and split(32, 729) == 1  # ViT-L / SigLIP batches: no prologue launch
     assert split(1, 25088) == 6 and split(1, 6272) == 8  # video scale: B tiles over several programs
     assert split(64, 25088) == 1  # four waves of A tiles without splitting
-    assert bipartite._auto_split(1, 12544, 12544, torch.device("cpu")) == 1
+    assert tuning._auto_split(1, 12544, 12544, torch.device("cpu")) == 1
 
 
 def test_input_validation_errors():
