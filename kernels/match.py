@@ -397,8 +397,7 @@ def _top_r_triton(key, r, a_idx=None, b_idx=None):
     return src, dst, scores
 
 
-@torch.no_grad()
-def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None, _b_split=None, _autotune=None):
+def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None):
     """Triton implementation of :func:`vtok.kernels.bipartite_match` (fused, no score matrix).
 
     In the common case (alternating split, int protection) two launches (the fused match, the
@@ -424,24 +423,29 @@ def bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None,
        write their (source, destination, score) to slot rank. Its N_A^2 comparisons grow with the
        square of the length, so above ``tuning._COUNT_MAX`` rows a stable torch sort of the keys
        replaces it.
-
-    Test knobs: ``_b_split`` forces how many programs share the B tiles of one A tile;
-    ``_autotune=True`` takes the autotuned path even under the interpreter.
     """
+    return _bipartite_match_triton(metric, r=r, protected=protected, a_idx=a_idx, b_idx=b_idx)
+
+
+@torch.no_grad()
+def _bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None, split=None, autotune=None):
+    """:func:`bipartite_match_triton` with the knobs tests use: ``split`` forces how many programs
+    share the B tiles of one A tile; ``autotune=True`` takes the autotuned path even under the
+    interpreter (see ``_match_keys_triton``)."""
     B = metric.shape[0]
     fast = _fast_alternating(metric, protected, a_idx, b_idx, r)
     if fast is not None:
         r, prot = fast
         if r == 0:
             return _empty_match(B, metric.device)
-        key = _match_keys_triton(metric, None, None, None, None, True, prot=prot, split=_b_split, autotune=_autotune)
+        key = _match_keys_triton(metric, None, None, None, None, True, prot=prot, split=split, autotune=autotune)
         return _top_r_triton(key, r)
     alternating = a_idx is None and b_idx is None
     a_idx, b_idx, a_ok, b_ok, n_a, n_b = _split(metric, protected, a_idx, b_idx)
     r = _clamp_r(r, a_ok, b_ok, n_a, n_b)
     if r == 0:
         return _empty_match(B, metric.device)
-    key = _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, split=_b_split, autotune=_autotune)
+    key = _match_keys_triton(metric, a_idx, b_idx, a_ok, b_ok, alternating, split=split, autotune=autotune)
     return _top_r_triton(key, r, a_idx, b_idx)
 
 
@@ -450,4 +454,4 @@ if not HAS_TRITON:  # pragma: no cover
     def _no_triton(*_a, **_k):
         raise RuntimeError("vtok.kernels: the Triton backend needs the `triton` package")
 
-    bipartite_match_triton = _no_triton  # noqa: F811
+    bipartite_match_triton = _bipartite_match_triton = _no_triton  # noqa: F811

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import vtok.kernels as K  # noqa: E402
-from vtok.kernels import _common, indexing, match, tuning  # noqa: E402
+from vtok.kernels import _common, attn_probe, greedy, indexing, match, tuning  # noqa: E402
 
 from triton_interp import interpreted_any_import_order  # noqa: E402
 
@@ -241,7 +241,7 @@ def test_attention_colmean_torch_oracle():
     p = _attn_oracle(q, k, 8**-0.5, allowed) * qm[:, None, :, None]
     want = p.sum((1, 2)) / (qm.sum(1) * 4)[:, None]
     for chunk in (1, 4, None):
-        got = K.attention_colmean_torch(q, k, key_mask=km, query_mask=qm, causal=True, chunk=chunk)
+        got = attn_probe._attention_colmean_torch(q, k, key_mask=km, query_mask=qm, causal=True, chunk=chunk)
         assert torch.allclose(got.double(), want, atol=1e-6)
     # without masks every row sums to one: the column means sum to one
     got = K.attention_colmean_torch(q, k)
@@ -307,7 +307,7 @@ def test_bipartite_match_triton_vs_torch(B, N, C, dtype, kind, prot, split, r_fr
     r = int(r_frac * N)
     kw = dict(r=r, protected=protected, a_idx=a_idx)
     ref = K.bipartite_match_torch(x, **kw)
-    tri = K.bipartite_match_triton(x, **kw, _b_split=1 + seed % 3)
+    tri = match._bipartite_match_triton(x, **kw, split=1 + seed % 3)
     _assert_match_equivalent(ref, tri, x, protected, a_idx, exact=(kind == "int"))
 
 
@@ -319,7 +319,7 @@ def test_bipartite_match_triton_multi_tile_ties():
     x[:, 45] = x[:, 3]
     ref = K.bipartite_match_torch(x, r=30)
     for split in (1, 2, 3):  # B tiles shared by 1, 2 or 3 programs; partial maxima meet in atomic_max
-        tri = K.bipartite_match_triton(x, r=30, _b_split=split)
+        tri = match._bipartite_match_triton(x, r=30, split=split)
         _assert_match_equivalent(ref, tri, x, None, None, exact=True)
         assert 63 not in tri[1].flatten().tolist() and 45 not in tri[1].flatten().tolist()
 
@@ -364,9 +364,9 @@ def test_bipartite_match_autotuned_path_on_cpu(monkeypatch):
     for kw in (dict(protected=1), dict(a_idx=a_idx)):  # the fast path; index sets with masks
         ref = K.bipartite_match_torch(x, r=30, **kw)
         for split in (3, 1):  # atomic_max over split programs; the fused single split (plain stores)
-            tri = K.bipartite_match_triton(x, r=30, **kw, _b_split=split, _autotune=True)
+            tri = match._bipartite_match_triton(x, r=30, **kw, split=split, autotune=True)
             assert len(tuning._MATCH_BEST) > 0  # the autotuner ran and its choice was kept
-            again = K.bipartite_match_triton(x, r=30, **kw, _b_split=split, _autotune=True)
+            again = match._bipartite_match_triton(x, r=30, **kw, split=split, autotune=True)
             assert all(torch.equal(u, v) for u, v in zip(tri, again)), (kw.keys(), split)
             _assert_match_equivalent(ref, tri, x, kw.get("protected"), kw.get("a_idx"), exact=False)
 
@@ -481,7 +481,7 @@ def test_greedy_select_triton_vs_torch(B, N, C, dtype, kind, mode, path, use_mas
         pivot = torch.stack([torch.multinomial(valid[b].float(), 1, generator=g)[0] for b in range(B)])
     k = int(k_frac * N)
     ref = K.greedy_select_torch(x, k, mode=mode, pivot=pivot, mask=mask)
-    tri = K.greedy_select_triton(x, k, mode=mode, pivot=pivot, mask=mask, _path=path)
+    tri = greedy._greedy_select_triton(x, k, mode=mode, pivot=pivot, mask=mask, path=path)
     assert tri.dtype == torch.long and tri.shape == ref.shape == (B, min(k, N))
     if kind == "int":
         assert torch.equal(tri, ref)
@@ -499,7 +499,7 @@ def test_greedy_select_triton_stream_multi_block_ties():
     for mode in ("kcenter", "maxsum"):
         ref = K.greedy_select_torch(x, 24, mode=mode)
         for path in ("stream", "gram", "regs"):
-            assert torch.equal(K.greedy_select_triton(x, 24, mode=mode, _path=path), ref), (mode, path)
+            assert torch.equal(greedy._greedy_select_triton(x, 24, mode=mode, path=path), ref), (mode, path)
 
 
 def _probe_inputs(B, Hkv, G, M, Nk, d, dtype, seed):
@@ -531,7 +531,7 @@ def test_attention_rows_triton_vs_torch(B, Hkv, G, R, Nk, d, dtype, key_mask, ca
     elif causal == "tensor":
         co = torch.randint(-1, Nk + 1, (B, R), generator=g)
     ref = K.attention_rows_torch(q, k, key_mask=km, causal_offset=co)
-    tri = K.attention_rows_triton(q, k, key_mask=km, causal_offset=co, _lse_splits=1 + seed % 3)
+    tri = attn_probe._attention_rows_triton(q, k, key_mask=km, causal_offset=co, lse_splits=1 + seed % 3)
     assert tri.shape == (B, R, Nk) and tri.dtype == torch.float32
     assert torch.allclose(ref, tri, atol=2e-6, rtol=1e-4)
 
@@ -705,7 +705,7 @@ def test_autotuner_runs_once_per_length_range_over_a_tome_schedule(monkeypatch):
     x = _tokens(1, 197, 16, torch.float32, "int", 9)
     for n in range(197, 108, -8):
         ref = K.bipartite_match_torch(x[:, :n], r=8, protected=1)
-        tri = K.bipartite_match_triton(x[:, :n], r=8, protected=1, _b_split=2, _autotune=True)
+        tri = match._bipartite_match_triton(x[:, :n], r=8, protected=1, split=2, autotune=True)
         _assert_match_equivalent(ref, tri, x[:, :n], 1, None, exact=True)
     assert len(tuned) == 2
 
@@ -720,6 +720,20 @@ def test_auto_split_policy(monkeypatch):
     assert split(1, 25088) == 6 and split(1, 6272) == 8  # video scale: B tiles over several programs
     assert split(64, 25088) == 1  # four waves of A tiles without splitting
     assert tuning._auto_split(1, 12544, 12544, torch.device("cpu")) == 1
+
+
+def test_triton_signatures_are_the_references():
+    """Each public ``*_triton`` takes exactly its reference's arguments: the knobs tests force code
+    paths with live in private twins (``match._bipartite_match_triton``, ...), not in public
+    signatures."""
+    import inspect
+
+    for name in K.__all__:
+        if name.endswith("_triton"):
+            tri = inspect.signature(getattr(K, name))
+            ref = inspect.signature(getattr(K, name.removesuffix("_triton") + "_torch"))
+            assert tri == ref, (name, tri, ref)
+            assert not any(p.startswith("_") for p in tri.parameters), (name, tri)
 
 
 def test_input_validation_errors():
@@ -824,10 +838,10 @@ def test_gpu_bipartite_and_merge(dtype, monkeypatch):
             ref = K.bipartite_match_torch(x, r=r, **kw)
             # automatic, the fused single-split kernel, three splits (bf16 only: fp32 "ieee" autotuning is slow)
             for split in (None, 1, 3) if dtype == torch.bfloat16 else (None,):
-                tri = K.bipartite_match_triton(x, r=r, **kw, _b_split=split)
+                tri = match._bipartite_match_triton(x, r=r, **kw, split=split)
                 _assert_match_equivalent(ref, tri, x, kw.get("protected"), kw.get("a_idx"), exact=False)
                 # the second call of a shape skips the autotuner (its choice is launched directly)
-                again = K.bipartite_match_triton(x, r=r, **kw, _b_split=split)
+                again = match._bipartite_match_triton(x, r=r, **kw, split=split)
                 assert all(torch.equal(u, v) for u, v in zip(tri, again))
         sizes = torch.rand(B, N, device="cuda") + 0.5
         a = K.merge_weighted_torch(x, sizes, ref[0], ref[1])
@@ -845,7 +859,7 @@ def test_gpu_greedy(mode, monkeypatch):
     x = torch.randint(-3, 4, (2, 700, 64), device="cuda").to(torch.bfloat16)
     ref = K.greedy_select_torch(x, 70, mode=mode)
     for path in ("regs", "gram", "stream"):
-        assert torch.equal(K.greedy_select_triton(x, 70, mode=mode, _path=path), ref), path
+        assert torch.equal(greedy._greedy_select_triton(x, 70, mode=mode, path=path), ref), path
 
 
 @pytest.mark.gpu
@@ -857,7 +871,7 @@ def test_gpu_attention_probes(monkeypatch):
     assert torch.allclose(K.attention_colmean_triton(q, k, causal=True),
                           K.attention_colmean_torch(q, k, causal=True), atol=1e-5, rtol=1e-3)
     for splits in (None, 1, 5):  # automatic, one program per (head, row tile), keys over 5 programs
-        assert torch.allclose(K.attention_rows_triton(q[:, :, -4:], k, causal_offset=296, _lse_splits=splits),
+        assert torch.allclose(attn_probe._attention_rows_triton(q[:, :, -4:], k, causal_offset=296, lse_splits=splits),
                               K.attention_rows_torch(q[:, :, -4:], k, causal_offset=296), atol=1e-5, rtol=1e-3)
     q, k = q[:1, :, :16], torch.randn(1, 4, 9000, 72, device="cuda", dtype=torch.bfloat16)  # few rows, long keys
     assert torch.allclose(K.attention_rows_triton(q, k, causal_offset=8990),
