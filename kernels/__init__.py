@@ -119,7 +119,7 @@ def nearest_merge(x, sizes, keep_idx, *, metric=None):
     """Merge every token outside ``keep_idx [B, K]`` into its most cosine-similar kept token.
 
     Returns ``(x_kept [B, K, C], sizes_kept [B, K])`` in ``keep_idx`` (sorted) order.
-    See :func:`vtok.kernels.merge.nearest_merge_torch`.
+    See :func:`vtok.kernels.merge.nearest_merge_torch`. Used by: no method yet (planned: HoliTom).
     """
     impl = nearest_merge_triton if backend_for(x, needs_grad=_needs_grad(x, sizes)) == "triton" else nearest_merge_torch
     return impl(x, sizes, keep_idx, metric=metric)
@@ -129,7 +129,8 @@ def greedy_select(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Greedy diverse selection (``mode="kcenter"`` or ``"maxsum"``) of k tokens from a pivot.
 
     Returns ``idx [B, k]`` int64 in selection order (``idx[:, 0]`` is the pivot), ``-1`` where a
-    sample has fewer than k valid tokens. See :mod:`vtok.kernels.greedy`.
+    sample has fewer than k valid tokens. See :mod:`vtok.kernels.greedy`. Used by: no method yet
+    (planned: ToDRE).
     """
     impl = greedy_select_triton if backend_for(x) == "triton" else greedy_select_torch
     return impl(x, k, mode=mode, pivot=pivot, mask=mask)

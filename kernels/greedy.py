@@ -101,7 +101,10 @@ def _prepare(x, k, mode, pivot, mask):
 
 @torch.no_grad()
 def greedy_select_torch(x, k, *, mode="kcenter", pivot=None, mask=None):
-    """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (module docstring)."""
+    """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (module docstring).
+
+    Used by: no method yet; kept for the planned ToDRE method (stage 1: max-sum, its v2 default,
+    or k-center, its v1)."""
     k, pivot, mask = _prepare(x, k, mode, pivot, mask)
     B, N, _ = x.shape
     dev = x.device
@@ -278,7 +281,9 @@ def gram_triton(x: torch.Tensor, inv: torch.Tensor, *, blocks=None) -> torch.Ten
 
 
 def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None):
-    """Triton implementation of :func:`vtok.kernels.greedy_select` (one program per sample)."""
+    """Triton implementation of :func:`vtok.kernels.greedy_select` (one program per sample).
+
+    Used by: no method yet; kept for the planned ToDRE method."""
     return _greedy_select_triton(x, k, mode=mode, pivot=pivot, mask=mask)
 
 

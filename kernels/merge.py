@@ -261,6 +261,8 @@ def nearest_merge_torch(x, sizes, keep_idx, *, metric=None):
     sequentially (``h_kept <- (h_kept + h_drop) / 2`` in position order, which weights later
     members more); a method that wants that exact weighting can pass matching ``sizes`` or use
     the closed form in the spec; the matching step is the same.
+
+    Used by: no method yet; kept for the planned HoliTom method (its merge inside the LLM).
     """
     keep_idx, src, dst = _nearest_pairs(x, keep_idx, metric, bipartite_match_torch)
     if keep_idx.shape[1] == 0:
@@ -270,7 +272,8 @@ def nearest_merge_torch(x, sizes, keep_idx, *, metric=None):
 
 
 def nearest_merge_triton(x, sizes, keep_idx, *, metric=None):
-    """Triton implementation of :func:`vtok.kernels.nearest_merge`."""
+    """Triton implementation of :func:`vtok.kernels.nearest_merge` (the Triton match, then the Triton
+    merge). Used by: no method yet; kept for the planned HoliTom method."""
     keep_idx, src, dst = _nearest_pairs(x, keep_idx, metric, bipartite_match_triton)
     if keep_idx.shape[1] == 0:
         raise ValueError("nearest_merge: keep_idx is empty; there is no token to merge into")
