@@ -229,6 +229,21 @@ def test_train_helpers():
     assert T.one_cycle_lr(0.5, 1e-3) < 1e-3
 
 
+def test_log_records_no_machine_paths(tmp_path):
+    """The training log ships with the package: paths in it are relative to its folder (or bare file
+    names), in the shipped log and in what train_projector writes."""
+    import json
+
+    log = tmp_path / "assets" / "train_log.jsonl"
+    assert T.path_for_log(tmp_path / "assets" / "projector.safetensors", log) == "projector.safetensors"
+    assert T.path_for_log(tmp_path / "assets" / "runs" / "p.safetensors", log) == "runs/p.safetensors"
+    assert T.path_for_log(tmp_path / "out" / "p.safetensors", log) == "p.safetensors"
+    for line in T.DEFAULT_LOG.read_text().splitlines():
+        for key in ("saved", "projector"):
+            value = json.loads(line).get(key)
+            assert value is None or not (value.startswith("/") or ":" in value), line
+
+
 # --------------------------------------------------------------------------------------------------------------
 # A tiny random LLaVA(Dinov2 + Llama) assembled by the same code path
 # --------------------------------------------------------------------------------------------------------------
