@@ -243,8 +243,27 @@ def _shard(n: int, rank: int, world: int) -> list:
 # ----------------------------------------------------------------------------- running one setting
 
 
-def _run(model, dataset, setting: Setting, indices: list, batch_size: int, bar) -> list:
-    """Per sample of ``indices``: (index, score, visual_entry, visual_final, flops); plus batch times."""
+@dataclass(frozen=True)
+class _Sample:
+    """One sample's numbers under one setting."""
+
+    index: int
+    score: float
+    visual_entry: float  # visual tokens entering (the full count)
+    visual_final: float  # visual tokens left at the end
+    flops: float
+
+
+@dataclass
+class _ShardResult:
+    """What one process measured for one setting: its samples and the wall time of each batch (ms)."""
+
+    samples: list
+    batch_ms: list
+
+
+def _run(model, dataset, setting: Setting, indices: list, batch_size: int, bar) -> _ShardResult:
+    """The samples of ``indices`` under ``setting``, and the time of each batch."""
     import vtok
 
     from .flops import Tracker
@@ -272,23 +291,24 @@ def _run(model, dataset, setting: Setting, indices: list, batch_size: int, bar) 
                 flops = [tot / len(idx)] * len(idx)
                 entry = [sum(sum(r.visual_entry) for r in reports) / len(idx)] * len(idx)
                 final = [sum(sum(r.visual_final) for r in reports) / len(idx)] * len(idx)
-            records += [(i, s, e, f, fl) for i, s, e, f, fl in zip(idx, scores, entry, final, flops)]
+            records += [_Sample(*rec) for rec in zip(idx, scores, entry, final, flops)]
             if bar is not None:
                 bar.update(1)
     finally:
         if handle is not None:
             handle.remove()
-    return [("t", times)] + records
+    return _ShardResult(records, times)
 
 
-def _summarise(setting: Setting, gathered: list, full: Row | None) -> Row:
-    times = [t for item in gathered if item[0] == "t" for t in item[1]]
-    recs = sorted((item for item in gathered if item[0] != "t"), key=lambda r: r[0])
+def _summarise(setting: Setting, shards: list, full: Row | None) -> Row:
+    """One row from the results of every process (``shards``, in rank order)."""
+    times = [t for shard in shards for t in shard.batch_ms]
+    recs = sorted((s for shard in shards for s in shard.samples), key=lambda s: s.index)
     n = len(recs)
-    acc = sum(r[1] for r in recs) / n
-    entry = sum(r[2] for r in recs) / n
-    final = sum(r[3] for r in recs) / n
-    tflops = sum(r[4] for r in recs) / n / 1e12
+    acc = sum(r.score for r in recs) / n
+    entry = sum(r.visual_entry for r in recs) / n
+    final = sum(r.visual_final for r in recs) / n
+    tflops = sum(r.flops for r in recs) / n / 1e12
     return Row(
         method=setting.label,
         settings=setting.settings_str(),
@@ -342,8 +362,8 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
 
     def run(setting: Setting) -> Row:
         bar.set_postfix_str(f"{setting.label} {setting.settings_str()}")
-        gathered = _gather(state, _run(model, dataset, setting, mine, batch_size, bar))
-        row = _summarise(setting, gathered, result.rows[0] if result.rows else None)
+        shards = _gather(state, [_run(model, dataset, setting, mine, batch_size, bar)])
+        row = _summarise(setting, shards, result.rows[0] if result.rows else None)
         result.rows.append(row)
         seen.add((setting.method, repr(setting.settings)))  # repr: list values are unhashable
         return row

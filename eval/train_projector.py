@@ -93,6 +93,13 @@ def cached_features(model, cache_dir, split: str, image_ids: list[int], paths: d
     return d
 
 
+def path_for_log(path, log_path: Path) -> str:
+    """``path`` as a log record names it: relative to the log's folder when it lies inside it, else
+    its file name. The log ships with the package, so it records no machine's folders."""
+    p, base = Path(path).resolve(), Path(log_path).resolve().parent
+    return str(p.relative_to(base)) if p.is_relative_to(base) else p.name
+
+
 def append_log(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -219,7 +226,7 @@ def train(a) -> None:
     rec = {"event": "interrupted" if interrupted else "end", "step": step, "samples": seen,
            "elapsed_s": round(time.time() - t0, 1),
            "samples_per_s": round(seen / max(1e-9, time.time() - t0), 3),
-           "pool_counts": {str(k): v for k, v in pool_counts.items()}, "saved": str(a.out)}
+           "pool_counts": {str(k): v for k, v in pool_counts.items()}, "saved": path_for_log(a.out, log_path)}
     if run_n:
         rec["loss"] = run_loss / run_n
     append_log(log_path, rec)
@@ -234,7 +241,8 @@ def evaluate(a) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             r = O.evaluate_easy_vqa(model, helper, n=a.eval, batch_size=a.eval_batch_size, pool=pool,
                                     seed=a.seed)
-        r.update({"event": "eval", "tokens": O.num_image_tokens(pool=pool), "projector": str(a.out),
+        r.update({"event": "eval", "tokens": O.num_image_tokens(pool=pool),
+                  "projector": path_for_log(a.out, Path(a.log)) if a.log else str(a.out),
                   "seconds": round(time.time() - t, 1)})
         print(json.dumps(r), flush=True)
         if a.log:

@@ -2,7 +2,7 @@
 
 Public functions (dispatching):
 
-* :func:`bipartite_match`, :func:`merge_weighted`, :func:`nearest_merge` (``bipartite.py``)
+* :func:`bipartite_match` (``match.py``), :func:`merge_weighted`, :func:`nearest_merge` (``merge.py``)
 * :func:`greedy_select` (``greedy.py``)
 * :func:`attention_rows`, :func:`attention_colmean` (``attn_probe.py``)
 
@@ -27,15 +27,9 @@ from .attn_probe import (
     attention_rows_torch,
     attention_rows_triton,
 )
-from .bipartite import (
-    bipartite_match_torch,
-    bipartite_match_triton,
-    merge_weighted_torch,
-    merge_weighted_triton,
-    nearest_merge_torch,
-    nearest_merge_triton,
-)
 from .greedy import greedy_select_torch, greedy_select_triton
+from .match import bipartite_match_torch, bipartite_match_triton
+from .merge import merge_weighted_torch, merge_weighted_triton, nearest_merge_torch, nearest_merge_triton
 
 __all__ = [
     "ENV_VAR",
@@ -104,7 +98,7 @@ def bipartite_match(metric, *, r, protected=None, a_idx=None, b_idx=None):
     count of leading tokens, or bool mask ``[B, N]`` / ``[N]``; protected tokens are neither
     sources nor destinations. Returns ``(src_idx [B, r], dst_idx [B, r], scores [B, r])``,
     most similar first, ties to the lowest token index; r is clamped to the mergeable A count.
-    See :mod:`vtok.kernels.bipartite`.
+    See :func:`vtok.kernels.match.bipartite_match_torch`.
     """
     impl = bipartite_match_triton if backend_for(metric) == "triton" else bipartite_match_torch
     return impl(metric, r=r, protected=protected, a_idx=a_idx, b_idx=b_idx)
@@ -115,7 +109,7 @@ def merge_weighted(x, sizes, src_idx, dst_idx):
 
     Survivors keep their original order; fp32 accumulation; outputs in the input dtypes.
     Differentiable through the torch path, which is chosen when ``x`` or ``sizes`` needs grad.
-    See :mod:`vtok.kernels.bipartite`.
+    See :func:`vtok.kernels.merge.merge_weighted_torch`.
     """
     impl = merge_weighted_triton if backend_for(x, needs_grad=_needs_grad(x, sizes)) == "triton" else merge_weighted_torch
     return impl(x, sizes, src_idx, dst_idx)
@@ -125,6 +119,7 @@ def nearest_merge(x, sizes, keep_idx, *, metric=None):
     """Merge every token outside ``keep_idx [B, K]`` into its most cosine-similar kept token.
 
     Returns ``(x_kept [B, K, C], sizes_kept [B, K])`` in ``keep_idx`` (sorted) order.
+    See :func:`vtok.kernels.merge.nearest_merge_torch`. Used by: no method yet (planned: HoliTom).
     """
     impl = nearest_merge_triton if backend_for(x, needs_grad=_needs_grad(x, sizes)) == "triton" else nearest_merge_torch
     return impl(x, sizes, keep_idx, metric=metric)
@@ -134,7 +129,8 @@ def greedy_select(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Greedy diverse selection (``mode="kcenter"`` or ``"maxsum"``) of k tokens from a pivot.
 
     Returns ``idx [B, k]`` int64 in selection order (``idx[:, 0]`` is the pivot), ``-1`` where a
-    sample has fewer than k valid tokens. See :mod:`vtok.kernels.greedy`.
+    sample has fewer than k valid tokens. See :mod:`vtok.kernels.greedy`. Used by: no method yet
+    (planned: ToDRE).
     """
     impl = greedy_select_triton if backend_for(x) == "triton" else greedy_select_torch
     return impl(x, k, mode=mode, pivot=pivot, mask=mask)

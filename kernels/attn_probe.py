@@ -127,9 +127,15 @@ def attention_rows_torch(q, k, *, scale=None, key_mask=None, causal_offset=None)
     return p.sum(dim=(1, 2)) / Hq
 
 
-@torch.no_grad()
-def attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False, chunk=None):
+def attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False):
     """Torch reference of :func:`vtok.kernels.attention_colmean`, chunked over query rows."""
+    return _attention_colmean_torch(q, k, scale=scale, key_mask=key_mask, query_mask=query_mask, causal=causal)
+
+
+@torch.no_grad()
+def _attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False, chunk=None):
+    """:func:`attention_colmean_torch` with the knob tests use: ``chunk`` query rows at a time
+    (default: about 64 MiB of fp32 scores)."""
     B, Hq, Hkv, d = _check_qk(q, k)
     Nq, Nk = q.shape[2], k.shape[2]
     dev = q.device
@@ -362,11 +368,15 @@ def _kmask8(key_mask, B, Nk, device):
     return key_mask.to(torch.int8).contiguous()
 
 
-@torch.no_grad()
-def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None, _lse_splits=None):
-    """Triton implementation of :func:`vtok.kernels.attention_rows` (two passes, no map).
+def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None):
+    """Triton implementation of :func:`vtok.kernels.attention_rows` (two passes, no map)."""
+    return _attention_rows_triton(q, k, scale=scale, key_mask=key_mask, causal_offset=causal_offset)
 
-    ``_lse_splits`` forces the number of key splits of the LSE pass (tests)."""
+
+@torch.no_grad()
+def _attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None, lse_splits=None):
+    """:func:`attention_rows_triton` with the knob tests use: ``lse_splits`` forces the number of
+    key splits of the LSE pass."""
     B, Hq, Hkv, d = _check_qk(q, k)
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must share a dtype; got {q.dtype} and {k.dtype}")
@@ -384,7 +394,7 @@ def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None
         qpos32 = pos.clamp(-1, _NO_LIMIT).to(torch.int32).contiguous()
     sc = _scale(scale, d)
     bm, bn, bd, warps = _blocks(dev, d, R)
-    lse = _run_lse(q, k, kmask8, qpos32, sc, bm, bn, bd, warps, split=_lse_splits)
+    lse = _run_lse(q, k, kmask8, qpos32, sc, bm, bn, bd, warps, split=lse_splits)
     upcast, prec = dot_flags(q.dtype, dev)
     launchable(_rows_kernel, dev)[(B, triton.cdiv(R, bm), triton.cdiv(Nk, bn))](
         q, k, kmask8, qpos32, lse, out,
@@ -446,4 +456,4 @@ if not HAS_TRITON:  # pragma: no cover
     def _no_triton(*_a, **_k):
         raise RuntimeError("vtok.kernels: the Triton backend needs the `triton` package")
 
-    attention_rows_triton = attention_colmean_triton = _no_triton  # noqa: F811
+    attention_rows_triton = _attention_rows_triton = attention_colmean_triton = _no_triton  # noqa: F811

@@ -101,7 +101,10 @@ def _prepare(x, k, mode, pivot, mask):
 
 @torch.no_grad()
 def greedy_select_torch(x, k, *, mode="kcenter", pivot=None, mask=None):
-    """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (module docstring)."""
+    """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (module docstring).
+
+    Used by: no method yet; kept for the planned ToDRE method (stage 1: max-sum, its v2 default,
+    or k-center, its v1)."""
     k, pivot, mask = _prepare(x, k, mode, pivot, mask)
     B, N, _ = x.shape
     dev = x.device
@@ -277,12 +280,17 @@ def gram_triton(x: torch.Tensor, inv: torch.Tensor, *, blocks=None) -> torch.Ten
     return g
 
 
-@torch.no_grad()
-def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, _path=None, _block_n=None):
+def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Triton implementation of :func:`vtok.kernels.greedy_select` (one program per sample).
 
-    ``_path`` ("regs", "gram", "stream") and ``_block_n`` force a code path (tests/benchmarks).
-    """
+    Used by: no method yet; kept for the planned ToDRE method."""
+    return _greedy_select_triton(x, k, mode=mode, pivot=pivot, mask=mask)
+
+
+@torch.no_grad()
+def _greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, path=None, block_n=None):
+    """:func:`greedy_select_triton` with the knobs tests use: ``path`` ("regs", "gram", "stream")
+    and ``block_n`` force a code path."""
     k, pivot, mask = _prepare(x, k, mode, pivot, mask)
     B, N, D = x.shape
     dev = x.device
@@ -291,12 +299,11 @@ def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, _path=N
         return out
     inv = inv_norm(x)
     valid = (mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=dev)).to(torch.int8).contiguous()
-    path = _path
     if path is None:
         fits = B * N * N * 4 <= _gram_budget(dev)
         path = "regs" if (fits and N <= REGISTER_N_MAX) else ("gram" if fits else "stream")
     if path not in ("regs", "gram", "stream"):
-        raise ValueError(f"_path must be 'regs', 'gram' or 'stream'; got {path!r}")
+        raise ValueError(f"path must be 'regs', 'gram' or 'stream'; got {path!r}")
     use_gram = path in ("regs", "gram")
     g = gram_triton(x, inv) if use_gram else inv  # placeholder pointer when unused
     in_regs = path == "regs"
@@ -307,10 +314,10 @@ def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, _path=N
         warps = 16 if block_n >= 4096 else (8 if block_n >= 1024 else 4)
     elif dev.type == "cuda":
         # gram: 4096-wide blocks of a G row per iteration; stream: a [256, 64] tile of X.
-        block_n = _block_n or (4096 if use_gram else 256)
+        block_n = block_n or (4096 if use_gram else 256)
         warps = 16 if block_n >= 4096 else 8
     else:
-        block_n, warps = _block_n or 16, 4
+        block_n, warps = block_n or 16, 4
     block_d = 32 if dev.type == "cuda" else min(32, max(16, next_pow2(D)))
     state = torch.empty(B, N, dtype=torch.float32, device=dev) if not in_regs else inv
     pivot = pivot.contiguous()
@@ -329,3 +336,5 @@ if not HAS_TRITON:  # pragma: no cover
 
     def greedy_select_triton(*_a, **_k):  # noqa: F811
         raise RuntimeError("vtok.kernels: the Triton backend needs the `triton` package")
+
+    _greedy_select_triton = greedy_select_triton

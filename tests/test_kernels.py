@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import vtok.kernels as K  # noqa: E402
-from vtok.kernels import _common  # noqa: E402
+from vtok.kernels import _common, attn_probe, greedy, indexing, match, tuning  # noqa: E402
 
 from triton_interp import interpreted_any_import_order  # noqa: E402
 
@@ -241,7 +241,7 @@ def test_attention_colmean_torch_oracle():
     p = _attn_oracle(q, k, 8**-0.5, allowed) * qm[:, None, :, None]
     want = p.sum((1, 2)) / (qm.sum(1) * 4)[:, None]
     for chunk in (1, 4, None):
-        got = K.attention_colmean_torch(q, k, key_mask=km, query_mask=qm, causal=True, chunk=chunk)
+        got = attn_probe._attention_colmean_torch(q, k, key_mask=km, query_mask=qm, causal=True, chunk=chunk)
         assert torch.allclose(got.double(), want, atol=1e-6)
     # without masks every row sums to one: the column means sum to one
     got = K.attention_colmean_torch(q, k)
@@ -275,7 +275,7 @@ def _assert_match_equivalent(ref, tri, metric, protected, a_idx, exact):
     # Near-ties may pick a different but equally good pair: check optimality within tolerance.
     cos = _cos64(metric.float())
     B, N, _ = metric.shape
-    pm = K.bipartite._protected_mask(protected, B, N, metric.device)
+    pm = indexing._protected_mask(protected, B, N, metric.device)
     for b in range(B):
         srcs = ts[b].tolist()
         assert len(set(srcs)) == len(srcs)
@@ -307,7 +307,7 @@ def test_bipartite_match_triton_vs_torch(B, N, C, dtype, kind, prot, split, r_fr
     r = int(r_frac * N)
     kw = dict(r=r, protected=protected, a_idx=a_idx)
     ref = K.bipartite_match_torch(x, **kw)
-    tri = K.bipartite_match_triton(x, **kw, _b_split=1 + seed % 3)
+    tri = match._bipartite_match_triton(x, **kw, split=1 + seed % 3)
     _assert_match_equivalent(ref, tri, x, protected, a_idx, exact=(kind == "int"))
 
 
@@ -319,7 +319,7 @@ def test_bipartite_match_triton_multi_tile_ties():
     x[:, 45] = x[:, 3]
     ref = K.bipartite_match_torch(x, r=30)
     for split in (1, 2, 3):  # B tiles shared by 1, 2 or 3 programs; partial maxima meet in atomic_max
-        tri = K.bipartite_match_triton(x, r=30, _b_split=split)
+        tri = match._bipartite_match_triton(x, r=30, split=split)
         _assert_match_equivalent(ref, tri, x, None, None, exact=True)
         assert 63 not in tri[1].flatten().tolist() and 45 not in tri[1].flatten().tolist()
 
@@ -329,8 +329,6 @@ def test_sort_paths_equal_counting_kernels(dtype, monkeypatch):
     """Long sequences take the top r by a torch sort of the keys, and the merge bookkeeping by
     torch sorts, instead of the counting kernels: the same pairs, scores and order (exact ties from
     duplicated tokens, protected rows) and the same merged tokens."""
-    from vtok.kernels import bipartite
-
     x = _tokens(2, 41, 12, dtype, "int", 11)
     x[:, 30] = x[:, 0]
     x[:, 33] = x[:, 1]
@@ -342,7 +340,7 @@ def test_sort_paths_equal_counting_kernels(dtype, monkeypatch):
     sizes = torch.rand(2, 41, generator=_gen(5)) + 0.5
     counted = [K.bipartite_match_triton(x, **kw) for kw in cases]
     merged = K.merge_weighted_triton(x, sizes, *pairs)
-    monkeypatch.setattr(bipartite, "_COUNT_MAX", 0)
+    monkeypatch.setattr(tuning, "_COUNT_MAX", 0)  # read by the match and the merge
     for kw, c in zip(cases, counted):
         s = K.bipartite_match_triton(x, **kw)
         assert all(torch.equal(u, v) for u, v in zip(c, s)), kw
@@ -359,18 +357,16 @@ def test_bipartite_match_autotuned_path_on_cpu(monkeypatch):
     reference; with split B tiles the keys are combined by atomic_max, so without the autotuner
     restoring them between configs the first call returns the maximum over configs (their fp32
     sums differ in the last bit: BLOCK_C 64 vs 128)."""
-    from vtok.kernels import bipartite
-
-    monkeypatch.setattr(bipartite, "_MATCH_BEST", {})
+    monkeypatch.setattr(tuning, "_MATCH_BEST", {})
     interpreted_any_import_order.cache_clear()
     x = torch.randn(2, 130, 256, generator=_gen(3)).to(torch.bfloat16)
     a_idx = torch.arange(0, 130, 3)
     for kw in (dict(protected=1), dict(a_idx=a_idx)):  # the fast path; index sets with masks
         ref = K.bipartite_match_torch(x, r=30, **kw)
         for split in (3, 1):  # atomic_max over split programs; the fused single split (plain stores)
-            tri = K.bipartite_match_triton(x, r=30, **kw, _b_split=split, _autotune=True)
-            assert len(bipartite._MATCH_BEST) > 0  # the autotuner ran and its choice was kept
-            again = K.bipartite_match_triton(x, r=30, **kw, _b_split=split, _autotune=True)
+            tri = match._bipartite_match_triton(x, r=30, **kw, split=split, autotune=True)
+            assert len(tuning._MATCH_BEST) > 0  # the autotuner ran and its choice was kept
+            again = match._bipartite_match_triton(x, r=30, **kw, split=split, autotune=True)
             assert all(torch.equal(u, v) for u, v in zip(tri, again)), (kw.keys(), split)
             _assert_match_equivalent(ref, tri, x, kw.get("protected"), kw.get("a_idx"), exact=False)
 
@@ -485,7 +481,7 @@ def test_greedy_select_triton_vs_torch(B, N, C, dtype, kind, mode, path, use_mas
         pivot = torch.stack([torch.multinomial(valid[b].float(), 1, generator=g)[0] for b in range(B)])
     k = int(k_frac * N)
     ref = K.greedy_select_torch(x, k, mode=mode, pivot=pivot, mask=mask)
-    tri = K.greedy_select_triton(x, k, mode=mode, pivot=pivot, mask=mask, _path=path)
+    tri = greedy._greedy_select_triton(x, k, mode=mode, pivot=pivot, mask=mask, path=path)
     assert tri.dtype == torch.long and tri.shape == ref.shape == (B, min(k, N))
     if kind == "int":
         assert torch.equal(tri, ref)
@@ -503,7 +499,7 @@ def test_greedy_select_triton_stream_multi_block_ties():
     for mode in ("kcenter", "maxsum"):
         ref = K.greedy_select_torch(x, 24, mode=mode)
         for path in ("stream", "gram", "regs"):
-            assert torch.equal(K.greedy_select_triton(x, 24, mode=mode, _path=path), ref), (mode, path)
+            assert torch.equal(greedy._greedy_select_triton(x, 24, mode=mode, path=path), ref), (mode, path)
 
 
 def _probe_inputs(B, Hkv, G, M, Nk, d, dtype, seed):
@@ -535,7 +531,7 @@ def test_attention_rows_triton_vs_torch(B, Hkv, G, R, Nk, d, dtype, key_mask, ca
     elif causal == "tensor":
         co = torch.randint(-1, Nk + 1, (B, R), generator=g)
     ref = K.attention_rows_torch(q, k, key_mask=km, causal_offset=co)
-    tri = K.attention_rows_triton(q, k, key_mask=km, causal_offset=co, _lse_splits=1 + seed % 3)
+    tri = attn_probe._attention_rows_triton(q, k, key_mask=km, causal_offset=co, lse_splits=1 + seed % 3)
     assert tri.shape == (B, R, Nk) and tri.dtype == torch.float32
     assert torch.allclose(ref, tri, atol=2e-6, rtol=1e-4)
 
@@ -655,9 +651,9 @@ def test_interpreter_independent_of_import_order():
 
     import triton.language as tl
 
-    kern = _common.launchable(K.bipartite._match_kernel, torch.device("cpu"))
+    kern = _common.launchable(match._match_kernel, torch.device("cpu"))
     assert isinstance(kern.fn, InterpretedFunction)
-    assert _common.launchable(K.bipartite._match_kernel, torch.device("cpu")) is kern  # cached
+    assert _common.launchable(match._match_kernel, torch.device("cpu")) is kern  # cached
     before = tl.max
     x = _tokens(1, 9, 5, torch.float32, "int", 0)
     assert torch.equal(K.bipartite_match_triton(x, r=2)[0], K.bipartite_match_torch(x, r=2)[0])
@@ -701,17 +697,15 @@ def test_autotuner_runs_once_per_length_range_over_a_tome_schedule(monkeypatch):
     """ToMe changes the token count at every layer; the autotuner must not time its configs at
     each. ViT-B/16 with r = 8: N = 197, 189, ..., 109 is twelve lengths in two power-of-two ranges
     of N_A / N_B, so two tuning runs and ten direct launches, every one of them exact."""
-    from vtok.kernels import bipartite
-
-    monkeypatch.setattr(bipartite, "_MATCH_BEST", {})
+    monkeypatch.setattr(tuning, "_MATCH_BEST", {})
     interpreted_any_import_order.cache_clear()
     tuned = []
-    real = bipartite._match_tuner
-    monkeypatch.setattr(bipartite, "_match_tuner", lambda device: tuned.append(device) or real(device))
+    real = match._match_tuner
+    monkeypatch.setattr(match, "_match_tuner", lambda device: tuned.append(device) or real(device))
     x = _tokens(1, 197, 16, torch.float32, "int", 9)
     for n in range(197, 108, -8):
         ref = K.bipartite_match_torch(x[:, :n], r=8, protected=1)
-        tri = K.bipartite_match_triton(x[:, :n], r=8, protected=1, _b_split=2, _autotune=True)
+        tri = match._bipartite_match_triton(x[:, :n], r=8, protected=1, split=2, autotune=True)
         _assert_match_equivalent(ref, tri, x[:, :n], 1, None, exact=True)
     assert len(tuned) == 2
 
@@ -719,15 +713,27 @@ def test_autotuner_runs_once_per_length_range_over_a_tome_schedule(monkeypatch):
 def test_auto_split_policy(monkeypatch):
     """The measured split choice (H100, 132 SMs): the fused single split for ViT batches, about
     four waves of split programs for one long sequence; always 1 off CUDA."""
-    from vtok.kernels import bipartite
-
-    monkeypatch.setattr(bipartite, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
     cuda = torch.device("cuda")  # only its type is read; no GPU needed
-    split = lambda B, N: bipartite._auto_split(B, (N + 1) // 2, N // 2, cuda)  # noqa: E731
+    split = lambda B, N: tuning._auto_split(B, (N + 1) // 2, N // 2, cuda)  # noqa: E731
     assert split(32, 577) == 1 and split(32, 729) == 1  # ViT-L / SigLIP batches: no prologue launch
     assert split(1, 25088) == 6 and split(1, 6272) == 8  # video scale: B tiles over several programs
     assert split(64, 25088) == 1  # four waves of A tiles without splitting
-    assert bipartite._auto_split(1, 12544, 12544, torch.device("cpu")) == 1
+    assert tuning._auto_split(1, 12544, 12544, torch.device("cpu")) == 1
+
+
+def test_triton_signatures_are_the_references():
+    """Each public ``*_triton`` takes exactly its reference's arguments: the knobs tests force code
+    paths with live in private twins (``match._bipartite_match_triton``, ...), not in public
+    signatures."""
+    import inspect
+
+    for name in K.__all__:
+        if name.endswith("_triton"):
+            tri = inspect.signature(getattr(K, name))
+            ref = inspect.signature(getattr(K, name.removesuffix("_triton") + "_torch"))
+            assert tri == ref, (name, tri, ref)
+            assert not any(p.startswith("_") for p in tri.parameters), (name, tri)
 
 
 def test_input_validation_errors():
@@ -832,10 +838,10 @@ def test_gpu_bipartite_and_merge(dtype, monkeypatch):
             ref = K.bipartite_match_torch(x, r=r, **kw)
             # automatic, the fused single-split kernel, three splits (bf16 only: fp32 "ieee" autotuning is slow)
             for split in (None, 1, 3) if dtype == torch.bfloat16 else (None,):
-                tri = K.bipartite_match_triton(x, r=r, **kw, _b_split=split)
+                tri = match._bipartite_match_triton(x, r=r, **kw, split=split)
                 _assert_match_equivalent(ref, tri, x, kw.get("protected"), kw.get("a_idx"), exact=False)
                 # the second call of a shape skips the autotuner (its choice is launched directly)
-                again = K.bipartite_match_triton(x, r=r, **kw, _b_split=split)
+                again = match._bipartite_match_triton(x, r=r, **kw, split=split)
                 assert all(torch.equal(u, v) for u, v in zip(tri, again))
         sizes = torch.rand(B, N, device="cuda") + 0.5
         a = K.merge_weighted_torch(x, sizes, ref[0], ref[1])
@@ -853,7 +859,7 @@ def test_gpu_greedy(mode, monkeypatch):
     x = torch.randint(-3, 4, (2, 700, 64), device="cuda").to(torch.bfloat16)
     ref = K.greedy_select_torch(x, 70, mode=mode)
     for path in ("regs", "gram", "stream"):
-        assert torch.equal(K.greedy_select_triton(x, 70, mode=mode, _path=path), ref), path
+        assert torch.equal(greedy._greedy_select_triton(x, 70, mode=mode, path=path), ref), path
 
 
 @pytest.mark.gpu
@@ -865,7 +871,7 @@ def test_gpu_attention_probes(monkeypatch):
     assert torch.allclose(K.attention_colmean_triton(q, k, causal=True),
                           K.attention_colmean_torch(q, k, causal=True), atol=1e-5, rtol=1e-3)
     for splits in (None, 1, 5):  # automatic, one program per (head, row tile), keys over 5 programs
-        assert torch.allclose(K.attention_rows_triton(q[:, :, -4:], k, causal_offset=296, _lse_splits=splits),
+        assert torch.allclose(attn_probe._attention_rows_triton(q[:, :, -4:], k, causal_offset=296, lse_splits=splits),
                               K.attention_rows_torch(q[:, :, -4:], k, causal_offset=296), atol=1e-5, rtol=1e-3)
     q, k = q[:1, :, :16], torch.randn(1, 4, 9000, 72, device="cuda", dtype=torch.bfloat16)  # few rows, long keys
     assert torch.allclose(K.attention_rows_triton(q, k, causal_offset=8990),

