@@ -154,3 +154,51 @@ def test_state_is_fresh_for_every_prefill():
         first = [(r.tokens_in, r.tokens_out) for r in h.stats]
         forward(model, batch)
         assert [(r.tokens_in, r.tokens_out) for r in h.stats] == first
+
+
+@pytest.mark.parametrize("case_name", VLMS)
+def test_transition_probe_is_the_models_own_sub_block_io(case_name):
+    """Transition(L) holds, at the visual tokens, the attention's normed input and its output before the
+    residual, and the MLP's normed input and output -- as the model computed them in this forward."""
+    from dataclasses import dataclass
+
+    from vtok.method import Transition
+
+    model, batch = _batch(case_name, seed=4)
+    dec = model.model.language_model.layers[1]
+    mine = {}
+    hooks = [
+        dec.input_layernorm.register_forward_hook(lambda m, a, out: mine.__setitem__("attn_in", out)),
+        dec.self_attn.register_forward_hook(lambda m, a, out: mine.__setitem__("attn_out", out[0])),
+        dec.post_attention_layernorm.register_forward_hook(lambda m, a, out: mine.__setitem__("mlp_in", out)),
+        dec.mlp.register_forward_hook(lambda m, a, out: mine.__setitem__("mlp_out", out)),
+    ]
+    got = {}
+
+    @dataclass
+    class Reads(vtok.Method):
+        name = "reads_transitions"
+        stages = ("in_llm",)
+        position_policy = "keep"
+
+        def probes(self):
+            return [Transition(1)]
+
+        def llm_layers(self):
+            return [2]
+
+        def in_llm(self, view):
+            got["t"], got["view"] = view.probes[Transition(1)], view
+            return [torch.arange(i.numel()) for i in view.visual_index]
+
+    try:
+        with vtok.apply(model, Reads()), torch.no_grad():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    t, view = got["t"], got["view"]
+    rows = t.rows_for(view)
+    for name in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+        for b, idx in enumerate(view.visual_index):
+            torch.testing.assert_close(getattr(t, name)[b][rows[b]], mine[name][b, idx], atol=0, rtol=0)
