@@ -31,7 +31,7 @@ from vtok.method import (
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
-from .base import Adapter
+from .base import Adapter, per_thread
 from .hf_llm import (
     SeqState,
     attention_scores,
@@ -83,6 +83,12 @@ class _Generation:
 class VLMAdapter(Adapter):
     stages = ("before_llm", "in_llm")
     probe_types = (ViTAttention, LLMAttention, Transition, TextQuery)
+
+    # per-call state, one per thread (a model may serve several threads at once)
+    _fw = per_thread()  # the forward in flight
+    _gen = per_thread()  # what the last prefill left for the decode steps that follow it
+    _captured = per_thread(dict)  # ViT probes captured while the vision tower ran
+    _pending_labels = per_thread()
 
     # subclass interface ------------------------------------------------------
     #: placeholder token id(s) whose positions hold visual features
@@ -190,33 +196,69 @@ class VLMAdapter(Adapter):
         for layer in sorted(transition_layers):
             self._hook_transition(layer)
 
-    # top level: labels and logits --------------------------------------------
+    # top level: labels, loss and what the caller gets back ------------------------------------
     def _top_pre(self, module, args, kwargs):
-        labels = kwargs.pop("labels", None)
-        self._pending_labels = labels
+        """The loss is computed after the forward, on the layout the LLM really ran (see ``_top_post``);
+        the output is a dict inside and turned into a tuple at the end if the caller asked for one."""
+        labels = {k: kwargs.pop(k) for k in ("labels", "shift_labels") if kwargs.get(k) is not None}
+        loss_kw = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        keep = kwargs.get("logits_to_keep", 0)
+        if isinstance(keep, torch.Tensor):
+            if keep.numel() == 1:
+                keep = int(keep)
+            else:
+                raise ValueError(
+                    "vtok maps logits back to the caller's sequence for logits_to_keep given as an int (the last "
+                    "rows); with a method attached, pass an int, or compute the rows you need from all logits"
+                )
+        self._pending_labels = (labels, loss_kw, int(keep or 0), kwargs.get("return_dict") is False)
+        if kwargs.get("return_dict") is False:
+            kwargs["return_dict"] = True
         return args, kwargs
 
     def _top_post(self, module, args, kwargs, output):
         fw = self._fw
-        labels, self._pending_labels = self._pending_labels, None
-        if fw is None:
-            return output
-        if fw.prefill and fw.active and self._gen is not None:
-            self._gen.cache = output_cache(output)
-        final = next((s for s in reversed(fw.states) if s is not None and not s.is_identity()), None)
-        logits = getattr(output, "logits", None)
-        if final is not None and fw.prefill and logits is not None and logits.shape[1] == final.length > 1:
-            b, _, v = logits.shape
-            s0 = fw.input_ids.shape[1]
-            full = logits.new_zeros(b, s0 + 1, v)
-            idx = torch.where(final.valid, final.orig_index, s0)
-            full.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, v), logits)
-            output.logits = full[:, :s0].contiguous()
-        if labels is not None:
-            output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=self.vocab_size())
+        (labels, loss_kw, keep, want_tuple), self._pending_labels = self._pending_labels, None
+        if fw is not None:
+            if fw.prefill and fw.active and self._gen is not None:
+                self._gen.cache = output_cache(output)
+            final = next((s for s in reversed(fw.states) if s is not None and not s.is_identity()), None)
+            logits = getattr(output, "logits", None)
+            reduced = final is not None and fw.prefill and logits is not None
+            if "labels" in labels:  # as HF: a loss when labels are given (shift_labels, if given, win)
+                lab, shift = self._loss_labels(labels, final if reduced else None, fw.input_ids.shape[1])
+                output.loss = module.loss_function(
+                    logits=logits, labels=lab, shift_labels=shift, vocab_size=self.vocab_size(), **loss_kw
+                )
+            if reduced:
+                output.logits = _to_caller_layout(logits, final, fw.input_ids.shape[1], keep)
+        elif "labels" in labels:  # a text-only or pass-through call: the model's own loss path
+            output.loss = module.loss_function(
+                logits=output.logits, vocab_size=self.vocab_size(), **labels, **loss_kw
+            )
         self._fw = None
         self._captured = {}
-        return output
+        return _as_tuple(output) if want_tuple else output
+
+    @staticmethod
+    def _loss_labels(labels: dict, final, s0: int):
+        """(labels, shift_labels) for the loss on the layout the LLM ran: the loss of the reduced sequence
+        (each kept token predicts the next *kept* token), which for a before_llm method is the loss of the
+        equivalent shorter prompt. Without a reduction, the caller's own labels."""
+        if final is None:
+            return labels.get("labels"), labels.get("shift_labels")
+        if labels.get("shift_labels") is not None:  # label of token i + 1 at i: rebuild each token's own label
+            nxt = labels["shift_labels"]
+            own = torch.nn.functional.pad(nxt[:, :-1], (1, 0), value=-100)
+            after = nxt[:, -1:]
+        else:
+            own = labels["labels"]
+            after = torch.full_like(own[:, :1], -100)
+        ext = torch.cat([own, torch.full_like(own[:, :1], -100)], dim=1)  # slot s0: padding
+        gathered = ext.gather(1, torch.where(final.valid, final.orig_index, s0).to(own.device))
+        if labels.get("shift_labels") is not None:
+            return None, torch.cat([gathered[:, 1:], after], dim=1)
+        return gathered, None
 
     # forward start -------------------------------------------------------------
     def _core_pre(self, module, args, kwargs):
@@ -581,6 +623,27 @@ class VLMAdapter(Adapter):
                 self.lm, hidden, state.valid.long(), state.positions, cache_from_kwargs(kwargs), layer
             )
         return hidden
+
+
+def _as_tuple(output) -> tuple:
+    """What ``return_dict=False`` gives: the set fields in the output class's field order (loss first)."""
+    import dataclasses
+
+    return tuple(v for v in (getattr(output, f.name) for f in dataclasses.fields(output)) if v is not None)
+
+
+def _to_caller_layout(logits, final: SeqState, s0: int, keep: int):
+    """Logits of the reduced layout in the caller's: [B, s0, V] with zeros at removed tokens, or, for
+    ``logits_to_keep=k``, the caller's last k positions [B, k, V]."""
+    b, rows, v = logits.shape
+    idx = torch.where(final.valid, final.orig_index, s0)
+    if rows != final.length:  # logits_to_keep: the reduced layout's last rows
+        idx = idx[:, final.length - rows :]
+    start = s0 - keep if keep else 0
+    idx = torch.where(idx >= start, idx - start, s0 - start)
+    full = logits.new_zeros(b, s0 - start + 1, v)
+    full.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, v), logits)
+    return full[:, : s0 - start].contiguous()
 
 
 def _segments(state: SeqState):

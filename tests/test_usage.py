@@ -1,0 +1,186 @@
+"""What users and HF's own code do with an attached model beyond the invariant suite: threads, losses,
+returned layouts, multi-turn caches, removal mid-generation. Each either works or is refused clearly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import vtok
+from vtok.adapters.testing import TINY_CASES
+from vtok.method import get_method_class
+
+VLMS = ["llava", "llava_next", "llava_onevision"]
+
+
+def _batch(case_name, seed=0, specs=None):
+    case, model = TINY_CASES[case_name], tiny_model(case_name)
+    batch = case.batch(case.make_samples(model, specs or case.specs, seed))
+    batch.pop("position_ids", None)
+    return model, batch
+
+
+def _method(name, **kw):
+    cls = get_method_class(name)
+    return cls(**{**cls.example, **kw})
+
+
+# ------------------------------------------------------------------ threads
+
+
+@pytest.mark.parametrize("method", ["fastv", "random"])
+def test_threads_do_not_share_per_call_state(method):
+    """One attached model called from 4 threads at once gives each call its own (correct) result."""
+    model = tiny_model("llava")
+    batches = [_batch("llava", seed=s)[1] for s in range(4)]
+    with vtok.apply(model, _method(method)), torch.no_grad():
+        want = [model(**b).logits for b in batches]
+        got, errors = {}, []
+        start = threading.Barrier(4)
+
+        def work(i):
+            try:
+                start.wait()
+                for _ in range(5):
+                    out = model(**batches[i]).logits
+                    if not torch.equal(out, want[i]):
+                        errors.append(f"thread {i}: different logits")
+                got[i] = True
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(f"thread {i}: {type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:4]
+    assert len(got) == 4
+
+
+# ------------------------------------------------------------------ loss
+
+
+@pytest.mark.parametrize("case_name", VLMS)
+def test_loss_is_the_loss_of_the_shorter_prompt(case_name):
+    """random before the LLM (compact positions): the loss with labels equals the untouched model's loss on
+    the shorter prompt the method produced, with the labels of the kept tokens."""
+    model, batch = _batch(case_name, seed=1)
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+    seen = []
+    lm = model.model.language_model
+
+    def capture(module, args, kwargs):
+        if not seen:
+            seen.append({k: kwargs[k].clone() for k in ("inputs_embeds", "attention_mask")})
+
+    with vtok.apply(model, _method("random", retain=0.5)) as h, torch.no_grad():
+        hook = lm.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            out = model(**batch, labels=labels)
+        finally:
+            hook.remove()
+        kept_counts = h.stats[0].tokens_out
+    short = seen[0]
+    s0 = batch["input_ids"].shape[1]
+    # which original tokens survived: text + the kept placeholders (from the nonzero logits rows)
+    alive = out.logits.abs().sum(-1) > 0
+    short_labels = torch.full(short["attention_mask"].shape, -100)
+    for b in range(labels.shape[0]):
+        lab = labels[b][alive[b]]
+        short_labels[b, short_labels.shape[1] - lab.numel() :] = lab
+    assert int(alive.sum()) == int(short["attention_mask"].sum()) and sum(kept_counts) > 0
+    with torch.no_grad():
+        ref = model(inputs_embeds=short["inputs_embeds"], attention_mask=short["attention_mask"], labels=short_labels)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    assert out.logits.shape[1] == s0
+
+
+@pytest.mark.parametrize("method", ["random", "fastv", "tome"])
+def test_noop_loss_is_the_models_own_with_its_arguments(method):
+    """At a no-op setting the loss is the model's own, num_items_in_batch (gradient accumulation) and
+    shift_labels included."""
+    model, batch = _batch("llava", seed=2)
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+    cls = get_method_class(method)
+    with torch.no_grad():
+        ref = model(**batch, labels=labels, num_items_in_batch=torch.tensor(7))
+        ref_shift = model(**batch, labels=labels, shift_labels=torch.roll(labels, -1, 1))
+        with vtok.apply(model, cls(**{**cls.example, **cls.noop})):
+            got = model(**batch, labels=labels, num_items_in_batch=torch.tensor(7))
+            got_shift = model(**batch, labels=labels, shift_labels=torch.roll(labels, -1, 1))
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_shift.loss, ref_shift.loss, atol=1e-6, rtol=1e-6)
+
+
+def test_shift_labels_give_the_same_loss_as_labels():
+    model, batch = _batch("llava", seed=3)
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    with vtok.apply(model, _method("random", retain=0.5)), torch.no_grad():
+        a = model(**batch, labels=labels).loss
+        b = model(**batch, labels=labels, shift_labels=shift).loss
+    torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ returned layouts
+
+
+@pytest.mark.parametrize("method", ["random", "fastv"])
+def test_every_output_path_returns_the_callers_layout(method):
+    """return_dict=False, labels with it, and logits_to_keep all give the caller's layout: the same rows as
+    the full logits (zeros at removed tokens)."""
+    model, batch = _batch("llava", seed=4)
+    s0 = batch["input_ids"].shape[1]
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+    with vtok.apply(model, _method(method)), torch.no_grad():
+        full = model(**batch)
+        tup = model(**batch, return_dict=False)
+        with_loss = model(**batch, labels=labels, return_dict=False)
+        last5 = model(**batch, logits_to_keep=5)
+        last1 = model(**batch, logits_to_keep=1)
+    assert full.logits.shape[1] == s0
+    assert isinstance(tup, tuple) and torch.equal(tup[0], full.logits)
+    assert with_loss[0].dim() == 0 and torch.equal(with_loss[1], full.logits)
+    # the LM head on fewer rows may round differently in the last bit
+    torch.testing.assert_close(last5.logits, full.logits[:, -5:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(last1.logits, full.logits[:, -1:], atol=1e-6, rtol=1e-5)
+    assert last5.logits.shape[1] == 5 and bool((last5.logits.abs().sum(-1) > 0).all())  # text rows, none removed
+
+
+# ------------------------------------------------------------------ multi-turn and removal
+
+
+@pytest.mark.parametrize("method", ["random", "fastv"])
+def test_multi_turn_generate_reusing_the_cache(method):
+    """Chat UIs continue a conversation with the cache of the last turn: the continuation equals a run that
+    re-encodes the whole conversation with the method attached (or the call is refused clearly)."""
+    model, batch = _batch("llava", seed=5, specs=[(3, 1, 4)])
+    new_turn = torch.tensor([[7, 8, 9]])
+    with vtok.apply(model, _method(method)), torch.no_grad():
+        o = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        seq = torch.cat([o.sequences, new_turn], dim=1)
+        mask = torch.ones_like(seq)
+        cont = model.generate(
+            input_ids=seq, attention_mask=mask, pixel_values=batch["pixel_values"], past_key_values=o.past_key_values,
+            max_new_tokens=3, do_sample=False,
+        )  # fmt: skip
+        fresh = model.generate(
+            input_ids=seq, attention_mask=mask, pixel_values=batch["pixel_values"], max_new_tokens=3, do_sample=False
+        )
+    assert torch.equal(cont[:, seq.shape[1] :], fresh[:, seq.shape[1] :])
+
+
+def test_remove_between_prefill_and_decode_is_refused_clearly():
+    model, batch = _batch("llava", seed=6)
+    h = vtok.apply(model, _method("random"))
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    h.remove()
+    step = {"input_ids": torch.full((batch["input_ids"].shape[0], 1), 5),
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)}  # fmt: skip
+    with pytest.raises(ValueError, match="vtok.*removed.*cache"), torch.no_grad():
+        model(**step, past_key_values=out.past_key_values)
