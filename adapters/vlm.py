@@ -63,6 +63,7 @@ class _Forward:
     pos: torch.Tensor | None = None  # decode: position ids of the current layout
     labels: torch.Tensor | None = None
     vit_reduced: bool = False  # the units were already reduced inside the vision tower (in_vit)
+    refed: int = 0  # decode: leading input tokens that were already in the cache (dropped, zero logits)
     method_state: dict = field(default_factory=dict)  # id(method) -> the dict its LLMViews share
     transitions: dict = field(default_factory=dict)  # layer -> sub-block tensors captured so far
 
@@ -222,6 +223,8 @@ class VLMAdapter(Adapter):
         if fw is not None:
             if fw.prefill and fw.active and self._gen is not None:
                 self._gen.cache = output_cache(output)
+                if any(st is not None and not st.is_identity() for st in fw.states):
+                    _guard_cache(self._gen.cache, self.handle)
             final = next((s for s in reversed(fw.states) if s is not None and not s.is_identity()), None)
             logits = getattr(output, "logits", None)
             reduced = final is not None and fw.prefill and logits is not None
@@ -232,6 +235,8 @@ class VLMAdapter(Adapter):
                 )
             if reduced:
                 output.logits = _to_caller_layout(logits, final, fw.input_ids.shape[1], keep)
+            elif fw.refed and logits is not None and logits.shape[1] > 1 or fw.refed and not keep:
+                output.logits = torch.nn.functional.pad(logits, (0, 0, fw.refed, 0))
         elif "labels" in labels:  # a text-only or pass-through call: the model's own loss path
             output.loss = module.loss_function(
                 logits=output.logits, vocab_size=self.vocab_size(), **labels, **loss_kw
@@ -454,6 +459,29 @@ class VLMAdapter(Adapter):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError("vtok needs a 2-D attention_mask [batch, seq] during decoding (got a 4-D mask)")
+        # How long the caller's sequence is now: its 2-D mask, else the positions it computed (HF numbers a
+        # cache-continuing call from the cache's length, which is the pruned one).
+        given_pos = kwargs.get("position_ids")
+        total = mask.shape[1] if mask is not None else int(given_pos[:, -1].max()) + 1 if given_pos is not None else None
+        if total is not None and total != gen.orig_len + decoded + q:
+            # The caller counts the sequence in its own (full) layout while the cache holds the pruned one:
+            # a new turn of a chat that reuses the cache re-feeds tokens that are already cached. Keep only
+            # the new ones; the caller gets its rows back, the re-fed ones as zeros.
+            refed = gen.orig_len + decoded + q - total
+            if not 0 < refed < q:
+                raise ValueError(
+                    f"vtok: this call continues a sequence of {total} tokens, but the KV cache holds the "
+                    f"{gen.orig_len} prompt tokens (pruned inside) and {decoded} more, and {q} tokens are new; pass "
+                    "the conversation's full ids and attention mask with the cache, or start a new prefill without it"
+                )
+            if mask is None and given_pos is not None:  # HF's positions continued from the pruned length
+                kwargs["position_ids"] = (total - (q - refed) + torch.arange(q - refed, device=dev)).expand(b, -1)
+                given_pos = None
+            embeds = embeds[:, refed:]
+            kwargs["inputs_embeds"] = embeds
+            if given_pos is not None:
+                kwargs["position_ids"] = given_pos[:, refed:]
+            fw.refed, q = refed, q - refed
         if mask is None:
             mask = torch.ones(b, gen.orig_len + decoded + q, dtype=torch.long, device=dev)
         pos = kwargs.get("position_ids")
@@ -623,6 +651,31 @@ class VLMAdapter(Adapter):
                 self.lm, hidden, state.valid.long(), state.positions, cache_from_kwargs(kwargs), layer
             )
         return hidden
+
+
+class _PrunedCacheGuard:
+    """Stands in for ``update`` on a KV cache that holds a pruned prefill (on that instance only): once the
+    handle that pruned it is removed, the untouched model cannot continue it, and says so."""
+
+    def __init__(self, update, handle):
+        import weakref
+
+        self.update, self.handle = update, weakref.ref(handle)  # a copy of the cache must not copy the model
+
+    def __call__(self, *args, **kwargs):
+        handle = self.handle()
+        if handle is None or not handle.attached:
+            raise ValueError(
+                "vtok: this KV cache holds a prompt that vtok pruned, and the vtok handle that pruned it was "
+                "removed; the untouched model cannot continue it (its lengths do not match the prompt). Finish "
+                "the generation before handle.remove(), or run the prompt again without this cache"
+            )
+        return self.update(*args, **kwargs)
+
+
+def _guard_cache(cache, handle) -> None:
+    if cache is not None and not isinstance(cache.__dict__.get("update"), _PrunedCacheGuard):
+        cache.update = _PrunedCacheGuard(cache.update, handle)
 
 
 def _as_tuple(output) -> tuple:

@@ -18,6 +18,7 @@ __all__ = [
     "MIN_TRANSFORMERS",
     "cache_from_kwargs",
     "output_cache",
+    "cache_kwarg",
     "causal_mask",
     "rotary_fn",
     "attn_implementation",
@@ -44,6 +45,11 @@ def cache_from_kwargs(kwargs: dict):
         if cache is not None:
             return cache
     return None
+
+
+def cache_kwarg(model) -> str:
+    """The keyword ``model.forward`` / ``generate`` take the KV cache by (``cache`` from 5.24)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def output_cache(output):
