@@ -110,6 +110,13 @@ class Adapter:
             for probe in method.probes():
                 self.check_probe(probe, method)
             self._check_probe_order(method)
+        vit = self.method("in_vit")
+        grid = [m.name for m in self.methods.get("before_llm", []) if m.needs_full_grids]
+        if vit is not None and grid:
+            raise ValueError(
+                f"{grid[0]} needs every image's full token grid, but {vit.name} merges tokens inside the vision tower "
+                f"before it; use {grid[0]} without {vit.name}, or a before_llm method that takes any token set"
+            )
 
     @staticmethod
     def _check_probe_order(method: Method) -> None:

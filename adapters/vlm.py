@@ -273,24 +273,19 @@ class VLMAdapter(Adapter):
         if past == 0:
             self._gen = None
             has_visual = input_ids is not None and bool(torch.isin(input_ids, self._placeholder_tensor(input_ids)).any())
-            if input_ids is None and self._has_visual_inputs(kwargs):
-                raise ValueError(
-                    "vtok finds visual spans from input_ids; this call passed inputs_embeds only. "
-                    "Pass input_ids (as the processor made them) together with pixel_values"
-                )
             mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() != 2:
-                raise ValueError("vtok needs a 2-D attention_mask [batch, seq] (got a prepared 4-D mask)")
+            reason = self._passthrough_reason(input_ids, has_visual, mask, kwargs)
+            self.handle.note_passthrough(reason)
             self._fw = _Forward(
                 prefill=True,
-                active=has_visual,
+                active=has_visual and reason is None,
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=kwargs.get("position_ids"),
             )
             self.handle.stats.clear()  # stats describe the last prefill, also a text-only one
             self.handle.probe_costs.clear()
-            if has_visual:
+            if has_visual and reason is None:
                 mm = precomputed_visual_features(kwargs)
                 if mm:
                     feats = self.features_from_encoder_outputs(mm)
@@ -301,6 +296,30 @@ class VLMAdapter(Adapter):
                 self._gen = None
             self._fw = _Forward(prefill=False)
         return None
+
+    def _passthrough_reason(self, input_ids, has_visual, mask, kwargs) -> str | None:
+        """Why this prefill runs the untouched model (HF serves it, vtok cannot reduce it), or None.
+
+        Calls whose visual tokens an in_vit method would already have merged inside the tower cannot run
+        untouched: they are refused."""
+        visual_inputs = self._has_visual_inputs(kwargs) or precomputed_visual_features(kwargs) is not None
+        reason = None
+        if input_ids is None and visual_inputs:
+            reason = "the call gave inputs_embeds without input_ids (vtok finds visual spans from input_ids)"
+        elif has_visual and mask is not None and mask.dim() != 2:
+            reason = (
+                "the call gave a prepared 4-D attention mask (a static cache or compiled generate builds one); "
+                "vtok shortens sequences from a 2-D [batch, seq] mask"
+            )
+        elif has_visual and not visual_inputs:
+            reason = "input_ids hold image/video placeholders but the call gave no pixel values (the model embeds them as text)"
+        if reason is not None and visual_inputs and self.method("in_vit") is not None:
+            raise ValueError(
+                f"vtok cannot serve this call: {reason}, and {self.method('in_vit').name} merges tokens inside the "
+                "vision tower, so the untouched model would not fit them either. Pass input_ids (as the processor "
+                "made them), a 2-D attention_mask and pixel_values"
+            )
+        return reason
 
     def _placeholder_tensor(self, ref):
         return torch.tensor(self.placeholder_ids(), device=ref.device)

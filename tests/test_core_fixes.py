@@ -194,3 +194,10 @@ def test_one_validator_for_every_method():
     with pytest.raises(ValueError, match="out of range"):
         m.retain = 2.0  # changed after construction: validated again
     assert "[a number in (0, 1]]" in vtok.describe("random") and "[an int >= 1]" in vtok.describe("fastv")
+
+
+def test_a_grid_method_after_an_in_vit_merge_is_refused_at_apply():
+    model = tiny_model("llava")
+    with pytest.raises(ValueError, match="pool needs every image's full token grid, but tome merges"):
+        vtok.apply(model, ["tome", "pool", "fastv"], tome={"r": 2}, pool={"factor": 2}, fastv={"retain": 0.5})
+    assert not hasattr(model, "_vtok_handle")

@@ -145,10 +145,11 @@ def test_placeholder_count_mismatch(llava, method):
                 llava(**case.batch([sample]))
 
 
-def test_inputs_embeds_without_input_ids(llava):
+def test_inputs_embeds_without_input_ids_with_an_in_vit_method(llava):
+    """ToMe merges inside the tower: such a call cannot even run untouched, so it is refused."""
     case = TINY_CASES["llava"]
     (sample,) = case.make_samples(llava, [(3, 1, 4)], 0)
     emb = llava.get_input_embeddings()(sample["input_ids"][None])
-    with vtok.apply(llava, "random"):
-        with pytest.raises(ValueError, match="Pass input_ids"):
+    with vtok.apply(llava, "tome", r=2):
+        with pytest.raises(ValueError, match="inputs_embeds without input_ids.*Pass input_ids"):
             llava(inputs_embeds=emb, pixel_values=sample["pixel_values"])

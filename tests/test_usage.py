@@ -186,3 +186,52 @@ def test_remove_between_prefill_and_decode_is_refused_clearly():
             "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)}  # fmt: skip
     with pytest.raises(ValueError, match="vtok handle that pruned it was removed"), torch.no_grad():
         model(**step, **{cache_kwarg(model): output_cache(out)})
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("case_name", VLMS)
+def test_noop_in_llm_on_a_padded_batch_is_exact_everywhere(case_name, side):
+    """fastv at retain 1.0 on a padded batch: logits equal the untouched model's at every position (pads
+    included) and the cache keeps every position at every layer."""
+    case, model = TINY_CASES[case_name], tiny_model(case_name)
+    batch = case.batch(case.make_samples(model, case.specs, 1), side=side)
+    batch.pop("position_ids", None)
+    with torch.no_grad():
+        ref = model(**batch)
+        with vtok.apply(model, _method("fastv", retain=1.0)):
+            out = model(**batch)
+    assert torch.equal(out.logits, ref.logits)
+    lens = {output_cache(out).layers[i].get_seq_length() for i in range(len(output_cache(out).layers))}
+    assert lens == {batch["input_ids"].shape[1]}
+
+
+# ------------------------------------------------------------------ calls HF serves that vtok cannot reduce
+
+
+@pytest.mark.parametrize("call", ["embeds_forward", "embeds_generate", "ids_without_pixels", "static_cache"])
+def test_calls_vtok_cannot_reduce_run_untouched_and_say_so(call):
+    """Where HF serves a call vtok cannot reduce, the untouched model runs (same result as without vtok),
+    handle.passthrough says why, and a warning says it once."""
+    model, batch = _batch("llava", seed=7)
+    emb = model.get_input_embeddings()(batch["input_ids"])
+    mask = batch["attention_mask"]
+
+    def run():
+        with torch.no_grad():
+            if call == "embeds_forward":
+                return model(inputs_embeds=emb, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+            if call == "embeds_generate":
+                return model.generate(inputs_embeds=emb, attention_mask=mask, pixel_values=batch["pixel_values"],
+                                      max_new_tokens=3, do_sample=False)  # fmt: skip
+            if call == "ids_without_pixels":
+                return model(input_ids=batch["input_ids"], attention_mask=mask).logits
+            return model.generate(**batch, max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+    want = run()
+    with vtok.apply(model, _method("random")) as h:
+        with pytest.warns(UserWarning, match="vtok: this call runs the untouched model"):
+            got = run()
+        assert h.passthrough is not None and not h.stats
+        model(**batch)  # an ordinary call afterwards is reduced again
+        assert h.passthrough is None and h.stats
+    assert torch.equal(got, want)

@@ -65,6 +65,9 @@ class Handle:
         self.methods = methods
         self.stats: list = []
         self.probe_costs: list = []
+        #: why the last prefill ran the untouched model (a call vtok cannot reduce but HF serves), or None
+        self.passthrough: str | None = None
+        self._warned: set = set()
         by_stage: dict[str, list[Method]] = {}  # stage -> the chain of methods run there, in list order
         for m in methods:
             for stage in m.stages:
@@ -87,6 +90,15 @@ class Handle:
             raise
         setattr(model, _ATTR, self)
         self.attached = True
+
+    def note_passthrough(self, reason: str | None) -> None:
+        """Record (and warn once per reason) that a prefill runs untouched."""
+        self.passthrough = reason
+        if reason is not None and reason not in self._warned:
+            import warnings
+
+            self._warned.add(reason)
+            warnings.warn(f"vtok: this call runs the untouched model: {reason} (see handle.passthrough)", stacklevel=4)
 
     def remove(self) -> None:
         """Take every hook off; idempotent."""

@@ -325,6 +325,8 @@ class Method:
     kept_meaningful: ClassVar[bool] = True
     #: whether the in_llm stage replaces hidden states (LLMStep.hidden): drop == mask does not hold then
     in_llm_merges: ClassVar[bool] = False
+    #: whether before_llm needs every image's full token grid (so no in_vit merge may run before it)
+    needs_full_grids: ClassVar[bool] = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

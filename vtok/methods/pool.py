@@ -21,6 +21,7 @@ class Pool(Method):
     noop = {"factor": 1}
     example = {"factor": 2}
     kept_meaningful = False  # pooled tokens are new tokens
+    needs_full_grids = True
 
     factor: int = hparam(
         2, "pooling window and stride along each grid axis (ceil mode at the borders); 1 = no pooling",
