@@ -19,26 +19,19 @@ import torch
 from vtok.hf_compat import cache_from_kwargs, output_cache, precomputed_visual_features
 from vtok.method import (
     LLM_PROBES,
-    AttentionScores,
     LLMAttention,
-    LLMStep,
-    LLMView,
     TextQuery,
     Transition,
-    Transitions,
     ViTAttention,
 )
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
 from .base import Adapter, per_thread
+from .caller_layout import as_tuple, guard_cache, loss_labels, to_caller_layout
+from .llm_stage import InLLMStage
 from .hf_llm import (
     SeqState,
-    attention_scores,
-    build_layer_kwargs,
-    decoder_input_norm,
-    last_valid_index,
-    query_rows,
     remap_mask,
 )
 from .hf_vision import attention_module, has_cls_token, vision_blocks
@@ -81,7 +74,7 @@ class _Generation:
     cache: object = None
 
 
-class VLMAdapter(Adapter):
+class VLMAdapter(InLLMStage, Adapter):
     stages = ("before_llm", "in_llm")
     probe_types = (ViTAttention, LLMAttention, Transition, TextQuery)
 
@@ -224,17 +217,17 @@ class VLMAdapter(Adapter):
             if fw.prefill and fw.active and self._gen is not None:
                 self._gen.cache = output_cache(output)
                 if any(st is not None and not st.is_identity() for st in fw.states):
-                    _guard_cache(self._gen.cache, self.handle)
+                    guard_cache(self._gen.cache, self.handle)
             final = next((s for s in reversed(fw.states) if s is not None and not s.is_identity()), None)
             logits = getattr(output, "logits", None)
             reduced = final is not None and fw.prefill and logits is not None
             if "labels" in labels:  # as HF: a loss when labels are given (shift_labels, if given, win)
-                lab, shift = self._loss_labels(labels, final if reduced else None, fw.input_ids.shape[1])
+                lab, shift = loss_labels(labels, final if reduced else None, fw.input_ids.shape[1])
                 output.loss = module.loss_function(
                     logits=logits, labels=lab, shift_labels=shift, vocab_size=self.vocab_size(), **loss_kw
                 )
             if reduced:
-                output.logits = _to_caller_layout(logits, final, fw.input_ids.shape[1], keep)
+                output.logits = to_caller_layout(logits, final, fw.input_ids.shape[1], keep)
             elif fw.refed and logits is not None and logits.shape[1] > 1 or fw.refed and not keep:
                 output.logits = torch.nn.functional.pad(logits, (0, 0, fw.refed, 0))
         elif "labels" in labels:  # a text-only or pass-through call: the model's own loss path
@@ -243,27 +236,7 @@ class VLMAdapter(Adapter):
             )
         self._fw = None
         self._captured = {}
-        return _as_tuple(output) if want_tuple else output
-
-    @staticmethod
-    def _loss_labels(labels: dict, final, s0: int):
-        """(labels, shift_labels) for the loss on the layout the LLM ran: the loss of the reduced sequence
-        (each kept token predicts the next *kept* token), which for a before_llm method is the loss of the
-        equivalent shorter prompt. Without a reduction, the caller's own labels."""
-        if final is None:
-            return labels.get("labels"), labels.get("shift_labels")
-        if labels.get("shift_labels") is not None:  # label of token i + 1 at i: rebuild each token's own label
-            nxt = labels["shift_labels"]
-            own = torch.nn.functional.pad(nxt[:, :-1], (1, 0), value=-100)
-            after = nxt[:, -1:]
-        else:
-            own = labels["labels"]
-            after = torch.full_like(own[:, :1], -100)
-        ext = torch.cat([own, torch.full_like(own[:, :1], -100)], dim=1)  # slot s0: padding
-        gathered = ext.gather(1, torch.where(final.valid, final.orig_index, s0).to(own.device))
-        if labels.get("shift_labels") is not None:
-            return None, torch.cat([gathered[:, 1:], after], dim=1)
-        return gathered, None
+        return as_tuple(output) if want_tuple else output
 
     # forward start -------------------------------------------------------------
     def _core_pre(self, module, args, kwargs):
@@ -512,247 +485,3 @@ class VLMAdapter(Adapter):
             kwargs["attention_mask"], kwargs["position_ids"] = mask, pos
         fw.mask2d, fw.pos = mask, pos
         return (), kwargs
-
-    # in_llm --------------------------------------------------------------------
-    def _scores(self, attn, normed, position_embeddings, state: SeqState, query, layer) -> AttentionScores:
-        """An attention probe of ``query`` over the keys of ``state``'s layout; logs what it computed."""
-        rows = query_rows(query, state.valid, state.visual, _segments(state)[1])
-        per_key, padded_rows = attention_scores(attn, normed, position_embeddings, state.valid, rows)
-        n_rows = state.valid.sum(1) if rows is None else rows[1].sum(1)
-        self.handle.probe_costs.append(
-            {
-                "layer": layer,
-                "batch": int(state.valid.shape[0]),
-                "padded_rows": int(padded_rows),
-                "padded_keys": int(state.length),
-                "rows": [int(x) for x in n_rows.tolist()],
-                "keys": [int(x) for x in state.valid.sum(1).tolist()],
-            }
-        )
-        mass = (per_key * state.visual).sum(1)
-        return AttentionScores(per_key, mass, state.orig_index, state.valid)
-
-    def _make_probe_pre(self, probes):
-        def pre(module, args, kwargs):
-            fw = self._fw
-            if fw is None or not fw.prefill or not fw.active:
-                return None
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            for p in probes:
-                fw.probes[p] = self._scores(module, hidden, kwargs["position_embeddings"], fw.current(), p.query, p.layer)
-            return None
-
-        return pre
-
-    def _hook_transition(self, layer: int) -> None:
-        """Sub-block inputs/outputs of one decoder layer at the visual tokens, from the model's own forward."""
-        dec = self.lm.layers[layer]
-
-        def grab(name, x):
-            fw = self._fw
-            if fw is None or not fw.prefill or not fw.active:
-                return
-            state = fw.current()
-            rows = fw.transitions.setdefault(layer, {})
-            rows[name] = [x[b, idx.to(x.device)].detach() for b, idx in enumerate(state.visual_index())]
-            if len(rows) == 4:
-                fw.probes[Transition(layer)] = Transitions(
-                    rows["attn_in"], rows["attn_out"], rows["mlp_in"], rows["mlp_out"],
-                    [state.orig_index[b, idx] for b, idx in enumerate(state.visual_index())],
-                )  # fmt: skip
-
-        def first(args, kwargs, key):
-            return kwargs[key] if key in kwargs else args[0]
-
-        self.hook(dec.self_attn, lambda m, a, k: grab("attn_in", first(a, k, "hidden_states")), pre=True)
-        self.hook(dec.self_attn, lambda m, a, k, out: grab("attn_out", out[0] if isinstance(out, tuple) else out), pre=False)
-        self.hook(dec.mlp, lambda m, a, k: grab("mlp_in", first(a, k, "x")), pre=True)
-        self.hook(dec.mlp, lambda m, a, k, out: grab("mlp_out", out), pre=False)
-
-    def _make_layer_pre(self, layer):
-        steps = [i + 1 for i, (lay, _) in enumerate(self._steps) if lay == layer]  # their states' indices
-
-        def pre(module, args, kwargs):
-            fw = self._fw
-            if fw is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if fw.prefill:
-                if not fw.active:
-                    return None
-                if steps:
-                    hidden = self._prefill_stage(layer, hidden, kwargs)
-            else:
-                gen = self._gen
-                if gen is None:
-                    return None
-                changed = False
-                for i in steps:
-                    state = gen.states[i]
-                    if state is not None:
-                        fw.mask2d = remap_mask(state, fw.mask2d)
-                        fw.pos = fw.pos - state.step_shift.unsqueeze(1)
-                        changed = True
-                if changed:
-                    fw.layer_kwargs = build_layer_kwargs(
-                        self.lm, hidden, fw.mask2d, fw.pos, cache_from_kwargs(kwargs), layer
-                    )
-            if fw.layer_kwargs is None:
-                return None
-            kwargs.update(fw.layer_kwargs)
-            if args:
-                return (hidden,) + tuple(args[1:]), kwargs
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
-
-        return pre
-
-    def _view(self, layer, method, hidden, state: SeqState) -> LLMView:
-        fw = self._fw
-        before, after = _segments(state)
-
-        def attend(query):
-            dec = self.lm.layers[layer]
-            normed = decoder_input_norm(dec)(hidden)
-            pe = self.lm.rotary_emb(hidden, position_ids=state.positions)
-            return self._scores(dec.self_attn, normed, pe, state, query, layer)
-
-        return LLMView(
-            layer,
-            hidden,
-            state.valid,
-            state.visual,
-            state.visual_index(),
-            self._collect_probes(method, before_layer=layer),
-            positions=state.positions,
-            orig_index=state.orig_index,
-            text_before=before,
-            text_after=after,
-            last=last_valid_index(state.valid),
-            state=fw.method_state.setdefault(id(method), {}),
-            attend=attend,
-        )
-
-    def _prefill_stage(self, layer, hidden, kwargs):
-        """Run every in_llm step of this layer (chain order); each may drop and merge visual tokens."""
-        fw = self._fw
-        for method in [m for lay, m in self._steps if lay == layer]:
-            prev = fw.current()
-            view = self._view(layer, method, hidden, prev)
-            step = _as_step(method, method.in_llm(view), view)
-            keep = prev.valid & ~prev.visual
-            for b, (idx, k) in enumerate(zip(view.visual_index, step.kept)):
-                keep[b, idx[k.to(idx.device)]] = True
-            self.handle.stats.append(
-                Reduction(
-                    method.name,
-                    "in_llm",
-                    layer,
-                    [int(i.numel()) for i in view.visual_index],
-                    [int(k.numel()) for k in step.kept],
-                    [k.cpu() for k in step.kept],
-                )
-            )
-            if torch.equal(keep, prev.valid):
-                fw.states.append(None)
-                if step.hidden is None:
-                    continue
-                state = prev
-            else:
-                state = prev.compact(keep, method.position_policy)
-                fw.states.append(state)
-                hidden = state.gather(hidden)
-            if step.hidden is not None:  # merges: the kept visual tokens take the method's hidden states
-                hidden = hidden.clone()
-                for b, (idx, h) in enumerate(zip(state.visual_index(), step.hidden)):
-                    hidden[b, idx] = h.to(hidden.dtype)
-            fw.layer_kwargs = build_layer_kwargs(
-                self.lm, hidden, state.valid.long(), state.positions, cache_from_kwargs(kwargs), layer
-            )
-        return hidden
-
-
-class _PrunedCacheGuard:
-    """Stands in for ``update`` on a KV cache that holds a pruned prefill (on that instance only): once the
-    handle that pruned it is removed, the untouched model cannot continue it, and says so."""
-
-    def __init__(self, update, handle):
-        import weakref
-
-        self.update, self.handle = update, weakref.ref(handle)  # a copy of the cache must not copy the model
-
-    def __call__(self, *args, **kwargs):
-        handle = self.handle()
-        if handle is None or not handle.attached:
-            raise ValueError(
-                "vtok: this KV cache holds a prompt that vtok pruned, and the vtok handle that pruned it was "
-                "removed; the untouched model cannot continue it (its lengths do not match the prompt). Finish "
-                "the generation before handle.remove(), or run the prompt again without this cache"
-            )
-        return self.update(*args, **kwargs)
-
-
-def _guard_cache(cache, handle) -> None:
-    if cache is not None and not isinstance(cache.__dict__.get("update"), _PrunedCacheGuard):
-        cache.update = _PrunedCacheGuard(cache.update, handle)
-
-
-def _as_tuple(output) -> tuple:
-    """What ``return_dict=False`` gives: the set fields in the output class's field order (loss first)."""
-    import dataclasses
-
-    return tuple(v for v in (getattr(output, f.name) for f in dataclasses.fields(output)) if v is not None)
-
-
-def _to_caller_layout(logits, final: SeqState, s0: int, keep: int):
-    """Logits of the reduced layout in the caller's: [B, s0, V] with zeros at removed tokens, or, for
-    ``logits_to_keep=k``, the caller's last k positions [B, k, V]."""
-    b, rows, v = logits.shape
-    idx = torch.where(final.valid, final.orig_index, s0)
-    if rows != final.length:  # logits_to_keep: the reduced layout's last rows
-        idx = idx[:, final.length - rows :]
-    start = s0 - keep if keep else 0
-    idx = torch.where(idx >= start, idx - start, s0 - start)
-    full = logits.new_zeros(b, s0 - start + 1, v)
-    full.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, v), logits)
-    return full[:, : s0 - start].contiguous()
-
-
-def _segments(state: SeqState):
-    """(text before the visual span, text after it) [B, S]; a sample without visual tokens has all its
-    text before."""
-    b, s = state.valid.shape
-    ar = torch.arange(s, device=state.valid.device).expand(b, s)
-    text = state.valid & ~state.visual
-    has = state.visual.any(1, keepdim=True)
-    first = torch.where(state.visual, ar, s).min(1, keepdim=True).values
-    last = torch.where(state.visual, ar, -1).max(1, keepdim=True).values
-    before = text & (~has | (ar < first))
-    after = text & has & (ar > last)
-    return before, after
-
-
-def _as_step(method, out, view: LLMView) -> LLMStep:
-    """Check what an in_llm stage returned: per sample sorted, unique positions among its visual tokens
-    (and, for merges, one hidden state per kept token)."""
-    step = out if isinstance(out, LLMStep) else LLMStep(list(out))
-    if len(step.kept) != len(view.visual_index):
-        raise ValueError(f"{method.name}.in_llm returned {len(step.kept)} index lists for {len(view.visual_index)} samples")
-    kept, perms = [], []
-    for b, (idx, k) in enumerate(zip(view.visual_index, step.kept)):
-        k, perm = torch.as_tensor(k, dtype=torch.long).reshape(-1).sort()
-        perms.append(perm)
-        n = idx.numel()
-        if k.numel() and (int(k[0]) < 0 or int(k[-1]) >= n or bool((k[1:] == k[:-1]).any())):
-            raise ValueError(
-                f"{method.name}.in_llm: sample {b} kept {k.tolist()[:8]}...; give unique positions in 0..{n - 1} "
-                "among the visual tokens entering the layer"
-            )
-        kept.append(k)
-    hidden = step.hidden
-    if hidden is not None:
-        d = view.hidden.shape[-1]
-        if len(hidden) != len(kept) or any(tuple(h.shape) != (k.numel(), d) for h, k in zip(hidden, kept)):
-            raise ValueError(f"{method.name}.in_llm: LLMStep.hidden must hold one [kept, {d}] tensor per sample")
-        hidden = [h[perm.to(h.device)] for h, perm in zip(hidden, perms)]
-    return LLMStep(kept, hidden)
