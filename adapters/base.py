@@ -77,6 +77,10 @@ class Adapter:
     def num_llm_layers(self) -> int | None:
         return None
 
+    def dims(self) -> dict:
+        """Sizes a trainable method builds its modules for (``Method.build``)."""
+        return {}
+
     def check_probe(self, probe: Probe, method: Method) -> None:
         """Raise ValueError if this adapter cannot serve ``probe`` for ``method``."""
         if not isinstance(probe, self.probe_types):

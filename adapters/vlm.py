@@ -144,6 +144,11 @@ class VLMAdapter(InLLMStage, Adapter):
     def num_llm_layers(self) -> int:
         return len(self.lm.layers)
 
+    def dims(self) -> dict:
+        cfg = self.model.config
+        text = getattr(cfg, "text_config", cfg)
+        return {"llm_hidden": text.hidden_size, "vision_hidden": cfg.vision_config.hidden_size}
+
     def check_probe(self, probe, method) -> None:
         super().check_probe(probe, method)
         if isinstance(probe, ViTAttention):

@@ -54,11 +54,16 @@ class Handle:
 
     Methods of different stages compose, and several methods of the before_llm or in_llm stage form a
     chain run in list order (each sees what the previous one left). ``stats`` lists the reductions of
-    the last prefill, one record per method and step; ``probe_costs`` the probe computations it ran. ``remove()`` (or leaving the ``with``
-    block) takes every hook off again; the model is then exactly as before.
+    the last prefill, one record per method and step; ``probe_costs`` the probe computations it ran.
+    ``remove()`` (or leaving the ``with`` block) takes every hook off again; the model is then exactly
+    as before.
+
+    Trainable methods (``Method.build``) own modules that live here, never on the model:
+    ``parameters()``, ``train()``/``eval()``, ``save(path)`` (their parameters only, safetensors) and
+    ``vtok.apply(..., weights=path)``.
     """
 
-    def __init__(self, model: nn.Module, methods: list[Method]):
+    def __init__(self, model: nn.Module, methods: list[Method], weights=None):
         from vtok.adapters import find_adapter
 
         self.model = model
@@ -83,6 +88,9 @@ class Handle:
         self.adapter.validate()
         if getattr(model, _ATTR, None) is not None:
             raise ValueError("this model already has vtok methods attached; call handle.remove() first")
+        self.modules = self._build_modules()
+        if weights is not None:
+            self.load(weights)
         try:
             self.adapter.attach()
         except BaseException:
@@ -90,6 +98,67 @@ class Handle:
             raise
         setattr(model, _ATTR, self)
         self.attached = True
+
+    # trainable methods -------------------------------------------------------------------------
+    def _build_modules(self) -> nn.ModuleDict:
+        """Each trainable method's modules, built for this model's sizes, on its device and dtype."""
+        ref = next(self.model.parameters(), None)
+        out = nn.ModuleDict()
+        for i, m in enumerate(self.methods):
+            mods = m.build(self.adapter.dims())
+            if not mods:
+                continue
+            md = nn.ModuleDict(mods)
+            if ref is not None:
+                md.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
+            m.modules = md
+            out[m.name if m.name not in out else f"{m.name}_{i}"] = md
+        return out
+
+    def parameters(self, recurse: bool = True):
+        """The trainable methods' parameters (the model's own are not among them)."""
+        return self.modules.parameters(recurse)
+
+    def train(self, mode: bool = True) -> "Handle":
+        self.modules.train(mode)
+        return self
+
+    def eval(self) -> "Handle":
+        return self.train(False)
+
+    def _metadata(self) -> dict:
+        import json
+
+        return {"vtok_methods": json.dumps([[m.name, {k: repr(v) for k, v in m.config().items()}] for m in self.methods])}
+
+    def save(self, path) -> None:
+        """Write only the trainable methods' parameters (safetensors; method names and settings in the metadata)."""
+        from safetensors.torch import save_file
+
+        if not len(self.modules):
+            raise ValueError(f"none of {[m.name for m in self.methods]} has trainable modules; there is nothing to save")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.modules.state_dict().items()}
+        save_file(state, str(path), metadata=self._metadata())
+
+    def load(self, path) -> None:
+        """Load what ``save`` wrote, onto this handle's modules (the model's device and dtype)."""
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        saved = [n for n, _ in json.loads(meta.get("vtok_methods", "[]"))]
+        mine = [m.name for m in self.methods]
+        if saved != mine:
+            raise ValueError(f"{path} holds weights of the methods {saved}; this handle attaches {mine}")
+        missing, unexpected = self.modules.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit these methods' modules (missing {list(missing)[:4]}, unexpected "
+                f"{list(unexpected)[:4]}); were they saved with other settings? saved: {meta.get('vtok_methods')}"
+            )
 
     def note_passthrough(self, reason: str | None) -> None:
         """Record (and warn once per reason) that a prefill runs untouched."""
@@ -120,12 +189,14 @@ class Handle:
         return f"<vtok.Handle {state}: {', '.join(m.name for m in self.methods)} on {type(self.model).__name__}>"
 
 
-def apply(model: nn.Module, method_or_list, **hparams) -> Handle:
+def apply(model: nn.Module, method_or_list, *, weights=None, **hparams) -> Handle:
     """Attach one method (by name or instance) or a list of methods of different stages.
+
+    ``weights``: a file ``handle.save`` wrote, loaded into the trainable methods' modules.
 
     >>> handle = vtok.apply(model, "fastv", layer=2, retain=0.5)
     >>> with vtok.apply(model, ["pool", "fastv"], fastv={"retain": 0.5}): ...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vtok.apply needs a torch.nn.Module, got {type(model).__name__}")
-    return Handle(model, _build_methods(method_or_list, hparams))
+    return Handle(model, _build_methods(method_or_list, hparams), weights=weights)

@@ -361,6 +361,13 @@ class Method:
     def in_llm(self, view: LLMView) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    # trainable methods ---------------------------------------------------------------------------
+    def build(self, dims: dict) -> dict | None:
+        """A trainable method returns its ``nn.Module``s, built for a model of these sizes (``dims``:
+        ``llm_hidden``, ``vision_hidden``, whatever the adapter knows); the handle keeps them (on the
+        model's device and dtype) and sets them as ``self.modules``. Default: no modules."""
+        return None
+
     # what the method costs and keeps (eval/ asks the method, never names it) ------------------
     def overhead_flops(self, event, spec, units=None) -> int:
         """FLOPs of the method's own computations for one ``Reduction`` event, beyond the probes the
