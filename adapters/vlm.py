@@ -20,6 +20,7 @@ from vtok.hf_compat import cache_from_kwargs, output_cache, precomputed_visual_f
 from vtok.method import (
     LLM_PROBES,
     LLMAttention,
+    Question,
     TextQuery,
     Transition,
     ViTAttention,
@@ -76,7 +77,7 @@ class _Generation:
 
 class VLMAdapter(InLLMStage, Adapter):
     stages = ("before_llm", "in_llm")
-    probe_types = (ViTAttention, LLMAttention, Transition, TextQuery)
+    probe_types = (ViTAttention, LLMAttention, Transition, TextQuery, Question)
 
     # per-call state, one per thread (a model may serve several threads at once)
     _fw = per_thread()  # the forward in flight
@@ -151,6 +152,11 @@ class VLMAdapter(InLLMStage, Adapter):
 
     def check_probe(self, probe, method) -> None:
         super().check_probe(probe, method)
+        if isinstance(probe, Question) and not hasattr(getattr(self.handle.processor, "tokenizer", self.handle.processor), "decode"):
+            raise ValueError(
+                f"{method.name} reads the call's question, which vtok decodes with the model's tokenizer; pass "
+                "vtok.apply(model, ..., processor=processor) (the processor or tokenizer you prepare inputs with)"
+            )
         if isinstance(probe, ViTAttention):
             n = len(vision_blocks(self.vision_tower))
             if not -n <= probe.layer < n:
@@ -332,10 +338,12 @@ class VLMAdapter(InLLMStage, Adapter):
         fw.probes.update(self._captured)
         res = {}
         for p in method.probes():
-            kind = "text" if isinstance(p, TextQuery) else "llm" if isinstance(p, LLM_PROBES) else "vit"
+            kind = "text" if isinstance(p, (TextQuery, Question)) else "llm" if isinstance(p, LLM_PROBES) else "vit"
             if kind not in kinds or (kind == "llm" and before_layer is not None and p.layer >= before_layer):
                 continue
-            if kind == "text":
+            if isinstance(p, Question):
+                res[p] = self._question()
+            elif kind == "text":
                 res[p] = self._text_query()
             elif p in fw.probes:
                 res[p] = fw.probes[p]
@@ -345,6 +353,17 @@ class VLMAdapter(InLLMStage, Adapter):
                     "(were the visual features passed in pre-computed, without running the vision tower?)"
                 )
         return res
+
+    def _question(self) -> list[str]:
+        """Per sample, the text after its last visual token, decoded (special tokens skipped)."""
+        fw = self._fw
+        ids = fw.input_ids
+        visual = torch.isin(ids, self._placeholder_tensor(ids))
+        valid = fw.attention_mask.bool() if fw.attention_mask is not None else torch.ones_like(visual)
+        ar = torch.arange(ids.shape[1], device=ids.device)
+        last = torch.where(visual, ar, -1).max(1).values
+        tok = getattr(self.handle.processor, "tokenizer", self.handle.processor)
+        return [tok.decode(ids[b][valid[b] & (ar > last[b])].tolist(), skip_special_tokens=True) for b in range(ids.shape[0])]
 
     def _text_query(self):
         fw = self._fw

@@ -202,3 +202,38 @@ def test_transition_probe_is_the_models_own_sub_block_io(case_name):
     for name in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
         for b, idx in enumerate(view.visual_index):
             torch.testing.assert_close(getattr(t, name)[b][rows[b]], mine[name][b, idx], atol=0, rtol=0)
+
+
+def test_a_method_reads_the_question_through_the_processor(tmp_path):
+    """``Question``: the text after the image, decoded with the processor's tokenizer, per sample; without
+    a processor the method is refused at apply."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vtok.adapters.testing_processor import save_tiny_llava_checkpoint
+    from vtok.method import Question
+
+    path = save_tiny_llava_checkpoint(tmp_path / "ckpt")
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    proc = AutoProcessor.from_pretrained(path)
+    img = torch.rand(3, 32, 32)
+    texts = ["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> w20 w21 ? ASSISTANT:"]
+    inputs = proc(images=[img, img], text=texts, return_tensors="pt", padding=True)
+    got = {}
+
+    class Reads(vtok.Method):
+        name = "reads_question"
+        stages = ("before_llm",)
+        position_policy = "compact"
+
+        def probes(self):
+            return [Question()]
+
+        def before_llm(self, tokens, probes):
+            got["q"] = probes[Question()]
+            return tokens
+
+    with pytest.raises(ValueError, match="reads the call's question.*processor=processor"):
+        vtok.apply(model, Reads())
+    with vtok.apply(model, Reads(), processor=proc), torch.no_grad():
+        model(**inputs)
+    assert got["q"] == ["what is in the image ? ASSISTANT:", "w20 w21 ? ASSISTANT:"]

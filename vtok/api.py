@@ -63,11 +63,13 @@ class Handle:
     ``vtok.apply(..., weights=path)``.
     """
 
-    def __init__(self, model: nn.Module, methods: list[Method], weights=None):
+    def __init__(self, model: nn.Module, methods: list[Method], weights=None, processor=None):
         from vtok.adapters import find_adapter
 
         self.model = model
         self.methods = methods
+        #: the processor (or tokenizer) of the model: methods read the call's question through it
+        self.processor = processor
         self.stats: list = []
         self.probe_costs: list = []
         #: why the last prefill ran the untouched model (a call vtok cannot reduce but HF serves), or None
@@ -189,14 +191,15 @@ class Handle:
         return f"<vtok.Handle {state}: {', '.join(m.name for m in self.methods)} on {type(self.model).__name__}>"
 
 
-def apply(model: nn.Module, method_or_list, *, weights=None, **hparams) -> Handle:
+def apply(model: nn.Module, method_or_list, *, weights=None, processor=None, **hparams) -> Handle:
     """Attach one method (by name or instance) or a list of methods of different stages.
 
     ``weights``: a file ``handle.save`` wrote, loaded into the trainable methods' modules.
+    ``processor``: the model's processor or tokenizer, for methods that read the question (``Question``).
 
     >>> handle = vtok.apply(model, "fastv", layer=2, retain=0.5)
     >>> with vtok.apply(model, ["pool", "fastv"], fastv={"retain": 0.5}): ...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vtok.apply needs a torch.nn.Module, got {type(model).__name__}")
-    return Handle(model, _build_methods(method_or_list, hparams), weights=weights)
+    return Handle(model, _build_methods(method_or_list, hparams), weights=weights, processor=processor)

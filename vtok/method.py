@@ -20,6 +20,7 @@ __all__ = [
     "ViTAttention",
     "LLMAttention",
     "TextQuery",
+    "Question",
     "register",
     "get_method_class",
     "list_methods",
@@ -231,6 +232,12 @@ def _realign(values, orig_index, valid, view) -> torch.Tensor:
 
 
 LLM_PROBES = (LLMAttention, Transition)
+
+
+@dataclass(frozen=True)
+class Question(Probe):
+    """The call's question per sample: its text after the visual span (the instruction), decoded with the
+    tokenizer of the processor given to ``vtok.apply(..., processor=...)``. Result: a list of str."""
 
 
 @dataclass(frozen=True)
