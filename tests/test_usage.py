@@ -235,3 +235,31 @@ def test_calls_vtok_cannot_reduce_run_untouched_and_say_so(call):
         model(**batch)  # an ordinary call afterwards is reduced again
         assert h.passthrough is None and h.stats
     assert torch.equal(got, want)
+
+
+def test_compiled_models_are_not_silently_unreduced():
+    """torch.compile'd code does not see hooks added later: a compiled wrapper is refused, and compile ->
+    run -> apply warns; apply -> compile reduces."""
+    import torch._dynamo
+
+    model = tiny_llava_fresh()
+    _, batch = _batch("llava", seed=8)
+    cm = torch.compile(model, backend="eager")
+    with pytest.raises(ValueError, match="attach to the original model first"):
+        vtok.apply(cm, "random")
+    with torch.no_grad():
+        cm(**batch)
+    with pytest.warns(UserWarning, match="compiled version does not see vtok's hooks"):
+        vtok.apply(model, "random").remove()
+    torch._dynamo.reset()
+    with vtok.apply(model, _method("random")) as h, torch.no_grad():
+        out = torch.compile(model, backend="eager")(**batch)
+        assert h.stats and sum(h.stats[0].tokens_out) < sum(h.stats[0].tokens_in)
+    torch._dynamo.reset()
+    assert out.logits.shape[1] == batch["input_ids"].shape[1]
+
+
+def tiny_llava_fresh():
+    from vtok.adapters.testing import tiny_llava
+
+    return tiny_llava(seed=0)

@@ -191,6 +191,34 @@ class Handle:
         return f"<vtok.Handle {state}: {', '.join(m.name for m in self.methods)} on {type(self.model).__name__}>"
 
 
+def _check_not_compiled(model: nn.Module) -> None:
+    """torch.compile'd code does not see hooks added after it was compiled: refuse a compiled wrapper,
+    and warn when this model's class has compiled code already (compile -> run -> apply)."""
+    import warnings
+
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule, _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return
+    if isinstance(model, OptimizedModule):
+        raise ValueError(
+            "vtok.apply got a torch.compile'd model; attach to the original model first and compile afterwards: "
+            "vtok.apply(model._orig_mod, ...) then torch.compile(model)"
+        )
+    fn = getattr(type(model).forward, "__wrapped__", type(model).forward)
+    try:
+        compiled = len(_debug_get_cache_entry_list(fn.__code__)) > 0
+    except Exception:  # noqa: BLE001 - a private helper; no answer means no warning
+        compiled = False
+    if compiled:
+        warnings.warn(
+            f"vtok: torch.compile'd code of {type(model).__name__} has already run; if this model was compiled "
+            "before vtok.apply, its compiled version does not see vtok's hooks and runs unreduced. Attach first "
+            "and compile afterwards (or call torch._dynamo.reset() before compiling again)",
+            stacklevel=3,
+        )
+
+
 def apply(model: nn.Module, method_or_list, *, weights=None, processor=None, **hparams) -> Handle:
     """Attach one method (by name or instance) or a list of methods of different stages.
 
@@ -202,4 +230,5 @@ def apply(model: nn.Module, method_or_list, *, weights=None, processor=None, **h
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vtok.apply needs a torch.nn.Module, got {type(model).__name__}")
+    _check_not_compiled(model)
     return Handle(model, _build_methods(method_or_list, hparams), weights=weights, processor=processor)
