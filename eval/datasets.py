@@ -96,7 +96,7 @@ def first_output(out) -> torch.Tensor:
 
 
 class SyntheticDataset:
-    """Random prompts for a tiny model of ``vtok.adapters.testing.TINY_CASES``; the answer of each sample is
+    """Random prompts for a tiny model of ``vtok.testing.TINY_CASES``; the answer of each sample is
     the unreduced model's top-1 output (its next token for a VLM), so accuracy is agreement with the
     full model: 100% without a method, lower the more a method changes the answer.
 
@@ -104,7 +104,7 @@ class SyntheticDataset:
     """
 
     def __init__(self, case: str = "llava", n: int = 16, seed: int = 0):
-        from vtok.adapters.testing import TINY_CASES
+        from vtok.testing import TINY_CASES
 
         if case not in TINY_CASES:
             raise ValueError(f"unknown tiny case {case!r}; known: {', '.join(TINY_CASES)}")
@@ -165,7 +165,7 @@ class SyntheticDataset:
 
 def _tiny_model_factory(case_name):
     def build():
-        from vtok.adapters.testing import TINY_CASES
+        from vtok.testing import TINY_CASES
 
         return TINY_CASES[case_name].build()
 
@@ -173,7 +173,7 @@ def _tiny_model_factory(case_name):
 
 
 def _register_tiny() -> None:
-    from vtok.adapters.testing import TINY_CASES
+    from vtok.testing import TINY_CASES
 
     for case_name in TINY_CASES:
         MODELS.setdefault(f"tiny-{case_name.replace('_', '-')}", _tiny_model_factory(case_name))

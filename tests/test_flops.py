@@ -8,9 +8,9 @@ import torch
 from conftest import supported_pairs, tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.eval import flops
 from vtok.method import get_method_class
+from vtok.testing import TINY_CASES
 
 TOL = 0.01  # acceptance: within 1% (the count is exact on every case so far)
 

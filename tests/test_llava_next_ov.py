@@ -19,8 +19,8 @@ from conftest import tiny_model
 
 import vtok
 from vtok.adapters import find_adapter
-from vtok.adapters.testing import LLAVA_ONEVISION_VIDEO, TINY_CASES, tiny_llava_onevision
 from vtok.method import Method, ViTAttention, get_method_class
+from vtok.testing import LLAVA_ONEVISION_VIDEO, TINY_CASES, tiny_llava_onevision
 
 # ------------------------------------------------------------------ helpers
 

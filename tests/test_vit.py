@@ -7,7 +7,10 @@ import torch
 
 import vtok
 from vtok.adapters import find_adapter
-from vtok.adapters.testing import (
+from vtok.adapters.vit import HFVisionAdapter, OpenClipViTAdapter, TimmViTAdapter, check_vit_method
+from vtok.method import Method, ViTAttention
+from vtok.methods.tome import ToMe
+from vtok.testing import (
     left_pad_batch,
     llava_samples,
     tiny_hf_vision,
@@ -16,9 +19,6 @@ from vtok.adapters.testing import (
     tiny_open_clip_vit,
     tiny_timm_vit,
 )
-from vtok.adapters.vit import HFVisionAdapter, OpenClipViTAdapter, TimmViTAdapter, check_vit_method
-from vtok.method import Method, ViTAttention
-from vtok.methods.tome import ToMe
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -1,6 +1,7 @@
-"""Tiny random models built from the real transformers classes, with matching inputs.
+"""Tiny random models of every adapter family (real transformers/timm/open_clip classes) and their inputs.
 
-Used by the test suite (every adapter registers a factory here) and by quick CPU examples.
+``TINY_CASES``: one ``TinyCase`` per adapter, used by the test suite, the synthetic eval dataset and
+quick CPU examples. ``vtok.testing_processor`` saves a tiny LLaVA with a real processor.
 """
 
 from __future__ import annotations
