@@ -12,7 +12,8 @@ from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
 from .hf_vision import has_cls_token, vision_blocks, vit_attention_stats
-from .vit import InViTRunner, check_vit_method, hf_attn_implementation, hf_block_parts
+from .vit import InViTRunner, check_vit_method
+from .vit_blocks import hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaAdapter"]
