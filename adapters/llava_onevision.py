@@ -81,8 +81,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """The per-frame grid after the model's own pooling, read from ``apply_pooling``."""
         g = self._patch_grid()
         yy, xx = ramp(g)
-        pooled = self.core.apply_pooling(torch.stack([yy, xx], -1).unsqueeze(0))[0]  # [k, 2]
-        h = torch.unique(pooled[:, 0]).numel()
+        pooled = self.core.apply_pooling(torch.stack([yy, xx], -1).unsqueeze(0))[0]  # [k, 2], raster order
+        # a new row starts where y jumps (pooled rows lie >= 1 patch apart); y inside a row carries float
+        # noise from the interpolation, so distinct values would over-count rows (27x27 patches: 24, not 14)
+        h = int((pooled[1:, 0] - pooled[:-1, 0] > 0.5).sum()) + 1
         return h, pooled.shape[0] // h
 
     def video_layout(self, frames: int) -> VisualLayout:

@@ -415,6 +415,13 @@ def test_fastv_on_stacked_videos_drops_equal_masks_and_generates(policy, video):
     assert torch.equal(generated, ref_gen)
 
 
+def test_frame_grid_of_a_large_patch_grid():
+    """27 x 27 patches (OneVision-7B's SigLIP at 384 px) pool to 14 x 14 per frame; counting distinct
+    interpolated row coordinates once gave 24 rows (float noise)."""
+    model = tiny_llava_onevision(image_size=54, patch=2)
+    assert find_adapter(model)(model, {}, None).frame_grid() == (14, 14)
+
+
 # ------------------------------------------------------------------ pre-computed features
 
 
