@@ -90,7 +90,8 @@ def parse_image(t: torch.Tensor, n_patches: int, npw: int, g: int) -> VisualLayo
     ar = torch.arange(base)
     if bool(is_nl[:base].any()):
         raise RuntimeError("unexpected image layout: a newline inside the base image grid")
-    if n_patches == 1:  # base image only (+ one closing newline)
+    if n_patches == 1 or length == base:  # base image only (+ one closing newline), or nothing left of
+        # the crops after unpadding (an extreme aspect ratio on a small patch grid)
         nl = is_nl[base:].nonzero().squeeze(1) + base
         line = torch.full((base,), 0 if nl.numel() else -1, dtype=torch.long)
         zero = torch.zeros(base, dtype=torch.long)
