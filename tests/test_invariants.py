@@ -1,4 +1,4 @@
-"""The invariants of design.md for every registered method x every adapter that supports it.
+"""The invariants README's "What vtok guarantees" lists, for every registered method x every adapter that supports it.
 
 New methods (registry) and new adapters (vtok.testing.TINY_CASES) are picked up automatically.
 """
