@@ -1,29 +1,6 @@
-"""Attention probes without the attention map: chosen rows, and attention received per key.
-
-``attention_rows(q, k, *, scale=None, key_mask=None, causal_offset=None) -> [B, R, Nk]`` (fp32)
-    Head-averaged ``softmax(q_i . K^T * scale)`` for R query rows (FastV's last token, ToDRE's CLS
-    row or text rows, TransPrune's instruction rows). ``q [B, Hq, R, d]``, ``k [B, Hkv, Nk, d]``;
-    GQA when ``Hq`` is a multiple of ``Hkv`` (query head h reads key head ``h // (Hq / Hkv)``, the
-    ``repeat_kv`` convention). ``key_mask [B, Nk]`` bool: False keys get probability 0.
-    ``causal_offset``: the position of each query row in the key sequence; row i sees keys
-    ``j <= pos_i``. An int means consecutive rows ``pos_i = causal_offset + i`` (the last R tokens
-    of a prompt of length Nk: ``causal_offset = Nk - R``); a tensor gives ``[R]`` or ``[B, R]``
-    positions. A row that sees no key gets all zeros.
-
-``attention_colmean(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False) -> [B, Nk]`` (fp32)
-    Attention *received* by each key, averaged over all valid queries and all heads:
-    ``c_j = mean_{h, i valid} softmax_i(q_i . K^T * scale)_j`` (HiPrune, HoliTom, VisionZip-style
-    "global attention"). ``query_mask [B, Nq]`` drops queries (padding) from the mean;
-    ``causal=True`` aligns the queries to the end of the keys (query i sits at position
-    ``i + Nk - Nq``, as FlashAttention). The mean over a sample's valid queries and heads; a
-    sample with no valid query gets zeros.
-
-Both are computed in two passes from q and k of one layer, so the model keeps SDPA/FlashAttention:
-pass 1 finds each row's log-sum-exp with an online softmax over key tiles; pass 2 recomputes the
-score tiles and turns them into probabilities ``exp(s - lse)`` and sums them over heads (rows
-probe) or over heads and query tiles (column probe). The ``[Nq, Nk]`` map never exists, only
-``[BLOCK_M, BLOCK_N]`` tiles on chip; the extra memory is the LSE (``4 B Hq Nq`` bytes) and the
-output. The torch references chunk over query rows so they never hold the whole map either.
+"""Attention probes without the attention map: chosen rows (``attention_rows``) and attention received per key
+(``attention_colmean``), as torch references (chunked over query rows) and two-pass Triton kernels (see
+"Triton kernels" below); the contracts are the docstrings of the dispatching functions in ``vtok.kernels``.
 """
 
 from __future__ import annotations
@@ -110,7 +87,7 @@ def _probs_torch(q, k, scale, allowed):
 
 @torch.no_grad()
 def attention_rows_torch(q, k, *, scale=None, key_mask=None, causal_offset=None):
-    """Torch reference of :func:`vtok.kernels.attention_rows` (see the module docstring)."""
+    """Torch reference of :func:`vtok.kernels.attention_rows` (its docstring is the contract)."""
     B, Hq, Hkv, d = _check_qk(q, k)
     R, Nk = q.shape[2], k.shape[2]
     dev = q.device
@@ -168,6 +145,14 @@ def _attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# Both probes are computed in two passes from q and k of one layer, so the model keeps
+# SDPA/FlashAttention: pass 1 finds each row's log-sum-exp with an online softmax over key tiles;
+# pass 2 recomputes the score tiles and turns them into probabilities ``exp(s - lse)`` and sums
+# them over heads (rows probe) or over heads and query tiles (column probe). The ``[Nq, Nk]`` map
+# never exists, only ``[BLOCK_M, BLOCK_N]`` tiles on chip; the extra memory is the LSE
+# (``4 B Hq Nq`` bytes) and the output. The torch references chunk over query rows so they never
+# hold the whole map either.
 # --------------------------------------------------------------------------------------------
 
 
