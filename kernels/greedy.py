@@ -28,6 +28,7 @@ def _gram_budget(device) -> int:
 
 
 def _prepare(x, k, mode, pivot, mask):
+    """Checked arguments (k clamped to N, pivot [B] on x's device, mask) and the output ``idx`` [B, k], all -1."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, d]; got {tuple(x.shape)}")
     if mode not in _MODES:
@@ -63,7 +64,7 @@ def _prepare(x, k, mode, pivot, mask):
             if not bool(ok.all()):
                 bad = (~ok).nonzero().flatten().tolist()
                 raise ValueError(f"pivot points at a masked (invalid) token in samples {bad}; pass a valid pivot")
-    return k, pivot, mask
+    return k, pivot, mask, torch.full((B, k), -1, dtype=torch.long, device=dev)
 
 
 @torch.no_grad()
@@ -72,12 +73,11 @@ def greedy_select_torch(x, k, *, mode="kcenter", pivot=None, mask=None):
 
     Used by: no method yet; kept for the planned ToDRE method (stage 1: max-sum, its v2 default,
     or k-center, its v1)."""
-    k, pivot, mask = _prepare(x, k, mode, pivot, mask)
-    B, N, _ = x.shape
-    dev = x.device
-    out = torch.full((B, k), -1, dtype=torch.long, device=dev)
+    k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
     if k == 0:
         return out
+    B, N, _ = x.shape
+    dev = x.device
     xf = x.float()
     inv = inv_norm(x)
     inf = torch.tensor(float("inf"), device=dev)
@@ -275,12 +275,11 @@ def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None):
 def _greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, path=None, block_n=None):
     """:func:`greedy_select_triton` with the knobs tests use: ``path`` ("regs", "gram", "stream")
     and ``block_n`` force a code path."""
-    k, pivot, mask = _prepare(x, k, mode, pivot, mask)
-    B, N, D = x.shape
-    dev = x.device
-    out = torch.full((B, k), -1, dtype=torch.long, device=dev)
+    k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
     if k == 0:
         return out
+    B, N, D = x.shape
+    dev = x.device
     inv = inv_norm(x)
     valid = (mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=dev)).to(torch.int8).contiguous()
     if path is None:
