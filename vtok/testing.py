@@ -379,19 +379,13 @@ TINY_CASES: dict[str, TinyCase] = {
     "timm_vit": _vision_case("timm_vit", tiny_timm_vit, key="x"),
     "open_clip_vit": _vision_case("open_clip_vit", tiny_open_clip_vit, key="x"),
     "llava_next": TinyCase(
-        "llava_next",
-        tiny_llava_next,
-        anyres_samples,
-        collate=anyres_collate,
+        "llava_next", tiny_llava_next, anyres_samples, collate=anyres_collate,
         specs=[(3, [(40, 70)], 4), (9, [(60, 30)], 2), (1, [(50, 50), (30, 80)], 6)],
-    ),
+    ),  # fmt: skip
     "llava_onevision": TinyCase(
-        "llava_onevision",
-        tiny_llava_onevision,
-        anyres_samples,
-        collate=anyres_collate,
+        "llava_onevision", tiny_llava_onevision, anyres_samples, collate=anyres_collate,
         specs=[(3, [(40, 90)], 4), (9, [(90, 85)], 2), (1, [(50, 50), (30, 80)], 6)],
-    ),
+    ),  # fmt: skip
 }
 
 #: LLaVA-OneVision with a batch of two videos of 8 and 12 frames (different prompt lengths). Not in
