@@ -366,7 +366,7 @@ def main(argv=None):
     """
     p = argparse.ArgumentParser(prog="python -m vtok.kernels.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
-                   help="';'-separated B,N,C triples (default: the five issue shapes)")
+                   help="';'-separated B,N,C triples (default: DEFAULT_SHAPES, CLIP-L/336 batch to video scale)")
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list from {KERNELS}")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the dense bf16 peak (TFLOP/s)")
