@@ -12,7 +12,8 @@ from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
 from .hf_vision import has_cls_token, vision_blocks, vit_attention_stats
-from .vit import InViTRunner, check_vit_method, hf_attn_implementation, hf_block_parts
+from .vit import InViTRunner, check_vit_method
+from .vit_blocks import hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaAdapter"]
@@ -27,7 +28,41 @@ class _ViTFeatures:
     n_full: int  # features per image without reduction (= placeholders per image)
     records: list  # (block, n_in, n_out, kept [images, n_out]) per merging block
     features: torch.Tensor | None = None  # projected merged tokens [images, n, D]
-    padded: torch.Tensor | None = None  # what the projector returned: [images, n_full, D]
+    # the tensor the prefill will be handed, [images, n_full, D]: the zero-padded projector output, or
+    # the rows of it that generate pre-computed (recognised by identity, see _rows_of)
+    padded: torch.Tensor | None = None
+
+    def select(self, rows: list[int], padded: torch.Tensor) -> "_ViTFeatures":
+        """These images, in this order (``generate`` repeats groups of images for beams / sequences)."""
+        idx = torch.tensor(rows, device=self.positions.device)
+        return _ViTFeatures(
+            positions=self.positions[idx],
+            sizes=self.sizes[idx],
+            n_full=self.n_full,
+            records=[(b, i, o, k[idx.to(k.device)]) for b, i, o, k in self.records],
+            features=self.features[idx.to(self.features.device)],
+            padded=padded,
+        )
+
+
+def _rows_of(views, padded: torch.Tensor) -> list[int] | None:
+    """Which row of ``padded`` each tensor of ``views`` is, when they are the row views the model made of
+    it (``list(image_features)``), read from their storage offsets, never from their values; None if one
+    is not such a view."""
+    rows = []
+    for t in views:
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.shape != padded.shape[1:]
+            or t.stride() != padded.stride()[1:]
+            or t.untyped_storage().data_ptr() != padded.untyped_storage().data_ptr()
+        ):
+            return None
+        j, rest = divmod(t.storage_offset() - padded.storage_offset(), padded.stride(0))
+        if rest or not 0 <= j < padded.shape[0]:
+            return None
+        rows.append(j)
+    return rows
 
 
 class LlavaAdapter(VLMAdapter):
@@ -188,31 +223,14 @@ class LlavaAdapter(VLMAdapter):
         return None
 
     def _take_vit_features(self, features):
-        """The last merged tower run's data, one row per image of ``features`` (which ``generate`` may
-        have repeated for beams or return sequences); None when no in_vit merge is pending."""
+        """The last merged tower run's data for ``features``, which must be the very tensor that run
+        handed on (``_ViTFeatures.padded``); None when no in_vit merge is pending."""
         vit = self._vit_last
         if vit is None or vit.padded is None:
             return None
         self._vit_last = None
-        padded = vit.padded.to(features.device, features.dtype)
-        rows = []
-        if features.shape[1:] == padded.shape[1:]:
-            p = padded.shape[0]
-            for u in range(features.shape[0]):  # usually u -> u; generate repeats the groups of images
-                j = next((j for j in [u % p, *range(p)] if torch.equal(features[u], padded[j])), None)
-                if j is None:
-                    break
-                rows.append(j)
-        if features.shape[0] and len(rows) == features.shape[0]:
-            idx = torch.tensor(rows, device=vit.positions.device)
-            return _ViTFeatures(
-                positions=vit.positions[idx],
-                sizes=vit.sizes[idx],
-                n_full=vit.n_full,
-                records=[(b, i, o, k[idx.to(k.device)]) for b, i, o, k in vit.records],
-                features=vit.features[idx.to(vit.features.device)],
-                padded=features,
-            )
+        if features is vit.padded:
+            return vit
         raise ValueError(
             "the image features of this prefill are not the ones the vision tower just produced with the in_vit "
             "method attached; pass pixel_values (not pre-computed features) while an in_vit method is attached"
@@ -232,10 +250,20 @@ class LlavaAdapter(VLMAdapter):
             self.handle.stats.append(Reduction(name, "in_vit", block, tin, tout, kept_t))
 
     def features_from_encoder_outputs(self, mm_encoder_outputs: dict):
+        """The pre-computed image features [images, tokens, D]. When they are rows of the last in_vit
+        run's output (``generate`` computed them with the method attached, maybe repeating groups of
+        images), the pending run is narrowed to those rows, in their order."""
         image = mm_encoder_outputs.get("image")
         if image is None:
             return None
-        return torch.stack(list(image.pooler_output))
+        rows = list(image.pooler_output)
+        features = torch.stack(rows)
+        vit = getattr(self, "_vit_last", None)
+        if vit is not None and vit.padded is not None:
+            found = _rows_of(rows, vit.padded)
+            if found is not None:
+                self._vit_last = vit.select(found, padded=features)
+        return features
 
     def build_units(self, features, input_ids):
         vit = self._take_vit_features(features) if getattr(self, "_vit", None) is not None else None

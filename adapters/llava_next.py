@@ -1,39 +1,14 @@
 """HF ``LlavaNextForConditionalGeneration`` (LLaVA-1.6, AnyRes): base image + crops, unpadding, newlines.
 
-Units: one unit per image. Its tokens are the base (thumbnail) image's ``h x w`` grid, in raster
-order, followed by the unpadded high-resolution grid (all crops stitched, ``rows x cols``) in raster
-order. ``image_newline`` tokens are not part of the units: they are layout, and the adapter puts
-them back after a reduction (``place_reduced``): a row keeps its newline when at least one of its
-tokens survives (merged tokens count for the row of their ``position``), a row with no surviving
-token gets none. Rows therefore stay separated exactly as in the untouched model.
-
-Per-token bookkeeping (``VisualTokens``):
-
-- ``positions``: index in the unit's newline-free layout above (base grid, then high-res grid);
-- ``grids[u]``: ``[(h, w), (rows, cols)]`` (only ``[(h, w)]`` for an image without crops), so
-  ``pool`` pools the base grid and the high-res grid separately; ``grid`` is None (no common grid);
-- ``extra["crop"]``: 0 for base-image tokens, k >= 1 for the k-th AnyRes crop (raster order over
-  the crop grid) a high-res token comes from, so a method can work per crop or globally;
-- ``extra["block"]``: 0 base grid, 1 high-res grid; ``extra["row"]``/``extra["col"]``: the token's
-  row and column in its block's grid (``row`` of a high-res token = the newline row it sits in);
-- ``extra["patch"]``: raster index, inside its crop's tower grid, of the patch the token comes from.
-
-Budgets of ``before_llm`` methods are therefore per image (base + crops), newline tokens not
-counted. ``in_llm`` methods see every image placeholder (newlines included) as a visual token.
-
-How the features were laid out is read from the model's own code: the adapter runs the model's
-``pack_image_features`` on a small coordinate tensor (its unpadding and, for OneVision, its
-``anyres_max`` down-scaling) instead of re-implementing it. For that it wraps the core model's
-``get_image_features`` on this instance (an instance attribute that ``remove()`` deletes again),
-which is where the image sizes are visible, both when ``forward`` runs the tower and when
-``generate`` pre-computes the features (``mm_encoder_outputs``).
+One unit per image (base grid, then the unpadded high-resolution grid); the layout of each image is
+read from the model's own ``pack_image_features`` (``vtok.adapters.anyres``), and image newlines are
+put back after a reduction. ``LlavaNextAdapter`` documents the per-token bookkeeping.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, field
 
 import torch
 
@@ -41,64 +16,67 @@ from vtok.hf_compat import family_module
 from vtok.method import ViTAttention
 from vtok.tokens import VisualTokens
 
+from .anyres import LayoutStore, VisualLayout, parse_image, ramp
 from .hf_vision import has_cls_token, vit_attention_stats
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaNextAdapter", "VisualLayout"]
 
-_LAYOUT_ATTR = "_vtok_layout"
-
-
-@dataclass
-class VisualLayout:
-    """Where the tokens of one unit (image or video) sit among its placeholders.
-
-    n tokens, ``length`` placeholders (tokens + newlines). token_slot [n]: placeholder offset of each
-    token; newline_slot [R]: placeholder offsets of the newlines; line [n]: which newline closes the
-    token's row (-1: none); block/row/col/crop [n] per-token bookkeeping (see the module doc);
-    frame [n] for videos; src [n]: index of the tower patch a token comes from (for ViT probes).
-    """
-
-    n: int
-    length: int
-    token_slot: torch.Tensor
-    newline_slot: torch.Tensor
-    line: torch.Tensor
-    block: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-    crop: torch.Tensor
-    patch: torch.Tensor
-    grids: list
-    frame: torch.Tensor | None = None
-    src: torch.Tensor | None = None
-    vit: dict = field(default_factory=dict)
-
-
 
 class _InstanceWrap:
-    """Shadows a method of one module instance with a wrapper (instance attribute); ``remove`` deletes it."""
+    """Shadows a method of one module instance with a wrapper (an instance attribute); ``remove`` deletes it.
+
+    Used for the core model's ``get_image_features`` / ``get_video_features``: the only place where the
+    image sizes and the features they produced meet, both in ``forward`` and when ``generate``
+    pre-computes the features (it drops ``image_sizes`` before the prefill), and transformers offers no
+    hook there. The class and every other instance are untouched.
+    """
 
     def __init__(self, obj, name: str, make):
-        if name in obj.__dict__:
+        if name in vars(obj):
             raise ValueError(
                 f"{type(obj).__name__}.{name} is already replaced on this model instance; vtok cannot attach twice"
             )
         self.obj, self.name = obj, name
         self.fn = make(getattr(obj, name))
-        obj.__dict__[name] = self.fn
+        setattr(obj, name, self.fn)
 
     def remove(self) -> None:
-        if self.obj.__dict__.get(self.name) is self.fn:
-            del self.obj.__dict__[self.name]
-
-
-def _ramp(g: int):
-    ar = torch.arange(g, dtype=torch.float32)
-    return ar.repeat_interleave(g), ar.repeat(g)  # y, x of raster index
+        if vars(self.obj).get(self.name) is self.fn:
+            delattr(self.obj, self.name)
 
 
 class LlavaNextAdapter(VLMAdapter):
+    """LLaVA-NeXT: one unit per image, base grid then unpadded high-resolution grid, newlines as layout.
+
+    A unit's tokens are the base (thumbnail) image's ``h x w`` grid in raster order, followed by the
+    unpadded high-resolution grid (all crops stitched, ``rows x cols``) in raster order. ``image_newline``
+    tokens are not part of the units: they are layout, and ``place_reduced`` puts them back after a
+    reduction: a row keeps its newline when at least one of its tokens survives (merged tokens count for
+    the row of their ``position``), a row with no surviving token gets none, so rows stay separated
+    exactly as in the untouched model.
+
+    Per-token bookkeeping (``VisualTokens``):
+
+    - ``positions``: index in the unit's newline-free layout above (base grid, then high-res grid);
+    - ``grids[u]``: ``[(h, w), (rows, cols)]`` (only ``[(h, w)]`` for an image without crops), so
+      ``pool`` pools the base grid and the high-res grid separately; ``grid`` is None (no common grid);
+    - ``extra["crop"]``: 0 for base-image tokens, k >= 1 for the k-th AnyRes crop (raster order over
+      the crop grid) a high-res token comes from, so a method can work per crop or globally;
+    - ``extra["block"]``: 0 base grid, 1 high-res grid; ``extra["row"]``/``extra["col"]``: the token's
+      row and column in its block's grid (``row`` of a high-res token = the newline row it sits in);
+    - ``extra["patch"]``: raster index, inside its crop's tower grid, of the patch the token comes from.
+
+    Budgets of ``before_llm`` methods are therefore per image (base + crops), newline tokens not
+    counted. ``in_llm`` methods see every image placeholder (newlines included) as a visual token.
+
+    How the features were laid out is read from the model's own code: ``image_layouts`` runs the
+    model's ``pack_image_features`` on a small coordinate tensor (its unpadding and, for OneVision, its
+    ``anyres_max`` down-scaling) instead of re-implementing it. The wrapped ``get_image_features`` (see
+    ``_InstanceWrap``) is where the image sizes are visible, both when ``forward`` runs the tower and
+    when ``generate`` pre-computes the features (``mm_encoder_outputs``).
+    """
+
     name = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
@@ -134,6 +112,7 @@ class LlavaNextAdapter(VLMAdapter):
     # attach ----------------------------------------------------------------------
     def attach_vision(self) -> None:
         self._layouts: dict = {}  # modality -> list[VisualLayout] of the features of the coming prefill
+        self._feature_layouts = LayoutStore()  # feature tensor the tower produced -> its layout(s)
         self._vit_raw: dict | None = None  # probe -> list of per-tower-call stats, inside a wrapped call
         self._hooks.append(_InstanceWrap(self.core, "get_image_features", self._wrap_image_features))
         self.hook(self.model, self._clear_layouts, pre=False)
@@ -190,10 +169,10 @@ class LlavaNextAdapter(VLMAdapter):
             bound.apply_defaults()
             a = dict(bound.arguments)
             a.update(a.pop("kwargs", {}) or {})
-            layouts = self._image_layouts(a)
+            layouts = self.image_layouts(**a)
             for p, stats in raw.items():
                 stats = self._drop_cls(stats, a.get("vision_feature_select_strategy"))
-                for lay, rows in zip(layouts, self._patch_rows(a)):
+                for lay, rows in zip(layouts, self._patch_rows(**a)):
                     lay.vit[p] = stats[rows].reshape(-1)[lay.src]
             feats = getattr(out, "pooler_output", None)
             if isinstance(feats, (list, tuple)) and len(feats) == len(layouts):
@@ -203,19 +182,20 @@ class LlavaNextAdapter(VLMAdapter):
                             f"vtok's reading of the image layout ({lay.length} tokens) disagrees with the model "
                             f"({t.shape[0]}); please report this with your transformers version"
                         )
-                    setattr(t, _LAYOUT_ATTR, lay)  # travels with the features (generate's mm_encoder_outputs)
+                    self._feature_layouts.put(t, lay)  # for generate's mm_encoder_outputs
             self._layouts["image"] = layouts
             return out
 
         return get_image_features
 
-    def _num_patches(self, a: dict) -> list[int]:
-        """Tower inputs (base + crops) per image, as the model's get_image_features counts them."""
+    def num_patches(self, image_sizes, **options) -> list[int]:
+        """Tower inputs (base + crops) per image, as the model's get_image_features counts them
+        (``options``: its other arguments, by name)."""
         cfg = self.model.config
         helper = self._hf_module().image_size_to_num_patches
         return [
             helper(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size)
-            for s in a["image_sizes"]
+            for s in image_sizes
         ]
 
     def _pack(self, feats: list, a: dict, newline: torch.Tensor) -> list:
@@ -227,19 +207,22 @@ class LlavaNextAdapter(VLMAdapter):
         )
         return packed
 
-    def _patch_rows(self, a: dict) -> list[torch.Tensor]:
+    def _patch_rows(self, **a) -> list[torch.Tensor]:
         """Per image, the rows of the tower batch that hold its base image and crops."""
-        n = self._num_patches(a)
+        n = self.num_patches(**a)
         start = [sum(n[:i]) for i in range(len(n))]
         return [torch.arange(s, s + k) for s, k in zip(start, n)]
 
-    def _image_layouts(self, a: dict) -> list[VisualLayout]:
+    def image_layouts(self, image_sizes, **options) -> list[VisualLayout]:
+        """The layout of each image of ``image_sizes`` (H, W), read from the model's own packing;
+        ``options``: the other arguments of the model's ``get_image_features``, by name."""
+        a = dict(options, image_sizes=image_sizes)
         cfg = self.model.config
         g = self._patch_grid()
-        yy, xx = _ramp(g)
+        yy, xx = ramp(g)
         helper = self._hf_module().get_anyres_image_grid_shape
         feats, npws = [], []
-        for size, p in zip(a["image_sizes"], self._num_patches(a)):
+        for size, p in zip(image_sizes, self.num_patches(**a)):
             # channels: real-token marker (newlines get 0), y and x in the stitched (padded) crop grid
             idx = torch.zeros(p, g * g, 3)
             idx[:, :, 0] = 1
@@ -253,66 +236,26 @@ class LlavaNextAdapter(VLMAdapter):
             feats.append(idx)
             npws.append(npw)
         packed = self._pack(feats, a, torch.tensor([0.0, -1.0, -1.0]))
-        return [self._parse_image(t, p.shape[0], npw, g) for t, p, npw in zip(packed, feats, npws)]
-
-    @staticmethod
-    def _parse_image(t: torch.Tensor, n_patches: int, npw: int, g: int) -> VisualLayout:
-        length = t.shape[0]
-        is_nl = t[:, 0] < 0.5
-        base = g * g
-        ar = torch.arange(base)
-        if bool(is_nl[:base].any()):
-            raise RuntimeError("unexpected image layout: a newline inside the base image grid")
-        if n_patches == 1:  # base image only (+ one closing newline)
-            nl = is_nl[base:].nonzero().squeeze(1) + base
-            line = torch.full((base,), 0 if nl.numel() else -1, dtype=torch.long)
-            zero = torch.zeros(base, dtype=torch.long)
-            return VisualLayout(
-                base, length, ar, nl, line, zero, ar // g, ar % g, zero, ar.clone(), [(g, g)], src=ar.clone()
-            )
-        hi = t[base:]
-        nl_hi = is_nl[base:].nonzero().squeeze(1)
-        rows = nl_hi.numel()
-        cols = (hi.shape[0] - rows) // max(rows, 1)
-        expect = torch.arange(rows) * (cols + 1) + cols
-        if rows == 0 or hi.shape[0] != rows * (cols + 1) or not torch.equal(nl_hi, expect):
-            raise RuntimeError("unexpected image layout: the high-resolution grid is not rows of tokens + newline")
-        r = torch.arange(rows).repeat_interleave(cols)
-        c = torch.arange(cols).repeat(rows)
-        hi_slot = base + r * (cols + 1) + c
-        tok = hi[(r * (cols + 1) + c)]
-        y = tok[:, 1].round().long().clamp_min(0)
-        x = tok[:, 2].round().long().clamp_min(0)
-        crop = 1 + (y // g) * npw + (x // g)
-        crop = crop.clamp(1, n_patches - 1)
-        patch = (y % g) * g + (x % g)
-        src_hi = crop * base + patch
-        n = base + rows * cols
-        return VisualLayout(
-            n=n,
-            length=length,
-            token_slot=torch.cat([ar, hi_slot]),
-            newline_slot=base + expect,
-            line=torch.cat([torch.full((base,), -1, dtype=torch.long), r]),
-            block=torch.cat([torch.zeros(base, dtype=torch.long), torch.ones(rows * cols, dtype=torch.long)]),
-            row=torch.cat([ar // g, r]),
-            col=torch.cat([ar % g, c]),
-            crop=torch.cat([torch.zeros(base, dtype=torch.long), crop]),
-            patch=torch.cat([ar, patch]),
-            grids=[(g, g), (rows, cols)],
-            src=torch.cat([ar, src_hi]),
-        )
+        return [parse_image(t, p.shape[0], npw, g) for t, p, npw in zip(packed, feats, npws)]
 
     # pre-computed features (generate) ---------------------------------------------
     def features_from_encoder_outputs(self, mm_encoder_outputs: dict):
-        """Recover the layouts of pre-computed features; units are built at the LM entry (returns None)."""
-        self._layouts = {}  # a new prefill: only what these features carry (or the tower computes now)
+        """None: this family builds its units at the LM entry, where every placeholder holds its feature
+        (``VLMAdapter``'s contract for "no features yet"). A new prefill starts here: its layouts are
+        those of the pre-computed features (``encoder_layouts``), or what the tower computes now."""
+        self._layouts = self.encoder_layouts(mm_encoder_outputs)
+        return None
+
+    def encoder_layouts(self, mm_encoder_outputs: dict) -> dict:
+        """modality -> the layouts recorded when the tower produced these pre-computed features (a
+        modality whose features vtok did not see is left out)."""
+        found = {}
         image = mm_encoder_outputs.get("image")
         if image is not None and getattr(image, "pooler_output", None) is not None:
-            lays = [getattr(t, _LAYOUT_ATTR, None) for t in image.pooler_output]
+            lays = [self._feature_layouts.get(t) for t in image.pooler_output]
             if lays and all(lay is not None for lay in lays):
-                self._layouts["image"] = lays
-        return None
+                found["image"] = lays
+        return found
 
     # units at the LM entry ------------------------------------------------------------
     def _lm_prefill(self, kwargs):

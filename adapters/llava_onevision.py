@@ -1,23 +1,7 @@
-"""HF ``LlavaOnevisionForConditionalGeneration``: AnyRes images and videos.
+"""HF ``LlavaOnevisionForConditionalGeneration``: AnyRes images (as ``llava_next``) and videos.
 
-Images are handled as in ``llava_next`` (one unit per image: base grid + unpadded high-res grid,
-newlines re-inserted per surviving row), with OneVision's own rules read from the model's
-``pack_image_features``: the ``anyres_max_N`` down-scaling of large high-res grids (a token's
-``extra["crop"]`` is then the crop under its centre) and base-image-only features when a prompt
-holds several images (``batch_num_images``).
-
-Videos: one unit per video holding every frame's tokens after the model's own 2-D pooling
-(``apply_pooling``), frame after frame, raster order inside a frame. ``frames`` gives each token's
-frame, ``grid`` is the pooled frame grid (h, w) and ``grids[u]`` is ``[(h, w)] * T``, so video
-methods see T x H x W and ``pool`` pools each frame. The model closes a video with one
-``image_newline`` token after its last frame; the adapter keeps it after a reduction (a video keeps
-at least one token). ``extra["crop"]`` and ``extra["patch"]`` are -1 for video tokens (pooled from
-several patches), ``extra["block"]`` is the frame.
-
-Batches may mix videos of different frame counts: pass ``pixel_values_videos`` as the processor's
-list of per-video tensors ``[frames, C, H, W]`` (what it returns without tensor conversion, since
-ragged videos cannot be stacked). The untouched transformers model cannot run such a batch; with
-vtok attached each video goes through the tower on its own and the features are placed as usual.
+Images follow ``LlavaNextAdapter`` with OneVision's own rules read from the model's packing; a video
+is one unit of its pooled frames. ``LlavaOnevisionAdapter`` documents the layouts and ragged videos.
 """
 
 from __future__ import annotations
@@ -27,14 +11,34 @@ import inspect
 
 import torch
 
-from .llava_next import LlavaNextAdapter, VisualLayout, _InstanceWrap, _ramp
+from .anyres import VisualLayout, ramp, video_layout
+from .llava_next import LlavaNextAdapter, _InstanceWrap
 
 __all__ = ["LlavaOnevisionAdapter"]
 
-_LAYOUTS_ATTR = "_vtok_layouts"
-
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: images as in ``LlavaNextAdapter``; one unit per video.
+
+    Images: one unit per image (base grid + unpadded high-res grid, newlines re-inserted per surviving
+    row), with OneVision's own rules read from the model's ``pack_image_features``: the ``anyres_max_N``
+    down-scaling of large high-res grids (a token's ``extra["crop"]`` is then the crop under its centre)
+    and base-image-only features when a prompt holds several images (``batch_num_images``).
+
+    Videos: one unit per video holding every frame's tokens after the model's own 2-D pooling
+    (``apply_pooling``), frame after frame, raster order inside a frame. ``frames`` gives each token's
+    frame, ``grid`` is the pooled frame grid (h, w) and ``grids[u]`` is ``[(h, w)] * T``, so video
+    methods see T x H x W and ``pool`` pools each frame. The model closes a video with one
+    ``image_newline`` token after its last frame; the adapter keeps it after a reduction (a video keeps
+    at least one token). ``extra["crop"]`` and ``extra["patch"]`` are -1 for video tokens (pooled from
+    several patches), ``extra["block"]`` is the frame.
+
+    Batches may mix videos of different frame counts: pass ``pixel_values_videos`` as the processor's
+    list of per-video tensors ``[frames, C, H, W]`` (what it returns without tensor conversion, since
+    ragged videos cannot be stacked). The untouched transformers model cannot run such a batch; with
+    vtok attached each video goes through the tower on its own and the features are placed as usual.
+    """
+
     name = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
 
@@ -53,13 +57,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return [("image", int(cfg.image_token_id)), ("video", int(cfg.video_token_id))]
 
     # images -----------------------------------------------------------------------------
-    def _num_patches(self, a: dict) -> list[int]:
-        per_image = super()._num_patches(a)
-        counts = a.get("batch_num_images")
-        if counts is None:
+    def num_patches(self, image_sizes, batch_num_images=None, **options) -> list[int]:
+        per_image = super().num_patches(image_sizes, **options)
+        if batch_num_images is None:
             return per_image
         # several images in one prompt: the model keeps their base image only
-        need = [int(n) == 1 for n in counts for _ in range(int(n))]
+        need = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
         return [p if crop else 1 for p, crop in zip(per_image, need)]
 
     def _pack(self, feats: list, a: dict, newline: torch.Tensor) -> list:
@@ -74,35 +77,19 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         super().attach_vision()
         self._hooks.append(_InstanceWrap(self.core, "get_video_features", self._wrap_video_features))
 
-    def _frame_grid(self) -> tuple[int, int]:
+    def frame_grid(self) -> tuple[int, int]:
         """The per-frame grid after the model's own pooling, read from ``apply_pooling``."""
         g = self._patch_grid()
-        yy, xx = _ramp(g)
-        pooled = self.core.apply_pooling(torch.stack([yy, xx], -1).unsqueeze(0))[0]  # [k, 2]
-        h = torch.unique(pooled[:, 0]).numel()
+        yy, xx = ramp(g)
+        pooled = self.core.apply_pooling(torch.stack([yy, xx], -1).unsqueeze(0))[0]  # [k, 2], raster order
+        # a new row starts where y jumps (pooled rows lie >= 1 patch apart); y inside a row carries float
+        # noise from the interpolation, so distinct values would over-count rows (27x27 patches: 24, not 14)
+        h = int((pooled[1:, 0] - pooled[:-1, 0] > 0.5).sum()) + 1
         return h, pooled.shape[0] // h
 
-    def _video_layout(self, frames: int, h: int, w: int) -> VisualLayout:
-        per = h * w
-        n = frames * per
-        ar = torch.arange(n)
-        frame = ar // per
-        within = ar % per
-        return VisualLayout(
-            n=n,
-            length=n + 1,
-            token_slot=ar,
-            newline_slot=torch.tensor([n]),
-            line=torch.zeros(n, dtype=torch.long),
-            block=frame,
-            row=within // w,
-            col=within % w,
-            crop=torch.full((n,), -1, dtype=torch.long),
-            patch=torch.full((n,), -1, dtype=torch.long),
-            grids=[(h, w)] * frames,
-            frame=frame,
-            src=ar,
-        )
+    def video_layout(self, frames: int) -> VisualLayout:
+        """The layout of a video of ``frames`` frames (pooled frames, one closing newline)."""
+        return video_layout(frames, *self.frame_grid())
 
     def _wrap_video_features(self, orig):
         sig = inspect.signature(orig)
@@ -126,8 +113,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return get_video_features
 
     def _record_video_layouts(self, out, raw: dict, frames: list, strategy) -> None:
-        h, w = self._frame_grid()
-        layouts = [self._video_layout(f, h, w) for f in frames]
+        h, w = self.frame_grid()
+        layouts = [video_layout(f, h, w) for f in frames]
         start = [sum(frames[:i]) for i in range(len(frames))]
         for p, stats in raw.items():  # ViT statistics go through the model's own pooling, like the features
             pooled = self.core.apply_pooling(self._drop_cls(stats, strategy).unsqueeze(-1))[..., 0]
@@ -135,7 +122,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 lay.vit[p] = pooled[s : s + f].reshape(-1)
         feats = getattr(out, "pooler_output", None)
         if isinstance(feats, torch.Tensor):
-            setattr(feats, _LAYOUTS_ATTR, layouts)  # travels with the features (generate's mm_encoder_outputs)
+            self._feature_layouts.put(feats, layouts)  # for generate's mm_encoder_outputs
         self._layouts["video"] = layouts
 
     def _ragged_videos(self, orig, bound, videos):
@@ -162,16 +149,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         raw = {p: torch.cat([r[p] for r in raws]) for p in raws[0]} if raws else {}
         return BaseModelOutputWithPooling(pooler_output=torch.cat(outs, dim=1)), raw, frames
 
-    def features_from_encoder_outputs(self, mm_encoder_outputs: dict):
-        super().features_from_encoder_outputs(mm_encoder_outputs)
+    def encoder_layouts(self, mm_encoder_outputs: dict) -> dict:
+        found = super().encoder_layouts(mm_encoder_outputs)
         video = mm_encoder_outputs.get("video")
         feats = getattr(video, "pooler_output", None) if video is not None else None
         if isinstance(feats, torch.Tensor):
-            lays = getattr(feats, _LAYOUTS_ATTR, None)
+            lays = self._feature_layouts.get(feats)
             if lays is None and feats.dim() == 3:  # [videos, frames * h * w + 1, D]: frames from the length
-                h, w = self._frame_grid()
+                h, w = self.frame_grid()
                 if (feats.shape[1] - 1) % (h * w) == 0:
-                    lays = [self._video_layout((feats.shape[1] - 1) // (h * w), h, w)] * feats.shape[0]
+                    lays = [video_layout((feats.shape[1] - 1) // (h * w), h, w)] * feats.shape[0]
             if lays is not None:
-                self._layouts["video"] = lays
-        return None
+                found["video"] = lays
+        return found

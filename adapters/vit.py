@@ -1,27 +1,8 @@
-"""Vision transformers: per-block ``in_vit`` hooks for HF, timm and open_clip encoders.
+"""Vision transformers: the ``in_vit`` runner and the standalone ViT adapters.
 
-Model knowledge (where a block's attention, keys, MLP branch and prefix tokens are) lives in the
-``*_block_parts`` functions; :class:`InViTRunner` does the rest for any family and is reused by
-the VLM adapters for their vision towers. Standalone adapters: :class:`HFVisionAdapter`
-(``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``), :class:`TimmViTAdapter`
-(timm ``VisionTransformer``), :class:`OpenClipViTAdapter` (open_clip ``VisionTransformer``, or a
-CLIP model holding one as ``.visual``).
-
-How a block is reduced, with instance-level hooks only (ToMe's placement: after the attention
-residual, before the MLP):
-
-1. attention pre-hook: proportional attention -- ``log(size)`` of every key as an additive float
-   mask ([B, 1, 1, N]; [B*H, N, N] as a stride-0 view for ``nn.MultiheadAttention``); the
-   attention implementation (SDPA, eager) stays the one the user chose. ViT probes are computed
-   here from the attention input (small q/k side computations).
-2. keys: a forward hook on the module producing them (HF ``k_proj``, timm ``k_norm``, open_clip
-   ``ln_k``); for ``nn.MultiheadAttention`` the key projection of its input (one [N, C] x [C, C]).
-3. pre-hook on the MLP branch's first module (the norm): the method's merge is applied to the
-   residual stream ``x`` there, so the MLP runs on the merged tokens ``x'``.
-4. forward hook on the branch's last module: its output ``m`` is kept, and a zero is returned so
-   the block's own ``x + branch`` stays well-formed.
-5. forward hook on the block (run before any other forward hook): the block's output becomes
-   ``x' + m`` -- exactly ToMe's block, computed with the block's own modules.
+:class:`InViTRunner` reduces tokens block by block in any family whose block parts
+``vtok.adapters.vit_blocks`` knows (the VLM adapters reuse it for their towers). Adapters:
+:class:`HFVisionAdapter` (CLIP, SigLIP, DINOv2), :class:`TimmViTAdapter`, :class:`OpenClipViTAdapter`.
 """
 
 from __future__ import annotations
@@ -31,16 +12,21 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vtok.hf_compat import attn_implementation
 from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.vit import ViTMerge, ViTSource, ViTView, merge_tokens, remap_assign
 
 from .base import Adapter
-from .hf_vision import has_cls_token, vision_blocks
+from .hf_vision import has_cls_token
+from .vit_blocks import (  # noqa: F401  (BlockParts and the *_block_parts were defined here before)
+    BlockParts,
+    hf_attn_implementation,
+    hf_block_parts,
+    open_clip_block_parts,
+    timm_block_parts,
+)
 
 __all__ = [
     "BlockParts",
@@ -54,250 +40,6 @@ __all__ = [
     "open_clip_block_parts",
     "check_vit_method",
 ]
-
-
-# ------------------------------------------------------------------------------------------ parts
-
-
-@dataclass
-class BlockParts:
-    """Where the pieces of one pre-norm ViT block are (``x = x + attn(..); x = x + mlp(norm(x))``).
-
-    attn: the module called with the attention mask keyword ``mask_arg``; mha_heads: set for
-    ``nn.MultiheadAttention`` (its float mask is [B*H, N, N]); key_module/key_pre/keys: where the
-    keys come from -- ``keys(args, kwargs, output)`` returns them head-averaged, [B, N, d];
-    mlp_in: first module of the MLP branch (its first argument is the residual stream);
-    branch_end: last module of the MLP branch (its output is added to the residual stream);
-    attn_input: (args, kwargs) of the attention call -> its input [B, N, C];
-    stats: (hidden, kind, bias) -> [B, N] head-averaged attention statistics (ViT probes).
-    """
-
-    block: nn.Module
-    attn: nn.Module
-    mask_arg: str
-    key_module: nn.Module
-    key_pre: bool
-    keys: Callable
-    mlp_in: nn.Module
-    branch_end: nn.Module
-    attn_input: Callable
-    stats: Callable
-    mha_heads: int | None = None
-
-
-@torch.no_grad()
-def attention_stats(q_rows: Callable, k: torch.Tensor, kind: str, scale: float, bias=None, row_chunk: int = 256):
-    """Head-averaged attention statistics from keys k [B, H, N, d] and a query-row provider.
-
-    ``q_rows(start, stop)`` -> [B, H, R, d] queries of those rows. kind "cls": row 0; "colmean":
-    attention received by every token averaged over all queries (never the whole [N, N] map).
-    Without ``bias`` this is ``vtok.kernels``' probes; ``bias`` [B, N] (proportional attention, which
-    the kernels do not take) is added to the logits in a chunked torch path. fp32 [B, N].
-    """
-    if kind not in ("cls", "colmean"):
-        raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")
-    if bias is None:  # the plain case is the kernels' probes (Triton on CUDA)
-        from vtok.kernels import attention_colmean, attention_rows
-
-        if kind == "cls":
-            return attention_rows(q_rows(0, 1), k, scale=scale)[:, 0]
-        return attention_colmean(q_rows(0, k.shape[2]), k, scale=scale)
-    k = k.float()
-    b, _, n, _ = k.shape
-    extra = bias.float()[:, None, None, :]
-
-    def probs(q):
-        s = q.float() @ k.transpose(-1, -2) * scale
-        return torch.softmax(s + extra, -1).mean(1)  # [B, R, N]
-
-    if kind == "cls":
-        return probs(q_rows(0, 1))[:, 0]
-    total = torch.zeros(b, n, dtype=torch.float32, device=k.device)
-    for i in range(0, n, row_chunk):
-        total += probs(q_rows(i, min(n, i + row_chunk))).sum(1)
-    return total / n
-
-
-def _first_arg(name):
-    def get(args, kwargs):
-        return args[0] if args else kwargs[name]
-
-    return get
-
-
-def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
-    """[B, N, H*d] -> [B, H, N, d]"""
-    b, n, _ = x.shape
-    return x.view(b, n, h, -1).transpose(1, 2)
-
-
-HF_BLOCKS = ("CLIPEncoderLayer", "SiglipEncoderLayer", "Dinov2Layer")
-
-
-def hf_block_parts(tower: nn.Module) -> list[BlockParts]:
-    """Block parts of an HF vision tower (CLIP, SigLIP, DINOv2; also inside a LLaVA model)."""
-    parts = []
-    for blk in vision_blocks(tower):
-        name = type(blk).__name__
-        if name in ("CLIPEncoderLayer", "SiglipEncoderLayer"):
-            attn, mlp_in, end = blk.self_attn, blk.layer_norm2, blk.mlp
-        elif name == "Dinov2Layer":
-            # drop_path serves both residual branches; the runner arms it only after norm2
-            attn, mlp_in, end = blk.attention, blk.norm2, blk.drop_path
-        else:
-            raise ValueError(
-                f"vtok does not know the block structure of {name}; in_vit methods support HF vision blocks "
-                f"{', '.join(HF_BLOCKS)}"
-            )
-        heads = attn.config.num_attention_heads
-
-        def keys(args, kwargs, out, heads=heads):
-            b, n, _ = out.shape
-            return out.view(b, n, heads, -1).mean(2)
-
-        def stats(hidden, kind, bias, attn=attn, heads=heads):
-            k = _heads(attn.k_proj(hidden), heads)
-            q_rows = lambda i, j: _heads(attn.q_proj(hidden[:, i:j]), heads)  # noqa: E731
-            return attention_stats(q_rows, k, kind, k.shape[-1] ** -0.5, bias)
-
-        parts.append(
-            BlockParts(
-                block=blk,
-                attn=attn,
-                mask_arg="attention_mask",
-                key_module=attn.k_proj,
-                key_pre=False,
-                keys=keys,
-                mlp_in=mlp_in,
-                branch_end=end,
-                attn_input=_first_arg("hidden_states"),
-                stats=stats,
-            )
-        )
-    return parts
-
-
-def hf_attn_implementation(tower: nn.Module) -> str | None:
-    return attn_implementation(getattr(tower, "config", None))
-
-
-def timm_block_parts(model: nn.Module) -> list[BlockParts]:
-    """Block parts of a timm ``VisionTransformer`` (pre-norm ``Block`` with ``Attention``)."""
-    from timm.models.vision_transformer import Attention, Block
-
-    parts = []
-    for i, blk in enumerate(model.blocks):
-        if type(blk).forward is not Block.forward or type(blk.attn).forward is not Attention.forward:
-            raise ValueError(
-                f"vtok's timm adapter supports VisionTransformer blocks of type Block with Attention; block {i} is "
-                f"{type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}"
-            )
-        attn = blk.attn
-
-        def stats(hidden, kind, bias, attn=attn):
-            b, n, _ = hidden.shape
-            qkv = attn.qkv(hidden).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-            return attention_stats(lambda i, j: q[:, :, i:j], k, kind, attn.scale, bias)
-
-        parts.append(
-            BlockParts(
-                block=blk,
-                attn=attn,
-                mask_arg="attn_mask",
-                key_module=attn.k_norm,
-                key_pre=False,
-                keys=lambda args, kwargs, out: out.mean(1),
-                mlp_in=blk.norm2,
-                branch_end=blk.drop_path2,
-                attn_input=_first_arg("x"),
-                stats=stats,
-            )
-        )
-    return parts
-
-
-def _mha_qk(mha: nn.MultiheadAttention, x: torch.Tensor, which: int) -> torch.Tensor:
-    """Query (0) or key (1) projection of ``nn.MultiheadAttention`` for input x [B, N, C] -> [B, H, N, d]."""
-    c = mha.embed_dim
-    if mha._qkv_same_embed_dim:
-        w = mha.in_proj_weight[which * c : (which + 1) * c]
-    else:
-        w = mha.q_proj_weight if which == 0 else mha.k_proj_weight
-    bias = None if mha.in_proj_bias is None else mha.in_proj_bias[which * c : (which + 1) * c]
-    return _heads(F.linear(x, w, bias), mha.num_heads)
-
-
-def open_clip_block_parts(tower: nn.Module) -> list[BlockParts]:
-    """Block parts of an open_clip ``VisionTransformer`` (``nn.MultiheadAttention`` or custom blocks)."""
-    from open_clip.transformer import Attention, CustomResidualAttentionBlock, ResidualAttentionBlock
-
-    parts = []
-    for i, blk in enumerate(tower.transformer.resblocks):
-        if type(blk).forward is ResidualAttentionBlock.forward and not hasattr(blk, "ln_1_kv"):
-            mha = blk.attn
-            if not mha.batch_first:
-                raise ValueError(
-                    "vtok's open_clip adapter needs batch-first blocks (the default); this model's "
-                    "nn.MultiheadAttention has batch_first=False"
-                )
-
-            def keys(args, kwargs, out, mha=mha):
-                x = args[0] if args else kwargs["query"]
-                return _mha_qk(mha, x, 1).mean(1)
-
-            def stats(hidden, kind, bias, mha=mha):
-                k = _mha_qk(mha, hidden, 1)
-                q_rows = lambda i, j: _mha_qk(mha, hidden[:, i:j], 0)  # noqa: E731
-                return attention_stats(q_rows, k, kind, k.shape[-1] ** -0.5, bias)
-
-            parts.append(
-                BlockParts(
-                    block=blk,
-                    attn=mha,
-                    mask_arg="attn_mask",
-                    key_module=mha,
-                    key_pre=True,
-                    keys=keys,
-                    mlp_in=blk.ln_2,
-                    branch_end=blk.ls_2,
-                    attn_input=_first_arg("query"),
-                    stats=stats,
-                    mha_heads=mha.num_heads,
-                )
-            )
-        elif (
-            type(blk).forward is CustomResidualAttentionBlock.forward
-            and type(blk.attn).forward is Attention.forward
-            and blk.attn.logit_scale is None
-        ):
-            attn = blk.attn
-
-            def stats(hidden, kind, bias, attn=attn):
-                q, k, _ = F.linear(hidden, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-                q, k = attn.ln_q(_heads(q, attn.num_heads)), attn.ln_k(_heads(k, attn.num_heads))
-                return attention_stats(lambda i, j: q[:, :, i:j], k, kind, attn.scale, bias)
-
-            parts.append(
-                BlockParts(
-                    block=blk,
-                    attn=attn,
-                    mask_arg="attn_mask",
-                    key_module=attn.ln_k,
-                    key_pre=False,
-                    keys=lambda args, kwargs, out: out.mean(1),
-                    mlp_in=blk.ln_2,
-                    branch_end=blk.ls_2,
-                    attn_input=_first_arg("x"),
-                    stats=stats,
-                )
-            )
-        else:
-            raise ValueError(
-                f"vtok's open_clip adapter supports ResidualAttentionBlock (self-attention) and "
-                f"CustomResidualAttentionBlock without scaled cosine attention; block {i} is {type(blk).__name__}"
-            )
-    return parts
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -344,6 +86,21 @@ class InViTRunner:
     blocks reach the output that matters (a VLM's feature layer); the schedule covers those.
     ``protected``: prefix tokens handed to the method as protected. ``on_record(block, n_in,
     n_out, kept)`` is called after every merge; ``on_reset()`` when a forward starts.
+
+    How a block is reduced (ToMe's placement: after the attention residual, before the MLP):
+
+    1. attention pre-hook: proportional attention -- ``log(size)`` of every key as an additive float
+       mask ([B, 1, 1, N]; [B*H, N, N] as a stride-0 view for ``nn.MultiheadAttention``); the
+       attention implementation (SDPA, eager) stays the one the user chose. ViT probes are computed
+       here from the attention input (small q/k side computations).
+    2. keys: a forward hook on the module producing them (HF ``k_proj``, timm ``k_norm``, open_clip
+       ``ln_k``); for ``nn.MultiheadAttention`` the key projection of its input (one [N, C] x [C, C]).
+    3. pre-hook on the MLP branch's first module (the norm): the method's merge is applied to the
+       residual stream ``x`` there, so the MLP runs on the merged tokens ``x'``.
+    4. forward hook on the branch's last module: its output ``m`` is kept, and a zero is returned so
+       the block's own ``x + branch`` stays well-formed.
+    5. forward hook on the block (run before any other forward hook): the block's output becomes
+       ``x' + m`` -- exactly ToMe's block, computed with the block's own modules.
     """
 
     def __init__(

@@ -1,17 +1,11 @@
-"""``vtok eval``: compare methods on a model and a dataset (accuracy, visual tokens, FLOPs, TTFT).
-
-    vtok eval --model tiny-llava --dataset synthetic --methods fastv:layer=2,retain=0.5 pool:factor=2 --out out/
-    accelerate launch --multi_gpu --num_processes 2 -m vtok.cli eval ...   # data parallel; rank 0 writes
-                                         # (on a CPU-only machine too: the processes join a gloo group)
-    vtok eval --flops llava-1.5-7b --methods fastv:layer=2,retain=0.5   # FLOPs of a full-size config, no weights
-
-Models and datasets are looked up by name in ``vtok.eval.datasets.MODELS`` / ``DATASETS``
-(``--list`` shows them); the ``random`` and ``pool`` baselines are added at each method's budget.
+"""``vtok eval``: compare methods on a model and a dataset (accuracy, visual tokens, FLOPs, TTFT); ``run``
+documents the command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 
 __all__ = ["add_parser", "run"]
 
@@ -20,7 +14,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval",
         help="compare methods: accuracy, visual tokens, FLOPs, TTFT (markdown table + Pareto plot)",
-        description=__doc__,
+        description=inspect.cleandoc(run.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="tiny-llava", help="model name (see --list)")
@@ -62,6 +56,16 @@ def _flops_table(args) -> int:
 
 
 def run(args) -> int:
+    """``vtok eval``: compare methods on a model and a dataset (accuracy, visual tokens, FLOPs, TTFT).
+
+        vtok eval --model tiny-llava --dataset synthetic --methods fastv:layer=2,retain=0.5 pool:factor=2 --out out/
+        accelerate launch --multi_gpu --num_processes 2 -m vtok.cli eval ...   # data parallel; rank 0 writes
+                                             # (on a CPU-only machine too: the processes join a gloo group)
+        vtok eval --flops llava-1.5-7b --methods fastv:layer=2,retain=0.5   # FLOPs of a full-size config, no weights
+
+    Models and datasets are looked up by name in ``vtok.eval.datasets.MODELS`` / ``DATASETS``
+    (``--list`` shows them); the ``random`` and ``pool`` baselines are added at each method's budget.
+    """
     from . import datasets
 
     if args.list:

@@ -1,22 +1,5 @@
-"""Dataset adapters for the comparison runner, and the model/dataset names ``vtok eval`` resolves.
-
-A dataset adapter is any object with
-
-* ``name`` (str) and ``__len__``;
-* ``batch(indices) -> dict``: whatever ``score`` needs for those samples (typically the model inputs,
-  left-padded, plus the targets);
-* ``score(model, batch) -> list[float]``: runs the model (a forward for first-token scoring, or
-  ``generate``) and returns one score in [0, 1] per sample (1.0 = correct);
-* optionally ``prepare(model)``: called once with no method attached, before any scoring (e.g. to
-  compute reference answers).
-
-The runner attaches each method, calls ``batch``/``score`` on its shard of indices, and counts the FLOPs
-and visual tokens of every forward ``score`` runs (``vtok.eval.flops.Tracker``). An easy-VQA harness
-(13 answers scored by their first token) implements ``score`` as one forward with ``logits_to_keep=1``
-and an argmax over the answers' first-token ids; a video needle-QA harness the same over its options.
-
-``MODELS`` / ``DATASETS`` map names to factories for the command line; other modules add entries with
-``register_model`` / ``register_dataset`` (e.g. the offline easy-VQA model and harness).
+"""The model and dataset names ``vtok eval`` resolves (``MODELS``, ``DATASETS``, ``register_*``), the dataset
+protocol of the comparison runner (``register_dataset``) and ``SyntheticDataset`` for the tiny test models.
 """
 
 from __future__ import annotations
@@ -52,6 +35,24 @@ def register_model(name: str):
 
 
 def register_dataset(name: str):
+    """Register ``factory(model, *, model_name, n, seed, **kw)`` under ``name``; it returns a dataset adapter.
+
+    A dataset adapter is any object with
+
+    * ``name`` (str) and ``__len__``;
+    * ``batch(indices) -> dict``: whatever ``score`` needs for those samples (typically the model inputs,
+      left-padded, plus the targets);
+    * ``score(model, batch) -> list[float]``: runs the model (a forward for first-token scoring, or
+      ``generate``) and returns one score in [0, 1] per sample (1.0 = correct);
+    * optionally ``prepare(model)``: called once with no method attached, before any scoring (e.g. to
+      compute reference answers).
+
+    The runner attaches each method, calls ``batch``/``score`` on its shard of indices, and counts the FLOPs
+    and visual tokens of every forward ``score`` runs (``vtok.eval.flops.Tracker``). The easy-VQA harnesses
+    (``vtok.eval.harnesses``) score one forward with ``logits_to_keep=1`` by an argmax over the answers'
+    first-token ids.
+    """
+
     def deco(fn):
         DATASETS[name] = fn
         return fn
@@ -96,7 +97,7 @@ def first_output(out) -> torch.Tensor:
 
 
 class SyntheticDataset:
-    """Random prompts for a tiny model of ``vtok.adapters.testing.TINY_CASES``; the answer of each sample is
+    """Random prompts for a tiny model of ``vtok.testing.TINY_CASES``; the answer of each sample is
     the unreduced model's top-1 output (its next token for a VLM), so accuracy is agreement with the
     full model: 100% without a method, lower the more a method changes the answer.
 
@@ -104,7 +105,7 @@ class SyntheticDataset:
     """
 
     def __init__(self, case: str = "llava", n: int = 16, seed: int = 0):
-        from vtok.adapters.testing import TINY_CASES
+        from vtok.testing import TINY_CASES
 
         if case not in TINY_CASES:
             raise ValueError(f"unknown tiny case {case!r}; known: {', '.join(TINY_CASES)}")
@@ -165,7 +166,7 @@ class SyntheticDataset:
 
 def _tiny_model_factory(case_name):
     def build():
-        from vtok.adapters.testing import TINY_CASES
+        from vtok.testing import TINY_CASES
 
         return TINY_CASES[case_name].build()
 
@@ -173,7 +174,7 @@ def _tiny_model_factory(case_name):
 
 
 def _register_tiny() -> None:
-    from vtok.adapters.testing import TINY_CASES
+    from vtok.testing import TINY_CASES
 
     for case_name in TINY_CASES:
         MODELS.setdefault(f"tiny-{case_name.replace('_', '-')}", _tiny_model_factory(case_name))

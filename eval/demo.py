@@ -1,10 +1,5 @@
-"""`vtok demo`: the main job. A real offline VLM, several methods at two budgets, one table and a plot.
-
-Builds the offline VLM on first use (DINOv2 ViT-S/14 + SmolLM2-135M from PyPI wheels, the trained
-projector from ``eval/assets``), then runs the comparison runner on easy-VQA test questions: the
-full model, every demo method in the registry at each budget, and the ``random`` and ``pool``
-baselines at the same budgets. Prints the markdown table; writes results.md, results.json and
-pareto.png to ``--out``.
+"""`vtok demo`: the main job. A real offline VLM, several methods at two budgets, one table and a plot
+(``run_demo``).
 """
 
 from __future__ import annotations
@@ -42,6 +37,12 @@ def demo_settings(budgets, methods=None) -> list:
 
 def run_demo(n: int = 200, budgets=(0.5, 0.25), methods=None, out: str = "vtok-demo", batch_size: int = 16,
              seed: int = 0, threads: int | None = None):  # fmt: skip
+    """Builds the offline VLM on first use (DINOv2 ViT-S/14 + SmolLM2-135M from PyPI wheels, the trained
+    projector from ``eval/assets``), then runs the comparison runner on ``n`` easy-VQA test questions: the
+    full model, every demo method in the registry at each budget, and the ``random`` and ``pool``
+    baselines at the same budgets. Prints the markdown table; writes results.md, results.json and
+    pareto.png to ``out``. Returns the ``Comparison``.
+    """
     import torch
 
     from . import offline

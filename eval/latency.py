@@ -1,22 +1,7 @@
-"""Latency: time to first token, decode throughput and peak memory of ``generate``.
+"""Latency of ``generate``: time to first token, decode throughput and peak memory (``measure``).
 
     lat = vtok.eval.latency.measure(model, inputs, max_new_tokens=32, warmup=1, repeats=5)
     lat.ttft_ms, lat.decode_tokens_per_s, lat.peak_memory_mb
-
-One timed ``generate`` per repeat, greedy, with ``min_new_tokens = max_new_tokens`` so every repeat
-decodes the same number of tokens. A logits processor marks the moment the prefill's logits exist
-(it runs once per generated token): TTFT is the time from the call to that mark (inputs already on
-the device; the vision tower, the projector, the method and the prefill), decode throughput is
-``(tokens - 1) / (end - mark)`` per sample. On CUDA the marks are CUDA events recorded on the
-current stream (no synchronisation inside the loop); on CPU ``time.perf_counter``. ``warmup``
-untimed runs first; the reported numbers are medians over ``repeats``.
-
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (bytes
-held by tensors, weights included), and ``peak_extra`` = peak minus what was allocated before the
-call (activations + KV cache + method work). On CPU there is no allocator counter: the process's
-peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each run when
-the kernel allows it) -- an upper bound that includes everything the process holds; ``peak_extra``
-is its growth over the RSS before the call. ``memory_kind`` says which one was measured.
 """
 
 from __future__ import annotations
@@ -155,7 +140,23 @@ def _device_of(model, inputs) -> torch.device:
 
 
 def measure(model, inputs: dict, max_new_tokens: int = 32, warmup: int = 1, repeats: int = 5, **generate_kwargs) -> Latency:
-    """TTFT, decode tokens/s (per sample) and peak memory of ``model.generate(**inputs)``; medians over repeats."""
+    """TTFT, decode tokens/s (per sample) and peak memory of ``model.generate(**inputs)``; medians over repeats.
+
+    One timed ``generate`` per repeat, greedy, with ``min_new_tokens = max_new_tokens`` so every repeat
+    decodes the same number of tokens. A logits processor marks the moment the prefill's logits exist
+    (it runs once per generated token): TTFT is the time from the call to that mark (inputs already on
+    the device; the vision tower, the projector, the method and the prefill), decode throughput is
+    ``(tokens - 1) / (end - mark)`` per sample. On CUDA the marks are CUDA events recorded on the
+    current stream (no synchronisation inside the loop); on CPU ``time.perf_counter``. ``warmup``
+    untimed runs first; the reported numbers are medians over ``repeats``.
+
+    Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (bytes
+    held by tensors, weights included), and ``peak_extra`` = peak minus what was allocated before the
+    call (activations + KV cache + method work). On CPU there is no allocator counter: the process's
+    peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each run when
+    the kernel allows it) -- an upper bound that includes everything the process holds; ``peak_extra``
+    is its growth over the RSS before the call. ``memory_kind`` says which one was measured.
+    """
     from transformers import LogitsProcessorList
 
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

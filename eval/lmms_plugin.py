@@ -1,26 +1,7 @@
-"""lmms-eval model plugin: any local HF LLaVA-family checkpoint with a vtok method attached.
+"""lmms-eval model plugin: any local HF LLaVA-family checkpoint with a vtok method attached (``VtokLlava``).
 
-Registered through the ``lmms_eval.models`` entry-point group (``pip install vtok[lmms]``)::
-
-    [project.entry-points."lmms_eval.models"]
-    vtok = "vtok.eval.lmms_plugin:manifests"
-
-then::
-
-    lmms-eval --model vtok --tasks mme --batch_size 1 \\
-        --model_args pretrained=/path/to/llava-1.5-7b-hf,vtok_method=fastv,vtok_layer=2,vtok_retain=0.5
-    accelerate launch --num_processes 8 -m lmms_eval --model vtok --model_args ...   # data parallel
-
-``pretrained`` may be any ``llava``, ``llava_next`` or ``llava_onevision`` checkpoint (a local folder
-works offline). ``vtok_method`` names the method (several: ``vtok_method=pool+fastv``); every other
-``vtok_<name>=value`` is a hyper-parameter of it (with several methods: ``vtok_fastv.retain=0.5``).
-The remaining arguments go to lmms-eval's own ``llava_hf`` model (``device``, ``dtype``,
-``attn_implementation``, ``batch_size``...), whose prompting, generation and log-likelihood code is used
-unchanged: vtok only attaches its hooks to the loaded model. ``model.vtok_summary()`` reports the visual
-tokens kept over the requests seen so far.
-
-This module imports lmms-eval only when lmms-eval asks for the class (``manifests`` needs just its
-``ModelManifest``), so the entry point costs nothing at discovery time.
+Registered through the ``lmms_eval.models`` entry point (``pip install vtok[lmms]``; ``manifests``). Usage and
+arguments: the ``VtokLlava`` docstring. lmms-eval is imported only when it asks for the class.
 """
 
 from __future__ import annotations
@@ -79,7 +60,30 @@ def _build_class():
     from lmms_eval.models.simple.llava_hf import LlavaHf
 
     class VtokLlava(LlavaHf):
-        """lmms-eval's ``llava_hf`` model with a vtok method attached to the loaded checkpoint."""
+        """lmms-eval's ``llava_hf`` model with a vtok method attached to the loaded checkpoint.
+
+        Registered through the ``lmms_eval.models`` entry-point group (``pip install vtok[lmms]``)::
+
+            [project.entry-points."lmms_eval.models"]
+            vtok = "vtok.eval.lmms_plugin:manifests"
+
+        then::
+
+            lmms-eval --model vtok --tasks mme --batch_size 1 \\
+                --model_args pretrained=/path/to/llava-1.5-7b-hf,vtok_method=fastv,vtok_layer=2,vtok_retain=0.5
+            accelerate launch --num_processes 8 -m lmms_eval --model vtok --model_args ...   # data parallel
+
+        ``pretrained`` may be any ``llava``, ``llava_next`` or ``llava_onevision`` checkpoint (a local folder
+        works offline). ``vtok_method`` names the method (several: ``vtok_method=pool+fastv``); every other
+        ``vtok_<name>=value`` is a hyper-parameter of it (with several methods: ``vtok_fastv.retain=0.5``).
+        The remaining arguments go to lmms-eval's own ``llava_hf`` model (``device``, ``dtype``,
+        ``attn_implementation``, ``batch_size``...), whose prompting, generation and log-likelihood code is
+        used unchanged: vtok only attaches its hooks to the loaded model. ``model.vtok_summary()`` reports
+        the visual tokens kept over the requests seen so far.
+
+        This module imports lmms-eval only when lmms-eval asks for the class (``manifests`` needs just its
+        ``ModelManifest``), so the entry point costs nothing at discovery time.
+        """
 
         is_simple = True
 

@@ -76,7 +76,8 @@ def add_image_token(tokenizer) -> int:
 
 
 def make_llava_config(vision_config, text_config, image_token_id: int, image_seq_length: int = 256):
-    """The LLaVA config of the offline VLM (offline-assets.md §7); tests and adapters rely on its choices.
+    """The LLaVA config of the offline VLM (DINOv2-S patch tokens -> MLP projector -> SmolLM2); tests and
+    adapters rely on its choices.
 
     ``vision_feature_layer=-1`` with ``vision_feature_select_strategy="default"``: HF LLaVA takes
     ``hidden_states[-1]`` of the tower, which for Dinov2 is the output of the last block *before* the

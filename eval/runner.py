@@ -1,22 +1,7 @@
-"""Comparison runner: accuracy, visual tokens, FLOPs and TTFT of methods against the full model and baselines.
+"""Comparison runner (``compare``): accuracy, visual tokens, FLOPs and TTFT of methods against the full model
+and the ``random`` / ``pool`` baselines at the same budget, as a markdown table, JSON and a Pareto plot.
 
     result = vtok.eval.runner.compare(model, dataset, [("fastv", {"layer": 2, "retain": 0.25})], out_dir="out")
-    print(result.markdown())          # also written to out/results.md, out/pareto.png, out/results.json
-
-Rows: "full" (no method) first; then every (method, settings) followed by the ``random`` and ``pool``
-baselines at the same budget: the setting's ``retain`` when it has one, otherwise the fraction of visual
-tokens the method really kept (measured over the whole dataset). A baseline the model's adapter cannot
-run (e.g. a before-LLM baseline on a plain ViT) is left out with a note.
-
-Columns: accuracy (mean score), visual tokens (mean per sample left at the last LLM layer; for a ViT the
-tokens leaving the last block), TFLOPs per sample (``vtok.eval.flops``, exact convention, each sample's
-own lengths so the number does not depend on batching), FLOPs relative to full, and TTFT: the median
-wall time of one ``score`` call (for first-token scoring, a prefill of one batch).
-
-Data parallel: under ``accelerate launch`` each process takes a contiguous shard of the dataset (batches
-are formed inside the shard), results are gathered after every setting (so all processes agree on the
-measured budgets), and rank 0 writes the outputs. Per-sample numbers do not depend on the number of
-processes, so the table is the same as a single-process run (TTFT aside).
 """
 
 from __future__ import annotations
@@ -340,7 +325,26 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
     """Evaluate ``methods`` (a list of (name, settings dict) or ``"name:k=v,..."`` strings) on ``dataset``.
 
     Adds the full model first and, per method, the ``baselines`` at the same budget. Writes results.md,
-    results.json and pareto.png to ``out_dir`` (rank 0) when given. Returns the ``Comparison``.
+    results.json and pareto.png to ``out_dir`` (rank 0) when given. Returns the ``Comparison``
+    (``result.markdown()`` is the table).
+
+    ``dataset``: the protocol of ``vtok.eval.datasets`` (``name``, ``__len__``, ``batch``, ``score``,
+    optional ``prepare``).
+
+    Rows: "full" (no method) first; then every (method, settings) followed by the ``random`` and ``pool``
+    baselines at the same budget: the setting's ``retain`` when it has one, otherwise the fraction of
+    visual tokens the method really kept (measured over the whole dataset). A baseline the model's adapter
+    cannot run (e.g. a before-LLM baseline on a plain ViT) is left out with a note.
+
+    Columns: accuracy (mean score), visual tokens (mean per sample left at the last LLM layer; for a ViT
+    the tokens leaving the last block), TFLOPs per sample (``vtok.eval.flops``, exact convention, each
+    sample's own lengths so the number does not depend on batching), FLOPs relative to full, and TTFT:
+    the median wall time of one ``score`` call (for first-token scoring, a prefill of one batch).
+
+    Data parallel: under ``accelerate launch`` each process takes a contiguous shard of the dataset
+    (batches are formed inside the shard), results are gathered after every setting (so all processes
+    agree on the measured budgets), and rank 0 writes the outputs. Per-sample numbers do not depend on the
+    number of processes, so the table is the same as a single-process run (TTFT aside).
     """
     from tqdm.auto import tqdm
 

@@ -1,24 +1,14 @@
-"""Train the offline VLM's projector on easy-VQA (offline-assets.md §10).
+"""Train the offline VLM's projector on easy-VQA, DINOv2 and SmolLM2 frozen:
+``python -m vtok.eval.train_projector``.
 
-    python -m vtok.eval.train_projector                       # GPU recipe: batch 64, 2 epochs, full 256 tokens
-    nice -n 19 python -m vtok.eval.train_projector --device cpu --threads 2 --batch-size 16 \\
-        --pool-mix 4:0.5,2:0.4,1:0.1 --max-minutes 60          # CPU: mostly pooled visual tokens
-    python -m vtok.eval.train_projector --eval 300 --eval-pool 1,2   # accuracy, full and 2x2-pooled tokens
-
-Only the LLaVA projector (384 -> 576 -> 576) is trained; DINOv2 and SmolLM2 are frozen. The DINOv2 features
-(the exact pre-projector features HF LLaVA uses: last hidden state before the final layernorm, CLS dropped) are
-computed once and cached in ``<cache>/offline/features/``. Loss is on the answer tokens (+ EOS) only.
-AdamW, no weight decay, one-cycle LR (5% warm-up, cosine decay); when ``--max-minutes`` is set, the schedule's
-progress is the larger of the step fraction and the time fraction, so a time-capped run still anneals.
-
-``--pool-mix`` (TokenFLEX-style) draws an average-pooling factor per batch (1 = 16x16 = 256 tokens, 2 = 8x8 = 64,
-4 = 4x4 = 16), pooling the features before the projector; this is what makes CPU training feasible. Evaluation
-uses the full 256 tokens through the stock HF LLaVA forward.
+``main`` documents the command line and the recipe; the shipped projector and its training log are in
+``eval/assets`` (README, "What vtok demo printed").
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -250,7 +240,27 @@ def evaluate(a) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Train the offline VLM's projector on easy-VQA, or evaluate it.
+
+        python -m vtok.eval.train_projector                       # GPU recipe: batch 64, 2 epochs, full 256 tokens
+        nice -n 19 python -m vtok.eval.train_projector --device cpu --threads 2 --batch-size 16 \\
+            --pool-mix 4:0.5,2:0.4,1:0.1 --max-minutes 60          # CPU: mostly pooled visual tokens
+        python -m vtok.eval.train_projector --eval 300 --eval-pool 1,2   # accuracy, full and 2x2-pooled tokens
+
+    Only the LLaVA projector (384 -> 576 -> 576) is trained; DINOv2 and SmolLM2 are frozen. The DINOv2
+    features (the exact pre-projector features HF LLaVA uses: last hidden state before the final layernorm,
+    CLS dropped) are computed once and cached in ``<cache>/offline/features/``. Loss is on the answer tokens
+    (+ EOS) only. AdamW, no weight decay, one-cycle LR (5% warm-up, cosine decay); when ``--max-minutes`` is
+    set, the schedule's progress is the larger of the step fraction and the time fraction, so a time-capped
+    run still anneals.
+
+    ``--pool-mix`` (TokenFLEX-style) draws an average-pooling factor per batch (1 = 16x16 = 256 tokens,
+    2 = 8x8 = 64, 4 = 4x4 = 16), pooling the features before the projector; this is what makes CPU training
+    feasible. Evaluation uses the full 256 tokens through the stock HF LLaVA forward.
+    """
+    p = argparse.ArgumentParser(
+        description=inspect.cleandoc(main.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cache-dir", default=None, help="default $VTOK_CACHE or ~/.cache/vtok")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

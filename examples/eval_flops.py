@@ -6,8 +6,8 @@
 import torch
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.eval import flops
+from vtok.testing import TINY_CASES
 
 FASTV = ("fastv", {"layer": 2, "retain": 0.5})
 

@@ -1,17 +1,8 @@
 """vtok.kernels: the merging and selection core, as Triton kernels beside torch references.
 
-Public functions (dispatching):
-
-* :func:`bipartite_match` (``match.py``), :func:`merge_weighted`, :func:`nearest_merge` (``merge.py``)
-* :func:`greedy_select` (``greedy.py``)
-* :func:`attention_rows`, :func:`attention_colmean` (``attn_probe.py``)
-
-Each has a ``*_torch`` reference and a ``*_triton`` implementation with the same signature,
-both exported here for comparisons. Dispatch: Triton when the first tensor argument is on CUDA
-and Triton is importable, torch otherwise. The environment variable ``VTOK_KERNELS`` forces a
-backend (``torch`` or ``triton``; ``auto`` or unset = the rule above). It exists for tests and
-A/B comparisons, not as configuration. Forcing ``triton`` for CPU tensors works only under the
-Triton interpreter (``TRITON_INTERPRET=1``); otherwise a ``RuntimeError`` says so.
+Public functions dispatch (``backend_for``): :func:`bipartite_match`, :func:`merge_weighted`, :func:`nearest_merge`,
+:func:`greedy_select`, :func:`attention_rows`, :func:`attention_colmean`; each ``*_torch`` reference and
+``*_triton`` implementation (same signature) is exported too, for comparisons.
 """
 
 from __future__ import annotations
@@ -61,6 +52,10 @@ _CHOICES = ("auto", "torch", "triton")
 def backend_for(t: torch.Tensor, *, needs_grad: bool = False) -> str:
     """The backend (``"torch"`` or ``"triton"``) a call on tensor ``t`` will use.
 
+    Triton when ``t`` is on CUDA and Triton is importable, torch otherwise. The environment variable
+    ``VTOK_KERNELS`` forces a backend (``torch`` or ``triton``; ``auto`` or unset = the rule above). It
+    exists for tests and A/B comparisons, not as configuration. Forcing ``triton`` for CPU tensors works
+    only under the Triton interpreter (``TRITON_INTERPRET=1``); otherwise a ``RuntimeError`` says so.
     ``needs_grad``: the call must be differentiable. The Triton merges are forward-only, so the
     automatic choice is then torch, and forcing Triton is an error rather than silently dropping
     the gradient.
@@ -129,26 +124,51 @@ def greedy_select(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Greedy diverse selection (``mode="kcenter"`` or ``"maxsum"``) of k tokens from a pivot.
 
     Returns ``idx [B, k]`` int64 in selection order (``idx[:, 0]`` is the pivot), ``-1`` where a
-    sample has fewer than k valid tokens. See :mod:`vtok.kernels.greedy`. Used by: no method yet
-    (planned: ToDRE).
+    sample has fewer than k valid tokens. Used by: no method yet (planned: ToDRE).
+
+    Tokens are compared by cosine similarity ``sim(i, c) = (x_i . x_c) / (|x_i| |x_c|)``, computed
+    as ``(dot * inv_i) * inv_c`` in fp32 by both backends. The selection starts from the pivot and
+    runs ``k - 1`` greedy steps.
+
+    * ``mode="kcenter"`` (ToDRE v1, DivPrune, Gonzalez farthest point): next = the unselected token
+      whose distance ``1 - cos`` to the selected set (its minimum over the set) is largest. It is
+      computed as the token with the smallest *maximum similarity* to the set, which is the same
+      choice and avoids the rounding of ``1 - cos``.
+    * ``mode="maxsum"`` (ToDRE v2, Algorithm 1): next = the unselected token with the smallest
+      cumulative similarity ``sum_{c in set} cos(x_i, x_c)``, i.e. the largest summed distance.
+
+    Ties go to the lowest token index. ``pivot``: ``[B]`` int64 (or an int for all samples); default
+    the first valid token (index 0 when there is no mask). ``mask [B, N]`` bool marks valid tokens;
+    invalid (padding) tokens are never selected. When a sample has fewer than ``k`` valid tokens
+    the selection stops there and the remaining slots of its row hold ``-1``. ``k`` is clamped to N.
     """
     impl = greedy_select_triton if backend_for(x) == "triton" else greedy_select_torch
     return impl(x, k, mode=mode, pivot=pivot, mask=mask)
 
 
 def attention_rows(q, k, *, scale=None, key_mask=None, causal_offset=None):
-    """Head-averaged softmax rows ``[B, R, Nk]`` for query rows ``q [B, Hq, R, d]`` (GQA-aware).
+    """Head-averaged softmax rows ``[B, R, Nk]`` (fp32) for query rows ``q [B, Hq, R, d]`` (GQA-aware).
 
-    See :mod:`vtok.kernels.attn_probe`.
+    ``softmax(q_i . K^T * scale)`` averaged over heads for R query rows (FastV's last token, ToDRE's CLS
+    row or text rows, TransPrune's instruction rows), without the attention map (two passes, see
+    :mod:`vtok.kernels.attn_probe`). ``k [B, Hkv, Nk, d]``; GQA when ``Hq`` is a multiple of ``Hkv``
+    (query head h reads key head ``h // (Hq / Hkv)``, the ``repeat_kv`` convention). ``key_mask [B, Nk]``
+    bool: False keys get probability 0. ``causal_offset``: the position of each query row in the key
+    sequence; row i sees keys ``j <= pos_i``. An int means consecutive rows ``pos_i = causal_offset + i``
+    (the last R tokens of a prompt of length Nk: ``causal_offset = Nk - R``); a tensor gives ``[R]`` or
+    ``[B, R]`` positions. A row that sees no key gets all zeros.
     """
     impl = attention_rows_triton if backend_for(q) == "triton" else attention_rows_torch
     return impl(q, k, scale=scale, key_mask=key_mask, causal_offset=causal_offset)
 
 
 def attention_colmean(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False):
-    """Attention received per key ``[B, Nk]``, mean over valid queries and heads, no N x N map.
+    """Attention received per key ``[B, Nk]`` (fp32), mean over valid queries and heads, no N x N map.
 
-    See :mod:`vtok.kernels.attn_probe`.
+    ``c_j = mean_{h, i valid} softmax_i(q_i . K^T * scale)_j`` (HiPrune, HoliTom, VisionZip-style
+    "global attention"); shapes and GQA as :func:`attention_rows`. ``query_mask [B, Nq]`` drops queries
+    (padding) from the mean; ``causal=True`` aligns the queries to the end of the keys (query i sits at
+    position ``i + Nk - Nq``, as FlashAttention). A sample with no valid query gets zeros.
     """
     impl = attention_colmean_triton if backend_for(q) == "triton" else attention_colmean_torch
     return impl(q, k, scale=scale, key_mask=key_mask, query_mask=query_mask, causal=causal)

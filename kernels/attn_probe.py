@@ -1,29 +1,6 @@
-"""Attention probes without the attention map: chosen rows, and attention received per key.
-
-``attention_rows(q, k, *, scale=None, key_mask=None, causal_offset=None) -> [B, R, Nk]`` (fp32)
-    Head-averaged ``softmax(q_i . K^T * scale)`` for R query rows (FastV's last token, ToDRE's CLS
-    row or text rows, TransPrune's instruction rows). ``q [B, Hq, R, d]``, ``k [B, Hkv, Nk, d]``;
-    GQA when ``Hq`` is a multiple of ``Hkv`` (query head h reads key head ``h // (Hq / Hkv)``, the
-    ``repeat_kv`` convention). ``key_mask [B, Nk]`` bool: False keys get probability 0.
-    ``causal_offset``: the position of each query row in the key sequence; row i sees keys
-    ``j <= pos_i``. An int means consecutive rows ``pos_i = causal_offset + i`` (the last R tokens
-    of a prompt of length Nk: ``causal_offset = Nk - R``); a tensor gives ``[R]`` or ``[B, R]``
-    positions. A row that sees no key gets all zeros.
-
-``attention_colmean(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False) -> [B, Nk]`` (fp32)
-    Attention *received* by each key, averaged over all valid queries and all heads:
-    ``c_j = mean_{h, i valid} softmax_i(q_i . K^T * scale)_j`` (HiPrune, HoliTom, VisionZip-style
-    "global attention"). ``query_mask [B, Nq]`` drops queries (padding) from the mean;
-    ``causal=True`` aligns the queries to the end of the keys (query i sits at position
-    ``i + Nk - Nq``, as FlashAttention). The mean over a sample's valid queries and heads; a
-    sample with no valid query gets zeros.
-
-Both are computed in two passes from q and k of one layer, so the model keeps SDPA/FlashAttention:
-pass 1 finds each row's log-sum-exp with an online softmax over key tiles; pass 2 recomputes the
-score tiles and turns them into probabilities ``exp(s - lse)`` and sums them over heads (rows
-probe) or over heads and query tiles (column probe). The ``[Nq, Nk]`` map never exists, only
-``[BLOCK_M, BLOCK_N]`` tiles on chip; the extra memory is the LSE (``4 B Hq Nq`` bytes) and the
-output. The torch references chunk over query rows so they never hold the whole map either.
+"""Attention probes without the attention map: chosen rows (``attention_rows``) and attention received per key
+(``attention_colmean``), as torch references (chunked over query rows) and two-pass Triton kernels (see
+"Triton kernels" below); the contracts are the docstrings of the dispatching functions in ``vtok.kernels``.
 """
 
 from __future__ import annotations
@@ -47,6 +24,7 @@ _NO_LIMIT = 2**30
 
 
 def _check_qk(q, k):
+    """(B, Hq, Hkv, d) of q [B, Hq, R, d] and k [B, Hkv, Nk, d], or a clear error."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q must be [B, Hq, R, d] and k [B, Hkv, Nk, d]; got {tuple(q.shape)}, {tuple(k.shape)}")
     B, Hq, _, d = q.shape
@@ -56,6 +34,19 @@ def _check_qk(q, k):
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key heads ({Hkv}) (GQA)")
     return B, Hq, Hkv, d
+
+
+def _probe_args(q, k, key_mask, query_mask=None, same_dtype=False):
+    """Checked arguments of a probe: (B, Hq, Hkv, d, Nq, Nk, key mask on q's device or None).
+    ``same_dtype``: the Triton kernels' own rule, q and k share a dtype."""
+    B, Hq, Hkv, d = _check_qk(q, k)
+    if same_dtype and q.dtype != k.dtype:
+        raise ValueError(f"q and k must share a dtype; got {q.dtype} and {k.dtype}")
+    Nq, Nk = q.shape[2], k.shape[2]
+    km = _key_mask(key_mask, B, Nk, q.device)
+    if query_mask is not None and (query_mask.dtype != torch.bool or query_mask.shape != (B, Nq)):
+        raise ValueError(f"query_mask must be a bool tensor [B, Nq] = [{B}, {Nq}]; got {tuple(query_mask.shape)}")
+    return B, Hq, Hkv, d, Nq, Nk, km
 
 
 def _key_mask(key_mask, B, Nk, device):
@@ -110,11 +101,9 @@ def _probs_torch(q, k, scale, allowed):
 
 @torch.no_grad()
 def attention_rows_torch(q, k, *, scale=None, key_mask=None, causal_offset=None):
-    """Torch reference of :func:`vtok.kernels.attention_rows` (see the module docstring)."""
-    B, Hq, Hkv, d = _check_qk(q, k)
-    R, Nk = q.shape[2], k.shape[2]
+    """Torch reference of :func:`vtok.kernels.attention_rows` (its docstring is the contract)."""
+    B, Hq, Hkv, d, R, Nk, km = _probe_args(q, k, key_mask)
     dev = q.device
-    km = _key_mask(key_mask, B, Nk, dev)
     pos = _row_positions(causal_offset, B, R, dev)
     allowed = None
     if km is not None or pos is not None:
@@ -136,12 +125,8 @@ def attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None,
 def _attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False, chunk=None):
     """:func:`attention_colmean_torch` with the knob tests use: ``chunk`` query rows at a time
     (default: about 64 MiB of fp32 scores)."""
-    B, Hq, Hkv, d = _check_qk(q, k)
-    Nq, Nk = q.shape[2], k.shape[2]
+    B, Hq, Hkv, d, Nq, Nk, km = _probe_args(q, k, key_mask, query_mask)
     dev = q.device
-    km = _key_mask(key_mask, B, Nk, dev)
-    if query_mask is not None and (query_mask.dtype != torch.bool or query_mask.shape != (B, Nq)):
-        raise ValueError(f"query_mask must be a bool tensor [B, Nq] = [{B}, {Nq}]; got {tuple(query_mask.shape)}")
     sc = _scale(scale, d)
     if chunk is None:  # keep one chunk of fp32 scores around 64 MiB
         chunk = max(1, (16 << 20) // max(1, B * Hq * Nk))
@@ -168,6 +153,14 @@ def _attention_colmean_torch(q, k, *, scale=None, key_mask=None, query_mask=None
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# Both probes are computed in two passes from q and k of one layer, so the model keeps
+# SDPA/FlashAttention: pass 1 finds each row's log-sum-exp with an online softmax over key tiles;
+# pass 2 recomputes the score tiles and turns them into probabilities ``exp(s - lse)`` and sums
+# them over heads (rows probe) or over heads and query tiles (column probe). The ``[Nq, Nk]`` map
+# never exists, only ``[BLOCK_M, BLOCK_N]`` tiles on chip; the extra memory is the LSE
+# (``4 B Hq Nq`` bytes) and the output. The torch references chunk over query rows so they never
+# hold the whole map either.
 # --------------------------------------------------------------------------------------------
 
 
@@ -377,12 +370,8 @@ def attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None
 def _attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=None, lse_splits=None):
     """:func:`attention_rows_triton` with the knob tests use: ``lse_splits`` forces the number of
     key splits of the LSE pass."""
-    B, Hq, Hkv, d = _check_qk(q, k)
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must share a dtype; got {q.dtype} and {k.dtype}")
-    R, Nk = q.shape[2], k.shape[2]
+    B, Hq, Hkv, d, R, Nk, km = _probe_args(q, k, key_mask, same_dtype=True)
     dev = q.device
-    km = _key_mask(key_mask, B, Nk, dev)
     pos = _row_positions(causal_offset, B, R, dev)
     out = torch.empty(B, R, Nk, dtype=torch.float32, device=dev)
     if R == 0 or Nk == 0 or B == 0:
@@ -410,14 +399,8 @@ def _attention_rows_triton(q, k, *, scale=None, key_mask=None, causal_offset=Non
 @torch.no_grad()
 def attention_colmean_triton(q, k, *, scale=None, key_mask=None, query_mask=None, causal=False):
     """Triton implementation of :func:`vtok.kernels.attention_colmean` (LSE pass + column pass)."""
-    B, Hq, Hkv, d = _check_qk(q, k)
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must share a dtype; got {q.dtype} and {k.dtype}")
-    Nq, Nk = q.shape[2], k.shape[2]
+    B, Hq, Hkv, d, Nq, Nk, km = _probe_args(q, k, key_mask, query_mask, same_dtype=True)
     dev = q.device
-    km = _key_mask(key_mask, B, Nk, dev)
-    if query_mask is not None and (query_mask.dtype != torch.bool or query_mask.shape != (B, Nq)):
-        raise ValueError(f"query_mask must be a bool tensor [B, Nq] = [{B}, {Nq}]; got {tuple(query_mask.shape)}")
     out = torch.zeros(B, Nk, dtype=torch.float32, device=dev)
     if Nq == 0 or Nk == 0 or B == 0:
         return out

@@ -1,18 +1,7 @@
 """GPU benchmark of the vtok kernels: Triton vs torch reference, and fraction of roofline.
 
-    python -m vtok.kernels.bench                      # default shapes, bf16, markdown table on stdout
-    python -m vtok.kernels.bench --out docs/BENCHMARKS.md   # also write the table into the doc
-    python -m vtok.kernels.bench --shapes 32,577,1024 --kernels match+merge,greedy-kcenter
-
-Per kernel and shape it prints the Triton time, the torch-reference time, their ratio, and the
-fraction of roofline: ``t_roof / t_triton`` with ``t_roof = max(FLOPs / peak_FLOPs, bytes /
-peak_bandwidth)`` for the *algorithmic minimum* of work (each input read once, each output
-written once, FLOPs of one pass). Peaks come from a small table keyed by
-``torch.cuda.get_device_name()`` (dense bf16 tensor-core FLOP/s and HBM bandwidth) or from
-``--peak-tflops`` / ``--peak-tbps``. Times are medians of ``triton.testing.do_bench``.
-
-Without a CUDA device it says so and exits 0; ``--cpu-torch`` then times the torch references
-on CPU (use small ``--shapes``).
+``python -m vtok.kernels.bench`` (``main`` documents the command line, the timing and the roofline); the
+figures of the last run are in ``docs/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -359,9 +348,25 @@ def parse_shapes(s):
 
 
 def main(argv=None):
+    """GPU benchmark of the vtok kernels: Triton vs torch reference, and fraction of roofline.
+
+        python -m vtok.kernels.bench                      # default shapes, bf16, markdown table on stdout
+        python -m vtok.kernels.bench --out docs/BENCHMARKS.md   # also write the table into the doc
+        python -m vtok.kernels.bench --shapes 32,577,1024 --kernels match+merge,greedy-kcenter
+
+    Per kernel and shape it prints the Triton time, the torch-reference time, their ratio, and the
+    fraction of roofline: ``t_roof / t_triton`` with ``t_roof = max(FLOPs / peak_FLOPs, bytes /
+    peak_bandwidth)`` for the *algorithmic minimum* of work (each input read once, each output
+    written once, FLOPs of one pass). Peaks come from a small table keyed by
+    ``torch.cuda.get_device_name()`` (dense bf16 tensor-core FLOP/s and HBM bandwidth) or from
+    ``--peak-tflops`` / ``--peak-tbps``. Times are medians of ``triton.testing.do_bench``.
+
+    Without a CUDA device it says so and exits 0; ``--cpu-torch`` then times the torch references
+    on CPU (use small ``--shapes``).
+    """
     p = argparse.ArgumentParser(prog="python -m vtok.kernels.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
-                   help="';'-separated B,N,C triples (default: the five issue shapes)")
+                   help="';'-separated B,N,C triples (default: DEFAULT_SHAPES, CLIP-L/336 batch to video scale)")
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list from {KERNELS}")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the dense bf16 peak (TFLOP/s)")

@@ -1,40 +1,7 @@
 """Greedy diverse selection: k-center (farthest point) and max-sum (least cumulative similarity).
 
-``greedy_select(x, k, *, mode="kcenter", pivot=None, mask=None) -> idx [B, k]`` (int64)
-
-Tokens are compared by cosine similarity ``sim(i, c) = (x_i . x_c) / (|x_i| |x_c|)``, computed
-as ``(dot * inv_i) * inv_c`` in fp32 by both backends. The selection starts from the pivot and
-runs ``k - 1`` greedy steps; ``idx`` is in selection order (``idx[:, 0]`` is the pivot).
-
-* ``mode="kcenter"`` (ToDRE v1, DivPrune, Gonzalez farthest point): next = the unselected token
-  whose distance ``1 - cos`` to the selected set (its minimum over the set) is largest. It is
-  computed as the token with the smallest *maximum similarity* to the set, which is the same
-  choice and avoids the rounding of ``1 - cos``.
-* ``mode="maxsum"`` (ToDRE v2, Algorithm 1): next = the unselected token with the smallest
-  cumulative similarity ``sum_{c in set} cos(x_i, x_c)``, i.e. the largest summed distance.
-
-Ties go to the lowest token index. ``pivot``: ``[B]`` int64 (or an int for all samples); default
-the first valid token (index 0 when there is no mask). ``mask [B, N]`` bool marks valid tokens;
-invalid (padding) tokens are never selected. When a sample has fewer than ``k`` valid tokens
-the selection stops there and the remaining slots of its row hold ``-1``. ``k`` is clamped to N.
-
-Triton design
--------------
-One persistent program per sample runs all ``k - 1`` steps; the per-token state (running max
-similarity, or cumulative similarity) never leaves the chip between steps when it fits:
-
-* **Gram path** (when ``B * N * N * 4`` bytes fit ``GRAM_BYTES`` = 4 GiB and, on CUDA, a
-  quarter of the free device memory; n = 25088 needs 2.5 GB): a tiled Triton GEMM writes
-  ``G = X^ X^T`` in fp32 once (``2 N^2 d`` FLOPs, the only big work), then each greedy step reads
-  one row of G (``4 N`` bytes), combines it into the state and takes the masked argmin. With
-  ``N <= 8192`` the whole state vector lives in the registers of one program (16 warps; ToDRE's
-  n = 2880 is one 4096-wide vector); above that it lives in a per-sample fp32 scratch row
-  (``4 N`` bytes, L2-resident) that each step updates block by block.
-* **Streaming path** (G does not fit): G is not formed; each step recomputes ``X^ x^_c`` block
-  by block (a fused mat-vec over d) with the state in the scratch row. It is correct at any N,
-  but one program (one SM) per sample streams all of X every step, so for batch 1 it is slower
-  than a per-step torch loop that spreads each mat-vec over the whole GPU. That is the
-  documented limit of this design.
+A per-step torch reference and a persistent Triton kernel (``greedy_select_triton`` documents its design);
+the contract is the docstring of ``vtok.kernels.greedy_select``.
 """
 
 from __future__ import annotations
@@ -61,6 +28,7 @@ def _gram_budget(device) -> int:
 
 
 def _prepare(x, k, mode, pivot, mask):
+    """Checked arguments (k clamped to N, pivot [B] on x's device, mask) and the output ``idx`` [B, k], all -1."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, d]; got {tuple(x.shape)}")
     if mode not in _MODES:
@@ -96,21 +64,20 @@ def _prepare(x, k, mode, pivot, mask):
             if not bool(ok.all()):
                 bad = (~ok).nonzero().flatten().tolist()
                 raise ValueError(f"pivot points at a masked (invalid) token in samples {bad}; pass a valid pivot")
-    return k, pivot, mask
+    return k, pivot, mask, torch.full((B, k), -1, dtype=torch.long, device=dev)
 
 
 @torch.no_grad()
 def greedy_select_torch(x, k, *, mode="kcenter", pivot=None, mask=None):
-    """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (module docstring).
+    """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (its docstring is the contract).
 
     Used by: no method yet; kept for the planned ToDRE method (stage 1: max-sum, its v2 default,
     or k-center, its v1)."""
-    k, pivot, mask = _prepare(x, k, mode, pivot, mask)
-    B, N, _ = x.shape
-    dev = x.device
-    out = torch.full((B, k), -1, dtype=torch.long, device=dev)
+    k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
     if k == 0:
         return out
+    B, N, _ = x.shape
+    dev = x.device
     xf = x.float()
     inv = inv_norm(x)
     inf = torch.tensor(float("inf"), device=dev)
@@ -283,7 +250,24 @@ def gram_triton(x: torch.Tensor, inv: torch.Tensor, *, blocks=None) -> torch.Ten
 def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Triton implementation of :func:`vtok.kernels.greedy_select` (one program per sample).
 
-    Used by: no method yet; kept for the planned ToDRE method."""
+    Used by: no method yet; kept for the planned ToDRE method.
+
+    One persistent program per sample runs all ``k - 1`` steps; the per-token state (running max
+    similarity, or cumulative similarity) never leaves the chip between steps when it fits:
+
+    * **Gram path** (when ``B * N * N * 4`` bytes fit ``GRAM_BYTES`` = 4 GiB and, on CUDA, a
+      quarter of the free device memory; n = 25088 needs 2.5 GB): a tiled Triton GEMM writes
+      ``G = X^ X^T`` in fp32 once (``2 N^2 d`` FLOPs, the only big work), then each greedy step reads
+      one row of G (``4 N`` bytes), combines it into the state and takes the masked argmin. With
+      ``N <= 8192`` the whole state vector lives in the registers of one program (16 warps; ToDRE's
+      n = 2880 is one 4096-wide vector); above that it lives in a per-sample fp32 scratch row
+      (``4 N`` bytes, L2-resident) that each step updates block by block.
+    * **Streaming path** (G does not fit): G is not formed; each step recomputes ``X^ x^_c`` block
+      by block (a fused mat-vec over d) with the state in the scratch row. It is correct at any N,
+      but one program (one SM) per sample streams all of X every step, so for batch 1 it is slower
+      than a per-step torch loop that spreads each mat-vec over the whole GPU. That is the
+      documented limit of this design.
+    """
     return _greedy_select_triton(x, k, mode=mode, pivot=pivot, mask=mask)
 
 
@@ -291,12 +275,11 @@ def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None):
 def _greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, path=None, block_n=None):
     """:func:`greedy_select_triton` with the knobs tests use: ``path`` ("regs", "gram", "stream")
     and ``block_n`` force a code path."""
-    k, pivot, mask = _prepare(x, k, mode, pivot, mask)
-    B, N, D = x.shape
-    dev = x.device
-    out = torch.full((B, k), -1, dtype=torch.long, device=dev)
+    k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
     if k == 0:
         return out
+    B, N, D = x.shape
+    dev = x.device
     inv = inv_norm(x)
     valid = (mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=dev)).to(torch.int8).contiguous()
     if path is None:

@@ -259,8 +259,9 @@ def nearest_merge_torch(x, sizes, keep_idx, *, metric=None):
     cosine-similar kept token (ties -> lowest index), as one match plus one merge. ``metric``
     defaults to ``x``. This is the vtok form of HoliTom's inner merge: the official code halves
     sequentially (``h_kept <- (h_kept + h_drop) / 2`` in position order, which weights later
-    members more); a method that wants that exact weighting can pass matching ``sizes`` or use
-    the closed form in the spec; the matching step is the same.
+    members more); a method that wants that exact weighting can compute its closed form itself
+    (kept token ``h / 2^m`` plus the i-th of its m merged tokens ``d_i / 2^(m - i + 1)``, in
+    position order); the matching step is the same.
 
     Used by: no method yet; kept for the planned HoliTom method (its merge inside the LLM).
     """

@@ -13,8 +13,8 @@ from conftest import supported_pairs, tiny_model
 
 import vtok
 from vtok import hf_compat
-from vtok.adapters.testing import TINY_CASES
 from vtok.method import get_method_class
+from vtok.testing import TINY_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 

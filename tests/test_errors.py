@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.method import Method, Probe
+from vtok.testing import TINY_CASES
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_probe_the_adapter_cannot_serve(llava):
 def test_cls_probe_on_tower_without_cls():
     from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
-    from vtok.adapters.testing import _llama_text_config
+    from vtok.testing import _llama_text_config
 
     cfg = LlavaConfig(
         vision_config=SiglipVisionConfig(

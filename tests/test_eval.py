@@ -15,9 +15,9 @@ import pytest
 from conftest import tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.eval import datasets, latency, runner
 from vtok.eval.lmms_plugin import split_vtok_args
+from vtok.testing import TINY_CASES
 
 needs_plot = pytest.mark.skipif(find_spec("matplotlib") is None, reason="matplotlib is not installed")
 needs_accelerate = pytest.mark.skipif(find_spec("accelerate") is None, reason="accelerate is not installed")
@@ -191,7 +191,7 @@ def test_lmms_plugin_generates_with_the_method_attached(tmp_path):
     from lmms_eval.api.instance import Instance
     from PIL import Image
 
-    from vtok.adapters.testing import anyres_processor
+    from vtok.testing import anyres_processor
     from vtok.eval.lmms_plugin import VtokLlava
 
     model = TINY_CASES["llava_next"].build()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from vtok.adapters.testing_processor import save_tiny_llava_checkpoint
+from vtok.testing_processor import save_tiny_llava_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "enable_in_existing_script.py"
 

@@ -8,9 +8,9 @@ import torch
 from conftest import supported_pairs, tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.eval import flops
 from vtok.method import get_method_class
+from vtok.testing import TINY_CASES
 
 TOL = 0.01  # acceptance: within 1% (the count is exact on every case so far)
 
@@ -144,7 +144,7 @@ def test_layouts_match_the_real_processor(case_name):
     case = TINY_CASES[case_name]
     model = tiny_model(case_name)
     ids = torch.tensor(flops.model_spec(model).placeholder_ids)
-    for size in [(40, 70), (200, 37)]:
+    for size in [(40, 70), (200, 37), (99, 1745), (1745, 99)]:  # last two: ~nothing left unpadded
         batch = case.batch(case.make_samples(model, [(2, [size], 2)]))
         with flops.Tracker(model) as tracker, torch.no_grad():
             model(**batch)

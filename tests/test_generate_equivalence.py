@@ -20,8 +20,8 @@ from conftest import supported_pairs, tiny_model
 from test_invariants import IN_LLM
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.method import get_method_class
+from vtok.testing import TINY_CASES
 
 SHORTER_PROMPT = [
     p for p in supported_pairs(kind="vlm") if "in_llm" not in get_method_class(p.values[1]).stages

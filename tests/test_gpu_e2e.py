@@ -13,8 +13,8 @@ import torch
 from conftest import supported_pairs
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.method import get_method_class
+from vtok.testing import TINY_CASES
 
 pytestmark = [
     pytest.mark.gpu,

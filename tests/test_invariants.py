@@ -1,6 +1,6 @@
-"""The invariants of design.md for every registered method x every adapter that supports it.
+"""The invariants README's "What vtok guarantees" lists, for every registered method x every adapter that supports it.
 
-New methods (registry) and new adapters (adapters.testing.TINY_CASES) are picked up automatically.
+New methods (registry) and new adapters (vtok.testing.TINY_CASES) are picked up automatically.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from conftest import supported_pairs, tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.hf_compat import output_cache
 from vtok.method import get_method_class
+from vtok.testing import TINY_CASES
 
 
 def forward(model, batch):

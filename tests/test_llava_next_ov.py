@@ -19,8 +19,8 @@ from conftest import tiny_model
 
 import vtok
 from vtok.adapters import find_adapter
-from vtok.adapters.testing import LLAVA_ONEVISION_VIDEO, TINY_CASES, tiny_llava_onevision
 from vtok.method import Method, ViTAttention, get_method_class
+from vtok.testing import LLAVA_ONEVISION_VIDEO, TINY_CASES, tiny_llava_onevision
 
 # ------------------------------------------------------------------ helpers
 
@@ -177,7 +177,7 @@ def test_image_units_follow_the_models_packing(case_name):
     t, nl = spy.tokens, model.model.image_newline
     g = model.config.vision_config.image_size // model.config.vision_config.patch_size
     adapter = find_adapter(model)(model, {}, None)
-    starts = torch.tensor([0] + adapter._num_patches(dict(batch)))[:-1].cumsum(0)
+    starts = torch.tensor([0] + adapter.num_patches(**batch))[:-1].cumsum(0)
     assert t.num_units == len(packed) == 4 and t.owner.tolist() == [0, 1, 2, 2]
     assert t.grid is None and t.frames is None
     grids = t.unit_grids()
@@ -330,7 +330,7 @@ def test_vit_probes_follow_crops_and_patches():
         fwd(model, batch)
     t = spy.tokens
     adapter = find_adapter(model)(model, {}, None)
-    n_patches = adapter._num_patches(dict(batch))
+    n_patches = adapter.num_patches(**batch)
     pixels = torch.cat([p[:k] for p, k in zip(batch["pixel_values"], n_patches)])
     starts = torch.tensor([0] + n_patches)[:-1].cumsum(0)
     eager = copy.deepcopy(model)
@@ -413,6 +413,45 @@ def test_fastv_on_stacked_videos_drops_equal_masks_and_generates(policy, video):
     keep = batch["attention_mask"].bool() & ~pruned
     torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=1e-4)
     assert torch.equal(generated, ref_gen)
+
+
+def test_frame_grid_of_a_large_patch_grid():
+    """27 x 27 patches (OneVision-7B's SigLIP at 384 px) pool to 14 x 14 per frame; counting distinct
+    interpolated row coordinates once gave 24 rows (float noise)."""
+    model = tiny_llava_onevision(image_size=54, patch=2)
+    assert find_adapter(model)(model, {}, None).frame_grid() == (14, 14)
+
+
+# ------------------------------------------------------------------ pre-computed features
+
+
+def test_layout_store_finds_a_tensor_by_identity_only():
+    from vtok.adapters.anyres import LayoutStore
+
+    store = LayoutStore()
+    a = torch.zeros(4)
+    store.put(a, "layout")
+    assert store.get(a) == "layout"
+    assert store.get(a.clone()) is None and store.get(a.view(2, 2)) is None  # equal values are not enough
+    del a  # the entry goes with its tensor: a recycled id() finds nothing
+    assert store._items == {}
+
+
+@pytest.mark.parametrize("case_name", ["llava_next", "llava_onevision"])
+def test_precomputed_features_find_their_layouts_and_stay_plain(case_name):
+    """Features the tower produced while vtok was attached (what generate pre-computes) give the same
+    prefill as pixel values, and nothing of vtok is written onto them."""
+    model = tiny_model(case_name)
+    _, batch = setup(TINY_CASES[case_name], model)
+    batch = {k: v for k, v in batch.items() if k != "position_ids"}
+    pixels = {k: batch.pop(k) for k in ("pixel_values", "image_sizes", "batch_num_images") if k in batch}
+    with vtok.apply(model, "pool", factor=2):
+        ref = fwd(model, {**batch, **pixels})
+        with torch.no_grad():
+            image = model.model.get_image_features(**pixels)
+        assert all(not vars(t) for t in image.pooler_output)
+        out = fwd(model, {**batch, "mm_encoder_outputs": {"image": image}})
+    assert torch.equal(out, ref)
 
 
 # ------------------------------------------------------------------ errors

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
-from vtok.method import LLMAttention, Method, TextQuery, ViTAttention
 from vtok.kernels import merge_weighted
+from vtok.method import LLMAttention, Method, TextQuery, ViTAttention
+from vtok.testing import TINY_CASES
 from vtok.tokens import VisualTokens
 
 

@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
 from vtok.method import _REGISTRY
+from vtok.testing import TINY_CASES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

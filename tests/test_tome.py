@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import vtok
-from vtok.adapters.testing import tiny_hf_vision, tiny_open_clip_vit, tiny_timm_vit
 from vtok.methods.tome import ToMe, bipartite_soft_matching, parse_r, tome_order
+from vtok.testing import tiny_hf_vision, tiny_open_clip_vit, tiny_timm_vit
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -7,7 +7,10 @@ import torch
 
 import vtok
 from vtok.adapters import find_adapter
-from vtok.adapters.testing import (
+from vtok.adapters.vit import HFVisionAdapter, OpenClipViTAdapter, TimmViTAdapter, check_vit_method
+from vtok.method import Method, ViTAttention
+from vtok.methods.tome import ToMe
+from vtok.testing import (
     left_pad_batch,
     llava_samples,
     tiny_hf_vision,
@@ -16,9 +19,6 @@ from vtok.adapters.testing import (
     tiny_open_clip_vit,
     tiny_timm_vit,
 )
-from vtok.adapters.vit import HFVisionAdapter, OpenClipViTAdapter, TimmViTAdapter, check_vit_method
-from vtok.method import Method, ViTAttention
-from vtok.methods.tome import ToMe
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -253,3 +253,38 @@ def test_llava_tome_keep_policy_generate_batch_equals_one_by_one():
             one = model.generate(**strip(left_pad_batch([s])), max_new_tokens=4, do_sample=False)
             new = one[0, s["input_ids"].numel() :]  # may stop early at EOS; the batch row then pads
             assert new.numel() and torch.equal(out[i, : new.numel()], new)
+
+
+def test_llava_tome_generate_with_repeated_images():
+    """Beam search repeats each sample's group of images ([A, B] -> [A, B, A, B]) in the features generate
+    pre-computed; each repeated row gets its own image's merged tokens and in_vit record."""
+    model = tiny_llava()
+    samples = llava_samples(model, [(9, 1, 2), (1, 2, 6)], seed=2)
+    batch = {k: v for k, v in left_pad_batch(samples).items() if k != "position_ids"}
+    with torch.no_grad(), vtok.apply(model, "tome", r=2) as h:
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+        once = [(r.tokens_in, r.tokens_out, r.kept) for r in h.stats if r.stage == "in_vit"]
+        beams = model.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+        twice = [(r.tokens_in, r.tokens_out, r.kept) for r in h.stats if r.stage == "in_vit"]
+    assert beams.shape[0] == 2 * len(samples)
+    assert len(twice) == len(once) > 0
+    for (tin, tout, kept), (tin2, tout2, kept2) in zip(once, twice):
+        assert tin2 == [n for n in tin for _ in range(2)] and tout2 == [n for n in tout for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(kept2, [k for k in kept for _ in range(2)]))
+
+
+def test_llava_tome_precomputed_features_must_be_the_towers_own():
+    """With in_vit attached, pre-computed features are recognised by identity (rows of the merged tower
+    output), never by value: the tower's own rows work, copies of them get a clear error."""
+    model = tiny_llava()
+    s = llava_samples(model, [(3, 2, 4)], seed=3)[0]
+    ids = s["input_ids"][None]
+    with torch.no_grad(), vtok.apply(model, "tome", r=2):
+        ref = model(input_ids=ids, pixel_values=s["pixel_values"]).logits
+        image = model.model.get_image_features(s["pixel_values"])
+        out = model(input_ids=ids, mm_encoder_outputs={"image": image}).logits
+        image = model.model.get_image_features(s["pixel_values"])
+        image.pooler_output = [t.clone() for t in image.pooler_output]
+        with pytest.raises(ValueError, match="pass pixel_values"):
+            model(input_ids=ids, mm_encoder_outputs={"image": image})
+    assert torch.equal(out, ref)

@@ -1,19 +1,6 @@
-"""The ``in_vit`` stage: what a method sees in one vision-encoder block, and how its merges apply.
-
-An ``in_vit`` method implements two hooks (adapters call them; they never name a model class):
-
-* ``vit_schedule(num_blocks) -> list[int]``: how many tokens it removes in each block that
-  reaches the encoder's output (0 = leave the block alone; blocks with 0 get no merge hooks).
-* ``in_vit(view: ViTView) -> ViTMerge | None``: at block ``view.block``, after the attention
-  residual and before the MLP, which tokens merge into which (or None: nothing this time).
-
-and may declare ``prop_attn`` (bool: the adapter adds ``log(size)`` of every key to the attention
-logits of later blocks, as an additive float mask), ``protect_cls`` (bool: the encoder's prefix
-tokens -- class, register, distillation tokens -- are handed over as ``view.protected``) and
-``trace_source`` (bool: the adapter keeps a :class:`ViTSource` map after every forward).
-
-The adapter keeps the per-token sizes and the source map; this module holds the arithmetic both
-need, as small pure functions over tensors.
+"""The ``in_vit`` stage: what a method sees in one vision-encoder block (``ViTView``), the merge it returns
+(``ViTMerge``), the source map (``ViTSource``), and the arithmetic adapters apply them with, as small pure
+functions over tensors. ``ViTView`` documents the method interface.
 """
 
 from __future__ import annotations
@@ -30,6 +17,19 @@ __all__ = ["ViTView", "ViTMerge", "ViTSource", "merge_tokens", "remap_assign", "
 @dataclass
 class ViTView:
     """What an ``in_vit`` method sees in one block.
+
+    An ``in_vit`` method implements two hooks (adapters call them; they never name a model class):
+
+    * ``vit_schedule(num_blocks) -> list[int]``: how many tokens it removes in each block that
+      reaches the encoder's output (0 = leave the block alone; blocks with 0 get no merge hooks).
+    * ``in_vit(view: ViTView) -> ViTMerge | None``: at block ``view.block``, after the attention
+      residual and before the MLP, which tokens merge into which (or None: nothing this time).
+
+    and may declare ``prop_attn`` (bool: the adapter adds ``log(size)`` of every key to the attention
+    logits of later blocks, as an additive float mask), ``protect_cls`` (bool: the encoder's prefix
+    tokens -- class, register, distillation tokens -- are handed over as ``view.protected``) and
+    ``trace_source`` (bool: the adapter keeps a :class:`ViTSource` map after every forward). The
+    adapter keeps the per-token sizes and the source map.
 
     block: index of the block among the encoder's blocks (0-based); budget: tokens to remove here
     (from ``vit_schedule``); x: [B, N, C] token states after the attention residual; metric:

@@ -41,18 +41,20 @@ class Pool(Method):
             return max(1, min(h, round(h * s))), max(1, min(w, round(w * s)))
         return math.ceil(h / self.factor), math.ceil(w / self.factor)
 
+    def _windows(self, n: int, out: int) -> list[tuple[int, int]]:
+        """[start, stop) of the ``out`` windows along an axis of ``n`` tokens: ``factor``-wide windows
+        (ceil mode: the last may be shorter), or adaptive pooling's windows for a ``retain`` budget."""
+        if self.retain is None:
+            f = self.factor
+            return [(i * f, min(n, (i + 1) * f)) for i in range(out)]
+        return [(math.floor(i * n / out), math.ceil((i + 1) * n / out)) for i in range(out)]
+
     def _pool_grid(self, x: torch.Tensor, h: int, w: int):
         """x [M, h*w, D] (raster) -> pooled [M, k, D] (fp32), sizes [k], first [k] (window's first raster index)."""
         oh, ow = self.output_grid(h, w)
         m, _, d = x.shape
         x = x.float().transpose(1, 2).reshape(m, d, h, w)
-        # window boundaries of adaptive pooling (covers the ceil-mode factor case exactly)
-        ys = [(math.floor(i * h / oh), math.ceil((i + 1) * h / oh)) for i in range(oh)]
-        xs = [(math.floor(j * w / ow), math.ceil((j + 1) * w / ow)) for j in range(ow)]
-        if self.retain is None:
-            f = self.factor
-            ys = [(i * f, min(h, (i + 1) * f)) for i in range(oh)]
-            xs = [(j * f, min(w, (j + 1) * f)) for j in range(ow)]
+        ys, xs = self._windows(h, oh), self._windows(w, ow)
         pooled = torch.stack(
             [torch.stack([x[:, :, a:b, c:e].mean((2, 3)) for (c, e) in xs], -1) for (a, b) in ys], -2
         )  # [M, D, oh, ow]

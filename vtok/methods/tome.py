@@ -1,14 +1,7 @@
 """`tome`: Token Merging (Bolya et al., ICLR 2023) -- bipartite soft matching inside every ViT block.
 
-Written from the paper (arXiv 2210.09461) and vtok's method spec, not from the reference code.
-
-Per block, after the attention residual and before the MLP: the keys averaged over heads are the
-similarity metric; tokens alternate into sets A (even positions) and B (odd positions); every A
-token finds its most similar B token (cosine); the ``r`` A tokens with the best matches are
-merged into their partners by a size-weighted average. Prefix tokens (CLS, registers) are
-protected. Sizes travel to the next blocks, where ``log(size)`` is added to the attention logits
-(proportional attention). The output order is ToMe's -- [prefix, unmerged A, B] -- because the
-next block's alternating split depends on it; ``source`` maps tokens back to their patches.
+``ToMe`` (the method; how a block is merged), its schedule (``parse_r``), the matching
+(``bipartite_soft_matching``) and ToMe's token order (``tome_order``).
 """
 
 from __future__ import annotations
@@ -91,7 +84,17 @@ def tome_order(unm: torch.Tensor, n: int, protected: int) -> torch.Tensor:
 @register
 @dataclass
 class ToMe(Method):
-    """ToMe (ICLR 2023): merge similar tokens in every ViT block by bipartite soft matching."""
+    """ToMe (ICLR 2023): merge similar tokens in every ViT block by bipartite soft matching.
+
+    Written from the paper (arXiv 2210.09461), not from the reference code. Per block, after the
+    attention residual and before the MLP: the keys averaged over heads are the similarity metric;
+    tokens alternate into sets A (even positions) and B (odd positions); every A token finds its most
+    similar B token (cosine); the ``r`` A tokens with the best matches are merged into their partners
+    by a size-weighted average. Prefix tokens (CLS, registers) are protected. Sizes travel to the next
+    blocks, where ``log(size)`` is added to the attention logits (proportional attention). The output
+    order is ToMe's -- [prefix, unmerged A, B] -- because the next block's alternating split depends
+    on it; ``source`` maps tokens back to their patches.
+    """
 
     name = "tome"
     stages = ("in_vit",)

@@ -15,7 +15,7 @@ def save_tiny_llava_checkpoint(path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    from .testing import tiny_llava
+    from vtok.testing import tiny_llava
 
     path = Path(path)
     model = tiny_llava(seed)

@@ -1,6 +1,7 @@
-"""Tiny random models built from the real transformers classes, with matching inputs.
+"""Tiny random models of every adapter family (real transformers/timm/open_clip classes) and their inputs.
 
-Used by the test suite (every adapter registers a factory here) and by quick CPU examples.
+``TINY_CASES``: one ``TinyCase`` per adapter, used by the test suite, the synthetic eval dataset and
+quick CPU examples. ``vtok.testing_processor`` saves a tiny LLaVA with a real processor.
 """
 
 from __future__ import annotations
@@ -76,26 +77,23 @@ def _llama_text_config(vocab=160, layers=4):
 def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8, layers: int = 4):
     """A LlavaForConditionalGeneration with a 2-block CLIP tower (16 patches) and a 4-layer Llama
     (``image_size``/``patch`` and ``layers`` shape other grids and depths, e.g. LLaVA-1.5's 24x24 and 32)."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch,
-    )
     cfg = LlavaConfig(
-        vision_config=vision,
+        vision_config=_tiny_vision_config("clip", image_size, patch),
         text_config=_llama_text_config(layers=layers),
         image_token_id=150,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    model = LlavaForConditionalGeneration(cfg).eval()
+    return _build(LlavaForConditionalGeneration, cfg, seed, attn_implementation)
+
+
+def _build(cls, cfg, seed: int, attn_implementation: str):
+    """``cls(cfg)`` in eval mode, weights drawn after ``torch.manual_seed(seed)``, with that attention."""
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
     model.set_attn_implementation(attn_implementation)
     return model
 
@@ -160,10 +158,7 @@ def tiny_hf_vision(kind: str = "clip", seed: int = 0, attn_implementation: str =
     from transformers import CLIPVisionModel, Dinov2Model, SiglipVisionModel
 
     cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "dinov2": Dinov2Model}[kind]
-    torch.manual_seed(seed)
-    model = cls(_tiny_vision_config(kind)).eval()
-    model.set_attn_implementation(attn_implementation)
-    return model
+    return _build(cls, _tiny_vision_config(kind), seed, attn_implementation)
 
 
 def tiny_timm_vit(seed: int = 0, **kw):
@@ -188,7 +183,6 @@ def tiny_llava_tower(kind: str = "siglip", seed: int = 0, attn_implementation: s
     """``tiny_llava`` with a SigLIP tower (no CLS, strategy 'full') or a DINOv2 tower (CLS, 'default')."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    torch.manual_seed(seed)
     cfg = LlavaConfig(
         vision_config=_tiny_vision_config(kind),
         text_config=_llama_text_config(),
@@ -197,9 +191,7 @@ def tiny_llava_tower(kind: str = "siglip", seed: int = 0, attn_implementation: s
         vision_feature_select_strategy="full" if kind == "siglip" else "default",
         projector_hidden_act="gelu",
     )
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn_implementation)
-    return model
+    return _build(LlavaForConditionalGeneration, cfg, seed, attn_implementation)
 
 
 def vision_samples(key: str = "pixel_values"):
@@ -253,52 +245,43 @@ def _word_tokenizer(vocab: int, special: dict):
 def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8):
     """A LlavaNextForConditionalGeneration: 2-block CLIP tower (4x4 patches per crop, CLS dropped),
     AnyRes pinpoints of 1x2, 2x1 and 2x2 crops, a 4-layer Llama."""
-    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    torch.manual_seed(seed)
-    s = image_size
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=s, patch_size=patch
-    )
     cfg = LlavaNextConfig(
-        vision_config=vision,
+        vision_config=_tiny_vision_config("clip", image_size, patch),
         text_config=_llama_text_config(),
         image_token_id=150,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        image_grid_pinpoints=_pinpoints(image_size),
         projector_hidden_act="gelu",
     )
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn_implementation)
-    return model
+    return _build(LlavaNextForConditionalGeneration, cfg, seed, attn_implementation)
+
+
+def _pinpoints(s: int) -> list:
+    """AnyRes resolutions of 1x2, 2x1 and 2x2 crops of s x s."""
+    return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
 
 
 def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 48, patch: int = 8):
     """A LlavaOnevisionForConditionalGeneration: 2-block SigLIP tower (6x6 patches, 3x3 per video frame
     after the model's pooling), AnyRes pinpoints of 1x2, 2x1, 2x2 crops with ``anyres_max_2`` (2x2 crops
     are down-scaled), a 4-layer Qwen2."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    torch.manual_seed(seed)
-    s = image_size
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=s, patch_size=patch
-    )
     cfg = LlavaOnevisionConfig(
-        vision_config=vision,
+        vision_config=_tiny_vision_config("siglip", image_size, patch),
         text_config=_text_config("qwen2"),
         image_token_id=151,
         video_token_id=152,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_2",
-        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        image_grid_pinpoints=_pinpoints(image_size),
         projector_hidden_act="gelu",
     )
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn_implementation)
-    return model
+    return _build(LlavaOnevisionForConditionalGeneration, cfg, seed, attn_implementation)
 
 
 def anyres_processor(model):
@@ -396,19 +379,13 @@ TINY_CASES: dict[str, TinyCase] = {
     "timm_vit": _vision_case("timm_vit", tiny_timm_vit, key="x"),
     "open_clip_vit": _vision_case("open_clip_vit", tiny_open_clip_vit, key="x"),
     "llava_next": TinyCase(
-        "llava_next",
-        tiny_llava_next,
-        anyres_samples,
-        collate=anyres_collate,
+        "llava_next", tiny_llava_next, anyres_samples, collate=anyres_collate,
         specs=[(3, [(40, 70)], 4), (9, [(60, 30)], 2), (1, [(50, 50), (30, 80)], 6)],
-    ),
+    ),  # fmt: skip
     "llava_onevision": TinyCase(
-        "llava_onevision",
-        tiny_llava_onevision,
-        anyres_samples,
-        collate=anyres_collate,
+        "llava_onevision", tiny_llava_onevision, anyres_samples, collate=anyres_collate,
         specs=[(3, [(40, 90)], 4), (9, [(90, 85)], 2), (1, [(50, 50), (30, 80)], 6)],
-    ),
+    ),  # fmt: skip
 }
 
 #: LLaVA-OneVision with a batch of two videos of 8 and 12 frames (different prompt lengths). Not in
