@@ -1,10 +1,8 @@
 """Decoder-LM side of HF models: sequence compaction, positions, masks, KV cache, attention probes.
 
-Everything here speaks in terms of one HF decoder stack (``model.layers``, ``model.rotary_emb``,
-``model.config``), Llama-style attention modules (``q_proj``/``k_proj``, optional ``q_norm``/``k_norm``,
-``scaling``) and transformers' own ``create_causal_mask``, so the user's attention implementation
-builds its own masks from our shorter 2-D masks.
-"""
+Speaks one HF decoder stack (``layers``, ``rotary_emb``, ``config``) with Llama-style attention
+(``q_proj``/``k_proj``, optional ``q_norm``/``k_norm``); masks come from transformers' own builder
+(through ``vtok.hf_compat``), so the user's attention implementation serves the shorter sequences."""
 
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
-"""Shared machinery of LLaVA-style VLM adapters: before_llm splicing, in_llm compaction, decode.
+"""Shared machinery of LLaVA-style VLM adapters: the prefill's visual units, the before_llm splice,
+the decode-step mapping onto shorter layouts, and what the caller gets back.
 
-A subclass knows its model family: where the vision tower, projector and language model are,
-and how projected features map to placeholder tokens (``visual_tokens``). This class does the
-rest for any HF decoder LM: it shortens the sequence at the LM entry (before_llm) and at decoder
-layer K (in_llm), keeps per-layer KV-cache lengths consistent during ``generate``, and maps
-decode-step masks and positions to the shorter layouts.
-
-Prefill: a forward whose cache is empty (or absent) and whose input_ids hold visual placeholders.
-Decode: a forward with a non-empty cache that is the one returned by our last prefill.
-"""
+A subclass knows its family (tower, projector, LM, how projected features map to placeholders);
+the in-LLM stage is the ``InLLMStage`` mixin (``llm_stage.py``)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -10,15 +9,9 @@ import torch
 import capability_methods  # noqa: F401  (registers the in-LLM capability test methods)
 
 import vtok
-import vtok.testing
 from vtok.adapters import find_adapter
 from vtok.method import get_method_class
 from vtok.testing import TINY_CASES
-
-# The tiny models moved from vtok.adapters.testing to vtok.testing. test_capabilities.py and
-# test_core_fixes.py are being edited on another branch and still import the old path; this alias
-# (tests only, nothing is installed under the old name) keeps them running until they are updated.
-sys.modules.setdefault("vtok.adapters.testing", vtok.testing)
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -11,7 +11,7 @@ from conftest import tiny_model
 from test_invariants import MaskedReference, forward, pruned_schedule
 
 import vtok
-from vtok.adapters.testing import TINY_CASES, llava_samples, left_pad_batch, tiny_llava
+from vtok.testing import TINY_CASES, llava_samples, left_pad_batch, tiny_llava
 from vtok.hf_compat import output_cache
 
 VLMS = ["llava", "llava_next", "llava_onevision"]
@@ -209,7 +209,7 @@ def test_a_method_reads_the_question_through_the_processor(tmp_path):
     a processor the method is refused at apply."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vtok.adapters.testing_processor import save_tiny_llava_checkpoint
+    from vtok.testing_processor import save_tiny_llava_checkpoint
     from vtok.method import Question
 
     path = save_tiny_llava_checkpoint(tmp_path / "ckpt")

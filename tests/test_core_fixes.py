@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
+from vtok.testing import TINY_CASES
 from vtok.method import LLMAttention, LLMView, Method, hparam
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import vtok
-from vtok.adapters.testing import llava_samples, left_pad_batch, tiny_llava
+from vtok.testing import llava_samples, left_pad_batch, tiny_llava
 from vtok.method import POSITION_POLICIES, Method, hparam, keep_count
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 
 import vtok
-from vtok.adapters.testing import TINY_CASES
+from vtok.testing import TINY_CASES
 from vtok.hf_compat import cache_kwarg, output_cache
 from vtok.method import get_method_class
 
@@ -260,6 +260,6 @@ def test_compiled_models_are_not_silently_unreduced():
 
 
 def tiny_llava_fresh():
-    from vtok.adapters.testing import tiny_llava
+    from vtok.testing import tiny_llava
 
     return tiny_llava(seed=0)

@@ -24,7 +24,6 @@ __all__ = [
     "attn_implementation",
     "precomputed_visual_features",
     "family_module",
-    "select_best_resolution",
 ]
 
 #: The oldest transformers release vtok supports; keep equal to the lower bound in pyproject.toml.
@@ -116,10 +115,3 @@ def precomputed_visual_features(kwargs: dict):
     """``mm_encoder_outputs``: the visual features ``generate`` computes before the prefill forward
     (5.18+); None when the caller's forward runs the vision tower itself."""
     return kwargs.get("mm_encoder_outputs")
-
-
-def select_best_resolution(size, grid_pinpoints):
-    """AnyRes: the grid pinpoint a (height, width) image is resized to (5.18+)."""
-    from transformers.image_processing_utils import select_best_resolution as best
-
-    return best(size, grid_pinpoints)
