@@ -18,6 +18,7 @@ from vtok.tokens import VisualTokens
 
 from .anyres import LayoutStore, VisualLayout, parse_image, ramp
 from .hf_vision import has_cls_token, vit_attention_stats
+from .base import per_thread
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaNextAdapter", "VisualLayout"]
@@ -77,6 +78,11 @@ class LlavaNextAdapter(VLMAdapter):
     when ``generate`` pre-computes the features (``mm_encoder_outputs``).
     """
 
+    # per-call state, per thread (see VLMAdapter)
+    _layouts = per_thread(dict)  # modality -> list[VisualLayout] of the features of the coming prefill
+    _unit_layouts = per_thread()  # the layout of each unit of the prefill in flight
+    _vit_raw = per_thread()  # probe -> list of per-tower-call stats, inside a wrapped call
+
     name = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
@@ -111,9 +117,9 @@ class LlavaNextAdapter(VLMAdapter):
 
     # attach ----------------------------------------------------------------------
     def attach_vision(self) -> None:
-        self._layouts: dict = {}  # modality -> list[VisualLayout] of the features of the coming prefill
+        self._layouts = {}
         self._feature_layouts = LayoutStore()  # feature tensor the tower produced -> its layout(s)
-        self._vit_raw: dict | None = None  # probe -> list of per-tower-call stats, inside a wrapped call
+        self._vit_raw = None
         self._hooks.append(_InstanceWrap(self.core, "get_image_features", self._wrap_image_features))
         self.hook(self.model, self._clear_layouts, pre=False)
         self.hook_vit_probes()

@@ -32,11 +32,12 @@ def _method(name, **kw):
 # ------------------------------------------------------------------ threads
 
 
+@pytest.mark.parametrize("case_name", VLMS)
 @pytest.mark.parametrize("method", ["fastv", "random"])
-def test_threads_do_not_share_per_call_state(method):
+def test_threads_do_not_share_per_call_state(method, case_name):
     """One attached model called from 4 threads at once gives each call its own (correct) result."""
-    model = tiny_model("llava")
-    batches = [_batch("llava", seed=s)[1] for s in range(4)]
+    model = tiny_model(case_name)
+    batches = [_batch(case_name, seed=s)[1] for s in range(4)]
     with vtok.apply(model, _method(method)), torch.no_grad():
         want = [model(**b).logits for b in batches]
         got, errors = {}, []
