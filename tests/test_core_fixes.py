@@ -201,3 +201,14 @@ def test_a_grid_method_after_an_in_vit_merge_is_refused_at_apply():
     with pytest.raises(ValueError, match="pool needs every image's full token grid, but tome merges"):
         vtok.apply(model, ["tome", "pool", "fastv"], tome={"r": 2}, pool={"factor": 2}, fastv={"retain": 0.5})
     assert not hasattr(model, "_vtok_handle")
+
+
+def test_pool_an_empty_grid():
+    """An AnyRes grid with nothing left after unpadding (a very tall image) pools to nothing, not an error."""
+    from vtok.method import get_method_class
+
+    for kw in ({"factor": 2}, {"retain": 0.25}):
+        p = get_method_class("pool")(**kw)
+        assert p.output_grid(3, 0) == (0, 0)
+        feats, sizes, first = p._pool_grid(torch.zeros(2, 0, 4), 3, 0)
+        assert feats.shape == (2, 0, 4) and sizes.numel() == 0 and first.numel() == 0

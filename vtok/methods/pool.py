@@ -36,6 +36,8 @@ class Pool(Method):
     )
 
     def output_grid(self, h: int, w: int) -> tuple[int, int]:
+        if h == 0 or w == 0:  # an AnyRes grid with nothing left after unpadding
+            return 0, 0
         if self.retain is not None:
             s = math.sqrt(float(self.retain))
             return max(1, min(h, round(h * s))), max(1, min(w, round(w * s)))
@@ -53,6 +55,8 @@ class Pool(Method):
         """x [M, h*w, D] (raster) -> pooled [M, k, D] (fp32), sizes [k], first [k] (window's first raster index)."""
         oh, ow = self.output_grid(h, w)
         m, _, d = x.shape
+        if oh * ow == 0:
+            return x.new_zeros(m, 0, d, dtype=torch.float32), torch.zeros(0), torch.zeros(0, dtype=torch.long)
         x = x.float().transpose(1, 2).reshape(m, d, h, w)
         ys, xs = self._windows(h, oh), self._windows(w, ow)
         pooled = torch.stack(
