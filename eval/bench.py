@@ -29,6 +29,8 @@ shows the median over rounds and the min-max spread, the JSON every sample and t
 * FLOPs: ``vtok.eval.flops`` (exact convention) of the prefill as ``generate`` runs it (``logits_to_keep=1``).
 * Visual tokens: per sample, at the LLM entry and at its last layer, and the per-layer schedule, from
   ``handle.stats``.
+* On a CPU shared with other jobs, ``--threads 1 --clock cpu`` (the process's CPU time) keeps the rounds
+  comparable; with several threads every OpenMP region waits for whichever thread another job holds.
 
 Ideal TTFT and method overhead
 ------------------------------
@@ -929,15 +931,20 @@ def plot(result: dict, path, accuracy: dict | None = None) -> Path:
     from .runner import _pareto, save_figure
 
     cases = result["cases"]
-    fig = Figure(figsize=(4.6 * len(cases), 4.2), dpi=110)
+    cols = min(3, len(cases))
+    grid_rows = math.ceil(len(cases) / cols)
+    fig = Figure(figsize=(4.6 * cols, 4.2 * grid_rows), dpi=110)
     FigureCanvasAgg(fig)
     markers = "osD^v<>PX*h"
+    styles = {}  # one colour and marker per method across panels
+    for c in cases:
+        for r in c["rows"]:
+            styles.setdefault(r["method"], (f"C{len(styles) % 10}", markers[len(styles) % len(markers)]))
     for k, c in enumerate(cases):
-        ax = fig.add_subplot(1, len(cases), k + 1)
+        ax = fig.add_subplot(grid_rows, cols, k + 1)
         rows = [r for r in c["rows"] if r.get("ttft_ratio") and r["role"] != "control"]
-        names = list(dict.fromkeys(r["method"] for r in rows))
         pts = []
-        for i, name in enumerate(names):
+        for name in dict.fromkeys(r["method"] for r in rows):
             xy = []
             for r in rows:
                 if r["method"] != name:
@@ -951,8 +958,8 @@ def plot(result: dict, path, accuracy: dict | None = None) -> Path:
                     xy.append((r["ttft_ratio"]["median"], y))
             if xy:
                 xs, ys = zip(*sorted(xy))
-                style = dict(color="black", markersize=9) if name == "untouched" else {}
-                ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="none", label=name, **style)
+                color, marker = ("black", "o") if name == "untouched" else styles[name]
+                ax.plot(xs, ys, marker=marker, color=color, linestyle="none", label=name)
                 pts += xy
         if accuracy is not None:
             front = _pareto(pts)
@@ -1000,9 +1007,11 @@ def cpu_cases(names=None, frames: int = 16) -> list:
     held: dict = {}
 
     def vlm():
+        """The offline VLM, loaded once for the VLM cases; released when the last of them is built."""
         if "vlm" not in held:
             held["vlm"] = offline.load_vlm()
-        return held["vlm"]
+        held["left"] -= 1
+        return held["vlm"] if held["left"] else held.pop("vlm")
 
     def vlm_case(name, cls, desc, **kw):
         def build():
@@ -1022,7 +1031,9 @@ def cpu_cases(names=None, frames: int = 16) -> list:
                  f"prompt: {frames} images of 256 tokens), {frames * 256} visual tokens", frames=frames),  # fmt: skip
         *vit_cases(),
     ]
-    return [b for n, b in builders if names is None or n in names]
+    chosen = [(n, b) for n, b in builders if names is None or n in names]
+    held["left"] = sum(n in ("image-256", "mosaic-1024", "video-4096") for n, _ in chosen)
+    return [b for _, b in chosen]
 
 
 def _vit_b16(family: str):
