@@ -358,8 +358,10 @@ class _Capture:
         while self.hooks:
             self.hooks.pop().remove()
 
-    def lengths(self) -> list:
-        return [(c.n_in, c.n_out) for c in self.calls]
+
+def _lengths(calls) -> list:
+    """(tokens entering, tokens leaving) per block."""
+    return [(c.n_in, c.n_out) for c in calls]
 
 
 @dataclass
@@ -531,7 +533,7 @@ def _row(case: Case, setting: Setting, role: str, rounds: list, captured: _Captu
          replayed: list, note: str = "") -> dict:  # fmt: skip
     row = {"case": case.name, "kind": case.kind, "role": role, "method": setting.method or "untouched",
            "settings": setting.settings, "hparams": {k: v for k, v in setting.hparams}, "label": setting.label,
-           "note": "; ".join(x for x in (setting.note, setting.skip, note) if x), "skipped": bool(setting.skip)}  # fmt: skip
+           "note": "; ".join(x for x in (setting.note, note) if x)}  # fmt: skip
     if captured is not None:
         entry, final = _visual_tokens(case, captured)
         row.update(visual_entry=entry, visual_final=final, events=_event_dicts(captured.events),
@@ -629,8 +631,7 @@ def run_case(case: Case, opts: Options, bar=None, log=print) -> dict:
             else:
                 with vtok.apply(model, s.method, **s.kwargs()) as handle:
                     captured = _capture(case, stacks, handle)
-                replayed = [n for n in stacks if [c.n_in for c in captured.calls[n]] != [c.n_in for c in base.calls[n]]
-                            or [c.n_out for c in captured.calls[n]] != [c.n_out for c in base.calls[n]]]  # fmt: skip
+                replayed = [n for n in stacks if _lengths(captured.calls[n]) != _lengths(base.calls[n])]
             try:
                 replay = _replay(case, stacks, captured, replayed)
             except _NoIdeal as e:
@@ -654,7 +655,7 @@ def run_case(case: Case, opts: Options, bar=None, log=print) -> dict:
             log(f"[vtok bench] {case.name}: {s.method} {s.settings} failed: {type(e).__name__}: {e}")
             rows.append(_row(case, s, "method", [], None, base, [], f"failed: {type(e).__name__}: {e}"))
     ref = {"case": case.name, "kind": case.kind, "role": "untouched", "method": "untouched", "settings": "-",
-           "hparams": {}, "label": "reference", "note": "", "skipped": False}  # fmt: skip
+           "hparams": {}, "label": "reference", "note": ""}  # fmt: skip
     entry, final = _visual_tokens(case, base)
     ref.update(visual_entry=entry, visual_final=final, events=[], flops=base.flops.total, flops_ratio=1.0,
                lengths={n: [c.n_in for c in calls] for n, calls in base.calls.items()},
