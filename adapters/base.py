@@ -81,6 +81,11 @@ class Adapter:
         """Sizes a trainable method builds its modules for (``Method.build``)."""
         return {}
 
+    def num_vit_blocks(self) -> int | None:
+        """How many vision-encoder blocks an ``in_vit`` schedule covers here (``vit_schedule(n)``'s n);
+        None where the adapter runs no ``in_vit`` stage."""
+        return None
+
     def check_probe(self, probe: Probe, method: Method) -> None:
         """Raise ValueError if this adapter cannot serve ``probe`` for ``method``."""
         if not isinstance(probe, self.probe_types):

@@ -98,6 +98,9 @@ class LlavaAdapter(VLMAdapter):
         r = math.isqrt(n_tokens)
         return (r, r) if r * r == n_tokens else None
 
+    def num_vit_blocks(self) -> int | None:
+        return self._feature_layer_blocks() if isinstance(self.model.config.vision_feature_layer, int) else None
+
     def _feature_layer_blocks(self) -> int:
         """How many tower blocks feed the hidden state LLaVA takes (vision_feature_layer)."""
         n = len(vision_blocks(self.vision_tower))

@@ -316,6 +316,9 @@ class ViTAdapter(Adapter):
     def attn_implementation(self) -> str | None:
         return None
 
+    def num_vit_blocks(self) -> int:
+        return len(self.block_parts())
+
     # checks
     def check_probe(self, probe, method) -> None:
         super().check_probe(probe, method)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["Latency", "measure", "prefill_time"]
+__all__ = ["Latency", "Run", "Timer", "measure", "prefill_time"]
 
 
 @dataclass
@@ -42,17 +42,19 @@ class Latency:
 
 
 class _Clock:
-    """CUDA events on a CUDA device, perf_counter elsewhere."""
+    """CUDA events on a CUDA device, perf_counter elsewhere (``cpu_time``: the process's CPU time instead, which
+    leaves out the time other processes hold the cores -- for ratios on a shared machine, with one thread)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, cpu_time: bool = False):
         self.cuda = device.type == "cuda"
+        self.now = time.process_time if cpu_time and not self.cuda else time.perf_counter
 
     def mark(self):
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        return time.perf_counter()
+        return self.now()
 
     def ms(self, a, b) -> float:
         if self.cuda:
@@ -139,6 +141,61 @@ def _device_of(model, inputs) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass
+class Run:
+    """One timed ``generate``: TTFT, decode tokens/s per sample, peak memory and its growth (MB)."""
+
+    ttft_ms: float
+    decode_tokens_per_s: float
+    peak_mb: float | None
+    extra_mb: float | None
+    new_tokens: int
+
+
+class Timer:
+    """Times single ``generate`` calls of one model on one device, one call at a time.
+
+    ``measure`` runs it in a loop; ``vtok.eval.bench`` interleaves calls of different settings with it.
+    ``clock`` is exposed so that hooks can mark moments inside a call on the same clock.
+    """
+
+    def __init__(self, model, inputs: dict, max_new_tokens: int = 32, cpu_time: bool = False, **generate_kwargs):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+        self.model, self.inputs = model, inputs
+        self.device = _device_of(model, inputs)
+        self.clock = _Clock(self.device, cpu_time)
+        self.memory = _Memory(self.device)
+        ids = inputs.get("input_ids")
+        self.prompt_len = int(ids.shape[1]) if ids is not None else 0
+        self.batch = int(ids.shape[0]) if ids is not None else 1
+        kw = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        if getattr(getattr(model, "generation_config", None), "pad_token_id", None) is None:
+            kw["pad_token_id"] = 0
+        kw.update(generate_kwargs)
+        self.kwargs = kw
+
+    def run(self, timed: bool = True) -> Run | None:
+        """One greedy ``generate``; None when not ``timed`` (a warm-up)."""
+        from transformers import LogitsProcessorList
+
+        clock, mem = self.clock, self.memory
+        proc = _FirstLogits(clock)
+        if timed:
+            mem.start()
+        with torch.no_grad():
+            t0 = clock.mark()
+            out = self.model.generate(**self.inputs, logits_processor=LogitsProcessorList([proc]), **self.kwargs)
+            t1 = clock.mark()
+        if not timed:
+            return None
+        peak, extra = mem.stop()
+        n_new = int(out.shape[1] - self.prompt_len)
+        rest = clock.ms(proc.first, t1)
+        rate = (n_new - 1) / (rest / 1000.0) if n_new > 1 and rest > 0 else float("nan")
+        return Run(clock.ms(t0, proc.first), rate, peak, extra, n_new)
+
+
 def measure(model, inputs: dict, max_new_tokens: int = 32, warmup: int = 1, repeats: int = 5, **generate_kwargs) -> Latency:
     """TTFT, decode tokens/s (per sample) and peak memory of ``model.generate(**inputs)``; medians over repeats.
 
@@ -157,62 +214,35 @@ def measure(model, inputs: dict, max_new_tokens: int = 32, warmup: int = 1, repe
     the kernel allows it) -- an upper bound that includes everything the process holds; ``peak_extra``
     is its growth over the RSS before the call. ``memory_kind`` says which one was measured.
     """
-    from transformers import LogitsProcessorList
-
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
     if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats!r}, warmup={warmup!r}")
-    device = _device_of(model, inputs)
-    clock = _Clock(device)
-    mem = _Memory(device)
-    ids = inputs.get("input_ids")
-    batch = int(ids.shape[0]) if ids is not None else 1
-    kw = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    if pad is None:
-        kw["pad_token_id"] = 0
-    kw.update(generate_kwargs)
-    ttft, rate, peaks, extras, n_new = [], [], [], [], 0
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            proc = _FirstLogits(clock)
-            timed = i >= warmup
-            if timed:
-                mem.start()
-            t0 = clock.mark()
-            out = model.generate(**inputs, logits_processor=LogitsProcessorList([proc]), **kw)
-            t1 = clock.mark()
-            if not timed:
-                continue
-            peak, extra = mem.stop()
-            n_new = int(out.shape[1] - (ids.shape[1] if ids is not None else 0))
-            first = clock.ms(t0, proc.first)
-            ttft.append(first)
-            rest = clock.ms(proc.first, t1)
-            rate.append((n_new - 1) / (rest / 1000.0) if n_new > 1 and rest > 0 else float("nan"))
-            peaks.append(peak)
-            extras.append(extra)
+    timer = Timer(model, inputs, max_new_tokens, **generate_kwargs)
+    for _ in range(warmup):
+        timer.run(timed=False)
+    runs = [timer.run() for _ in range(repeats)]
+    peaks = [r.peak_mb for r in runs if r.peak_mb is not None]
+    extras = [r.extra_mb for r in runs if r.extra_mb is not None]
     return Latency(
-        ttft_ms=statistics.median(ttft),
-        decode_tokens_per_s=statistics.median(rate),
+        ttft_ms=statistics.median(r.ttft_ms for r in runs),
+        decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in runs),
         peak_memory_mb=max(peaks) if peaks else None,
         peak_extra_mb=max(extras) if extras else None,
-        memory_kind=mem.kind,
-        new_tokens=n_new,
-        batch=batch,
+        memory_kind=timer.memory.kind,
+        new_tokens=runs[-1].new_tokens,
+        batch=timer.batch,
         repeats=repeats,
         warmup=warmup,
-        device=str(device),
-        ttft_all_ms=ttft,
-        decode_all=rate,
+        device=str(timer.device),
+        ttft_all_ms=[r.ttft_ms for r in runs],
+        decode_all=[r.decode_tokens_per_s for r in runs],
     )
 
 
-def prefill_time(fn, device: torch.device | str | None = None) -> tuple[object, float]:
-    """Run ``fn()`` once and return (its result, wall time in ms), timed with CUDA events on a CUDA device."""
+def prefill_time(fn, device: torch.device | str | None = None, clock: _Clock | None = None) -> tuple[object, float]:
+    """Run ``fn()`` once and return (its result, wall time in ms), timed with CUDA events on a CUDA device
+    (or on ``clock``, e.g. a ``Timer``'s)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    clock = _Clock(device)
+    clock = clock or _Clock(device)
     t0 = clock.mark()
     out = fn()
     t1 = clock.mark()

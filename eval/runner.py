@@ -126,11 +126,7 @@ class Comparison:
         ax.set_title(f"{self.model} / {self.dataset}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        return path
+        return save_figure(fig, path)
 
     def write(self, out_dir) -> dict:
         out = Path(out_dir)
@@ -139,6 +135,15 @@ class Comparison:
         (out / "results.json").write_text(json.dumps(self.to_dict(), indent=2))
         png = self.plot(out / "pareto.png")
         return {"markdown": out / "results.md", "json": out / "results.json", "plot": png}
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out a matplotlib ``Figure`` and write it to ``path`` (folders created)."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
 
 def _pareto(points):

@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = [
     ("vtok.eval.cli", "eval"),
     ("vtok.eval.demo", "demo"),
+    ("vtok.eval.bench", "bench"),
 ]
 
 
