@@ -313,17 +313,17 @@ class _Capture:
     """Records every block's first call in a stack (registered after vtok's hooks: sees what vtok handed on)."""
 
     def __init__(self, blocks):
-        from transformers.cache_utils import Cache
-
         self.calls: list = [None] * len(blocks)
-        self._cache_type = Cache
         self.hooks = []
         for i, b in enumerate(blocks):
             self.hooks.append(b.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
             self.hooks.append(b.register_forward_hook(self._make_post(i), with_kwargs=True))
 
-    def _drop_cache(self, v):
-        return _CACHE if isinstance(v, self._cache_type) else v
+    @staticmethod
+    def _drop_cache(v):
+        from vtok.hf_compat import is_kv_cache
+
+        return _CACHE if is_kv_cache(v) else v
 
     def _make_pre(self, i):
         def pre(module, args, kwargs):
@@ -424,9 +424,9 @@ def _replay(case: Case, stacks: dict, captured: _Captured, names) -> dict:
         def fn(plan=plan, needs_cache=needs_cache):
             cache = None
             if needs_cache:
-                from transformers import DynamicCache
+                from vtok.hf_compat import new_kv_cache
 
-                cache = DynamicCache(config=case.model.config.get_text_config())
+                cache = new_kv_cache(case.model.config.get_text_config())
             with torch.no_grad():
                 for blk, call, h in plan:
                     args, kwargs = call.bind(h, cache)

@@ -19,6 +19,8 @@ __all__ = [
     "cache_from_kwargs",
     "output_cache",
     "cache_kwarg",
+    "is_kv_cache",
+    "new_kv_cache",
     "causal_mask",
     "rotary_fn",
     "attn_implementation",
@@ -62,6 +64,20 @@ def output_cache(output):
         if key in names:
             return getattr(output, key)
     return None
+
+
+def is_kv_cache(value) -> bool:
+    """Whether ``value`` is a transformers KV cache (``transformers.cache_utils.Cache``, 5.18+)."""
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
+def new_kv_cache(config):
+    """An empty KV cache as a decoder's prefill makes one (``DynamicCache(config=...)``, 5.18+)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
 
 
 @functools.cache
