@@ -30,7 +30,8 @@ class InLLMStage:
     """The in_llm half of ``VLMAdapter`` (uses its ``_fw``, ``_gen``, ``_steps``, ``lm``, ``handle``)."""
     def _scores(self, attn, normed, position_embeddings, state: SeqState, query, layer) -> AttentionScores:
         """An attention probe of ``query`` over the keys of ``state``'s layout; logs what it computed."""
-        rows = query_rows(query, state.valid, state.visual, _segments(state)[1])
+        after = _segments(state)[1] if isinstance(query, str) and query == "instruction" else None
+        rows = query_rows(query, state.valid, state.visual, after)
         per_key, padded_rows = attention_scores(attn, normed, position_embeddings, state.valid, rows)
         n_rows = state.valid.sum(1) if rows is None else rows[1].sum(1)
         self.handle.probe_costs.append(

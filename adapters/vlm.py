@@ -233,7 +233,7 @@ class VLMAdapter(InLLMStage, Adapter):
                 )
             if reduced:
                 output.logits = to_caller_layout(logits, final, fw.input_ids.shape[1], keep)
-            elif fw.refed and logits is not None and logits.shape[1] > 1 or fw.refed and not keep:
+            elif fw.refed and logits is not None and not keep:  # re-fed tokens get zero rows
                 output.logits = torch.nn.functional.pad(logits, (0, 0, fw.refed, 0))
         elif "labels" in labels:  # a text-only or pass-through call: the model's own loss path
             output.loss = module.loss_function(
@@ -470,9 +470,14 @@ class VLMAdapter(InLLMStage, Adapter):
         if mask is not None and mask.dim() != 2:
             raise ValueError("vtok needs a 2-D attention_mask [batch, seq] during decoding (got a 4-D mask)")
         # How long the caller's sequence is now: its 2-D mask, else the positions it computed (HF numbers a
-        # cache-continuing call from the cache's length, which is the pruned one).
+        # cache-continuing call from the cache's length, which is the pruned one). A one-token step cannot
+        # re-feed anything, so the positions are read (a host sync) only for longer calls.
         given_pos = kwargs.get("position_ids")
-        total = mask.shape[1] if mask is not None else int(given_pos[:, -1].max()) + 1 if given_pos is not None else None
+        total = None
+        if mask is not None:
+            total = mask.shape[1]
+        elif given_pos is not None and q > 1:
+            total = int(given_pos[:, -1].max()) + 1
         if total is not None and total != gen.orig_len + decoded + q:
             # The caller counts the sequence in its own (full) layout while the cache holds the pruned one:
             # a new turn of a chat that reuses the cache re-feeds tokens that are already cached. Keep only

@@ -348,7 +348,7 @@ class Method:
     def __setattr__(self, name, value):
         """A hyper-parameter set after construction is validated again (a bad value raises at once)."""
         object.__setattr__(self, name, value)
-        if self.__dict__.get("_vtok_ready") and name in {f.name for f in dataclasses.fields(self)}:
+        if self.__dict__.get("_vtok_ready") and name in type(self).__dataclass_fields__:
             check_hparams(self)
             self.validate()
 
