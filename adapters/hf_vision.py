@@ -58,3 +58,12 @@ def vit_attention_stats(attn: nn.Module, hidden: torch.Tensor, kind: str) -> tor
         q = attn.q_proj(hidden).view(u, n, n_heads, head_dim).transpose(1, 2)
         return attention_colmean(q, k, scale=head_dim**-0.5)
     raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")
+
+
+def feature_block(vision_feature_layer, num_blocks: int) -> int | None:
+    """0-based index of the deepest tower block whose output feeds the features a VLM takes
+    (``vision_feature_layer`` indexes hidden_states: 0 = embeddings, i = after block i-1; a list of
+    layers takes its deepest); None when only the embeddings feed them."""
+    layers = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
+    fed = max(int(x) % (num_blocks + 1) for x in layers)
+    return fed - 1 if fed > 0 else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from vtok.hf_compat import cache_from_kwargs
-from vtok.method import AttentionScores, LLMStep, LLMView, Transition, Transitions
+from vtok.method import AttentionScores, LLMStep, LLMView, Transition, Transitions, TransitionStats
 from vtok.stats import Reduction
 
 from .hf_llm import (
@@ -59,8 +59,9 @@ class InLLMStage:
 
         return pre
 
-    def _hook_transition(self, layer: int) -> None:
-        """Sub-block inputs/outputs of one decoder layer at the visual tokens, from the model's own forward."""
+    def _hook_transition(self, layer: int, vectors: bool, stats: bool) -> None:
+        """Sub-block inputs/outputs of one decoder layer from the model's own forward: the vectors at the
+        visual tokens (``Transition(layer)``) and/or per-token reductions (``Transition(layer, stats=True)``)."""
         dec = self.lm.layers[layer]
 
         def grab(name, x):
@@ -69,12 +70,26 @@ class InLLMStage:
                 return
             state = fw.current()
             rows = fw.transitions.setdefault(layer, {})
-            rows[name] = [x[b, idx.to(x.device)].detach() for b, idx in enumerate(state.visual_index())]
-            if len(rows) == 4:
+            if stats:
+                if name.endswith("_in"):
+                    rows[name + "_full"] = x
+                else:
+                    xin = rows.pop(name[:-4] + "_in_full").float()
+                    y = x.float()
+                    rows[name[:-4] + "_stats"] = torch.stack(
+                        [xin.square().sum(-1), y.square().sum(-1), (xin * y).sum(-1)], -1
+                    )
+            if vectors:
+                rows[name] = [x[b, idx.to(x.device)].detach() for b, idx in enumerate(state.visual_index())]
+            if vectors and all(k in rows for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")):
                 fw.probes[Transition(layer)] = Transitions(
-                    rows["attn_in"], rows["attn_out"], rows["mlp_in"], rows["mlp_out"],
+                    rows.pop("attn_in"), rows.pop("attn_out"), rows.pop("mlp_in"), rows.pop("mlp_out"),
                     [state.orig_index[b, idx] for b, idx in enumerate(state.visual_index())],
                 )  # fmt: skip
+            if stats and "attn_stats" in rows and "mlp_stats" in rows:
+                fw.probes[Transition(layer, stats=True)] = TransitionStats(
+                    rows.pop("attn_stats"), rows.pop("mlp_stats"), state.valid, state.visual, state.orig_index
+                )
 
         def first(args, kwargs, key):
             return kwargs[key] if key in kwargs else args[0]

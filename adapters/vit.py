@@ -319,6 +319,10 @@ class ViTAdapter(Adapter):
     def num_vit_blocks(self) -> int:
         return len(self.block_parts())
 
+    def dims(self) -> dict:
+        n = len(self.block_parts())
+        return {"vit_blocks": n, "vit_feature_block": n - 1, "vision_cls": self.num_prefix_tokens() > 0}
+
     # checks
     def check_probe(self, probe, method) -> None:
         super().check_probe(probe, method)

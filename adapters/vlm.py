@@ -29,7 +29,7 @@ from .hf_llm import (
     SeqState,
     remap_mask,
 )
-from .hf_vision import attention_module, has_cls_token, vision_blocks
+from .hf_vision import attention_module, feature_block, has_cls_token, vision_blocks
 
 __all__ = ["VLMAdapter"]
 
@@ -142,7 +142,15 @@ class VLMAdapter(InLLMStage, Adapter):
     def dims(self) -> dict:
         cfg = self.model.config
         text = getattr(cfg, "text_config", cfg)
-        return {"llm_hidden": text.hidden_size, "vision_hidden": cfg.vision_config.hidden_size}
+        blocks = len(vision_blocks(self.vision_tower))
+        return {
+            "llm_hidden": text.hidden_size,
+            "llm_layers": self.num_llm_layers(),
+            "vision_hidden": cfg.vision_config.hidden_size,
+            "vit_blocks": blocks,
+            "vit_feature_block": feature_block(getattr(cfg, "vision_feature_layer", -1), blocks),
+            "vision_cls": has_cls_token(self.vision_tower),
+        }
 
     def check_probe(self, probe, method) -> None:
         super().check_probe(probe, method)
@@ -183,17 +191,17 @@ class VLMAdapter(InLLMStage, Adapter):
         if self._stage_layers:
             for layer in range(self._stage_layers[0], len(self.lm.layers)):
                 self.hook(self.lm.layers[layer], self._make_layer_pre(layer), pre=True)
-        probe_layers, transition_layers = {}, set()
+        probe_layers, transition_layers = {}, {}
         for m in self.all_methods():
             for p in m.probes():
                 if isinstance(p, LLMAttention):
                     probe_layers.setdefault(p.layer, []).append(p)
                 elif isinstance(p, Transition):
-                    transition_layers.add(p.layer)
+                    transition_layers.setdefault(p.layer, set()).add(p.stats)
         for layer, probes in probe_layers.items():
             self.hook(self.lm.layers[layer].self_attn, self._make_probe_pre(probes), pre=True)
-        for layer in sorted(transition_layers):
-            self._hook_transition(layer)
+        for layer, kinds in sorted(transition_layers.items()):
+            self._hook_transition(layer, vectors=False in kinds, stats=True in kinds)
 
     # top level: labels, loss and what the caller gets back ------------------------------------
     def _top_pre(self, module, args, kwargs):

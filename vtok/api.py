@@ -87,6 +87,10 @@ class Handle:
             )
         adapter_cls = find_adapter(model)
         self.adapter = adapter_cls(model, by_stage, self)
+        dims = self.adapter.dims()
+        for m in methods:
+            _check_not_shared(m, dims)
+            m.bind(dims)
         self.adapter.validate()
         if getattr(model, _ATTR, None) is not None:
             raise ValueError("this model already has vtok methods attached; call handle.remove() first")
@@ -100,6 +104,7 @@ class Handle:
             raise
         setattr(model, _ATTR, self)
         self.attached = True
+        _live_handles().add(self)
 
     # trainable methods -------------------------------------------------------------------------
     def _build_modules(self) -> nn.ModuleDict:
@@ -189,6 +194,29 @@ class Handle:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "removed"
         return f"<vtok.Handle {state}: {', '.join(m.name for m in self.methods)} on {type(self.model).__name__}>"
+
+
+_BOUND = None  # weakref.WeakSet of the attached handles
+
+
+def _check_not_shared(method: Method, dims: dict) -> None:
+    """One method instance resolves depth-dependent settings for one model: attaching it to a second,
+    differently shaped model while the first attachment lives would change the first one silently."""
+    for h in list(_live_handles()):
+        if h.attached and any(m is method for m in h.methods) and h.adapter.dims() != dims:
+            raise ValueError(
+                f"this {method.name!r} instance is attached to another model of a different shape ({type(h.model).__name__}); "
+                f"give each model its own instance, e.g. vtok.apply(model, {type(method).__name__}(**m.config()))"
+            )
+
+
+def _live_handles():
+    import weakref
+
+    global _BOUND
+    if _BOUND is None:
+        _BOUND = weakref.WeakSet()
+    return _BOUND
 
 
 def _check_not_compiled(model: nn.Module) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "Transition",
     "AttentionScores",
     "Transitions",
+    "TransitionStats",
     "QUERY_SETS",
     "BudgetContext",
 ]
@@ -177,9 +178,14 @@ class LLMAttention(Probe):
 class Transition(Probe):
     """Input and output of decoder layer ``layer``'s attention and MLP sub-blocks at the visual tokens
     (prefill), taken from the model's own forward (attention: its normed input and its output before
-    the residual add; MLP the same). Result: ``Transitions``, handed to stages at later layers."""
+    the residual add; MLP the same). Result: ``Transitions``, handed to stages at later layers.
+
+    ``stats=True``: instead of the vectors, per token of the whole sequence (text included) the fp32
+    reductions ‖x‖², ‖y‖² and x·y of each sub-block's input x and output y (``TransitionStats``): what
+    magnitude/direction scores need, at a few floats per token."""
 
     layer: int
+    stats: bool = False
 
 
 @dataclass
@@ -221,6 +227,23 @@ class Transitions:
             order = torch.argsort(have)
             out.append(order[torch.searchsorted(have[order], want)])
         return out
+
+
+@dataclass
+class TransitionStats:
+    """``Transition(layer, stats=True)``: per token of the layout the layer ran on, [B, S, 3] fp32
+    (‖x‖², ‖y‖², x·y) of the attention (``attn``) and MLP (``mlp``) sub-blocks; ``valid``, ``visual``
+    and ``orig_index`` [B, S] describe that layout (later stages may have removed tokens since)."""
+
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    orig_index: torch.Tensor
+
+    def at(self, view: "LLMView", values: torch.Tensor) -> torch.Tensor:
+        """``values`` [B, S] computed over this layout, laid out as ``view``'s sequence (0 elsewhere)."""
+        return _realign(values, self.orig_index, self.valid, view)
 
 
 def _realign(values, orig_index, valid, view) -> torch.Tensor:
@@ -367,6 +390,20 @@ class Method:
 
     def in_llm(self, view: LLMView) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    # the model the method is applied to --------------------------------------------------------
+    def bind(self, dims: dict) -> None:
+        """Called by ``vtok.apply`` with the model's facts (``dims``: ``llm_layers``, ``llm_hidden``,
+        ``vit_blocks``, ``vit_feature_block``, ``vision_cls``, ... whatever the adapter knows) before
+        ``probes()``, ``llm_layers()`` or any stage is asked, so defaults given as a share of the
+        model's depth resolve here (read them back with ``self.dims``). Override to check that the
+        method fits the model (raise ValueError naming the problem); call ``super().bind(dims)``."""
+        object.__setattr__(self, "_vtok_dims", dict(dims))
+
+    @property
+    def dims(self) -> dict:
+        """The facts of the model this method was last applied to (empty before ``vtok.apply``)."""
+        return self.__dict__.get("_vtok_dims", {})
 
     # trainable methods ---------------------------------------------------------------------------
     def build(self, dims: dict) -> dict | None:
