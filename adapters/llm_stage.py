@@ -189,7 +189,7 @@ class InLLMStage:
                     continue
                 state = prev
             else:
-                state = prev.compact(keep, method.position_policy)
+                state = prev.compact(keep, method.position_policy_at("in_llm"))
                 fw.states.append(state)
                 hidden = state.gather(hidden)
             if step.hidden is not None:  # merges: the kept visual tokens take the method's hidden states

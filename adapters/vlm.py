@@ -437,7 +437,7 @@ class VLMAdapter(InLLMStage, Adapter):
             embeds = embeds.clone()
             self.place_reduced(out, fw.spans, keep, embeds)
             # the policy of the method that produced the final tokens (the chain's last, else in_vit's)
-            policy = (chain[-1] if chain else self.method("in_vit")).position_policy
+            policy = chain[-1].position_policy_at("before_llm") if chain else self.method("in_vit").position_policy_at("in_vit")
             state = state.compact(keep, policy)
             kwargs["inputs_embeds"] = state.gather(embeds)
             kwargs["attention_mask"] = state.valid.long()

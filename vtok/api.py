@@ -87,7 +87,8 @@ class Handle:
             )
         adapter_cls = find_adapter(model)
         self.adapter = adapter_cls(model, by_stage, self)
-        dims = self.adapter.dims()
+        dims = {**self.adapter.dims(), "in_vit": vit[0].name if vit else None}  # + what merges in the tower first
+        self.dims = dims
         for m in methods:
             _check_not_shared(m, dims)
             m.bind(dims)
@@ -203,7 +204,7 @@ def _check_not_shared(method: Method, dims: dict) -> None:
     """One method instance resolves depth-dependent settings for one model: attaching it to a second,
     differently shaped model while the first attachment lives would change the first one silently."""
     for h in list(_live_handles()):
-        if h.attached and any(m is method for m in h.methods) and h.adapter.dims() != dims:
+        if h.attached and any(m is method for m in h.methods) and h.dims != dims:
             raise ValueError(
                 f"this {method.name!r} instance is attached to another model of a different shape ({type(h.model).__name__}); "
                 f"give each model its own instance, e.g. vtok.apply(model, {type(method).__name__}(**m.config()))"

@@ -349,6 +349,9 @@ class Method:
     noop: ClassVar[dict | None] = None
     #: a setting that really reduces tokens on tiny test models
     example: ClassVar[dict] = {}
+    #: for a method of several stages: per stage, the settings that turn that stage alone into a no-op
+    #: (so each stage is checked on its own against its reference)
+    stage_off: ClassVar[dict] = {}
     #: whether the method reads attention scores (documented per method; serving engines avoid those)
     needs_scores: ClassVar[bool] = False
     #: whether output tokens are kept input tokens or merge destinations (False: new tokens, e.g. pooling)
@@ -391,10 +394,16 @@ class Method:
     def in_llm(self, view: LLMView) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def position_policy_at(self, stage: str) -> str:
+        """The position policy of this method's tokens after ``stage`` ('keep' or 'compact'); methods
+        whose stages differ (ToDRE: compact before the LLM, keep inside it) override this."""
+        return getattr(self, "position_policy", "compact")
+
     # the model the method is applied to --------------------------------------------------------
     def bind(self, dims: dict) -> None:
         """Called by ``vtok.apply`` with the model's facts (``dims``: ``llm_layers``, ``llm_hidden``,
-        ``vit_blocks``, ``vit_feature_block``, ``vision_cls``, ... whatever the adapter knows) before
+        ``vit_blocks``, ``vit_feature_block``, ``vision_cls``, ... whatever the adapter knows, and ``in_vit``:
+        the name of the method merging inside the vision tower in the same attachment, or None) before
         ``probes()``, ``llm_layers()`` or any stage is asked, so defaults given as a share of the
         model's depth resolve here (read them back with ``self.dims``). Override to check that the
         method fits the model (raise ValueError naming the problem); call ``super().bind(dims)``."""
