@@ -402,7 +402,7 @@ class VLMAdapter(InLLMStage, Adapter):
         kept_t = None
         if getattr(method, "kept_meaningful", True):
             kept_t = [torch.cat(k).sort().values.cpu() if k else torch.zeros(0, dtype=torch.long) for k in kept]
-        self.handle.stats.append(Reduction(method.name, stage, None, tin, tout, kept_t))
+        self.handle.stats.append(Reduction(method.name, stage, None, tin, tout, kept_t, list(zip(n_in, n_out))))
 
     # LM entry ------------------------------------------------------------------
     def _lm_pre(self, module, args, kwargs):

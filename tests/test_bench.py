@@ -119,13 +119,17 @@ def test_lengths_flops_and_stacks_per_stage(quick):
         assert ev and all(e["method"] == r["method"] for e in ev)
         if "in_llm" in stages:  # full length up to each stage layer, reduced from it on; only the LLM is replayed
             expect = list(full_llm)
-            for e in ev:
+            for e in ev:  # a before_llm stage (ToDRE's first) reduces from layer 0 on
                 removed = e["tokens_in"][0] - e["tokens_out"][0]
-                expect = expect[: e["layer"]] + [x - removed for x in expect[e["layer"] :]]
+                layer = e["layer"] if e["stage"] == "in_llm" else 0
+                expect = expect[:layer] + [x - removed for x in expect[layer:]]
             assert r["lengths"]["llm"] == expect
-            assert r["ideal_stacks"] == ["llm"] and r["visual_entry"] == n
+            entry = n if "before_llm" not in stages else next(e["tokens_out"][0] for e in ev if e["stage"] == "before_llm")
+            assert r["ideal_stacks"] == ["llm"] and r["visual_entry"] == entry
             retain = {**get_method_class(r["method"])().config(), **r["hparams"]}.get("retain")
-            assert retain is None or r["visual_final"] == keep_count(n, retain)
+            if retain is not None:  # a data-dependent later stage (ToDRE's drop) may leave fewer
+                cls = get_method_class(r["method"])
+                assert (r["visual_final"] <= keep_count(n, retain)) if cls.stage_off else (r["visual_final"] == keep_count(n, retain))
         elif "before_llm" in stages:
             assert r["ideal_stacks"] == ["llm"] and r["lengths"]["vision"] == full_vit
             assert r["lengths"]["llm"] == [x - (n - r["visual_entry"]) for x in full_llm]

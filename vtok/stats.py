@@ -25,6 +25,9 @@ class Reduction:
     tokens_in: list[int]
     tokens_out: list[int]
     kept: list[torch.Tensor] | None
+    #: before_llm: (tokens in, tokens out) of each unit (image, crop group, video) the stage reduced, in
+    #: the order the method saw them batched; None where not recorded
+    units: list[tuple[int, int]] | None = None
 
     def __repr__(self) -> str:
         where = f" layer {self.layer}" if self.layer is not None else ""

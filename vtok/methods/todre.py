@@ -155,6 +155,18 @@ class ToDRE(Method):
         ]
 
     # budgets and costs --------------------------------------------------------------------------
+    def overhead_flops(self, event, spec, units=None) -> int:
+        """Stage 1's greedy loop: each of the k - 1 steps compares every token with the newest pick
+        (a [n, d] x [d] product), run batched over the units padded to the largest (as recorded in the
+        event; per sample when simulated); stage 2 reads only probes (counted by the adapter)."""
+        if event.stage != "before_llm" or spec.llm is None:
+            return 0
+        d = spec.llm.hidden
+        if event.units:
+            n, k = max(u[0] for u in event.units), max(u[1] for u in event.units)
+            return 2 * len(event.units) * n * d * max(k - 1, 0)
+        return sum(2 * n * d * max(k - 1, 0) for n, k in zip(event.tokens_in, event.tokens_out))
+
     def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
         """Stage 1 only: whether stage 2 drops depends on the attention it measures (an upper bound)."""
         from vtok.stats import Reduction
