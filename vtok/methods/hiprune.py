@@ -15,7 +15,7 @@ import torch
 from ..method import POSITION_POLICIES, Method, ViTAttention, hparam, keep_count, register
 from ..tokens import VisualTokens
 
-__all__ = ["HiPrune", "object_layer_default", "split_budget", "grid_coords", "neighbours", "select_group"]
+__all__ = ["HiPrune", "grid_coords", "neighbours", "object_layer_default", "select_group", "split_budget"]
 
 #: the paper's object layer: 1-based block 9 of CLIP-L's 24
 PAPER_OBJECT_LAYER, PAPER_DEPTH = 9, 24
