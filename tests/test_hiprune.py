@@ -200,8 +200,7 @@ def test_layers_on_a_two_block_tower_and_errors():
         HiPrune(object_layer=5).bind({"vit_blocks": 2, "vit_feature_block": 1})
     with pytest.raises(ValueError, match="patch embeddings"):
         HiPrune().bind({"vit_blocks": 2, "vit_feature_block": None})
-    with pytest.raises(ValueError, match="apply it"):
-        HiPrune().probes()
+    assert HiPrune().layers() == (8, 22)  # not applied yet (a FLOPs estimate of a config): the paper's CLIP-L
     with pytest.raises(ValueError, match="alpha"):
         HiPrune(alpha=2.0)
 
@@ -258,3 +257,11 @@ def test_composes_with_fastv():
     hip, fv = h.stats
     assert hip.tokens_out == [n // 16 * keep_count(16, 1 / 3) for n in hip.tokens_in]  # per image of 16
     assert fv.tokens_in == hip.tokens_out and sum(fv.tokens_out) < sum(fv.tokens_in)
+
+
+def test_flops_estimate_of_a_full_size_config():
+    from vtok.eval import flops
+
+    full = flops.estimate("llava-1.5-7b")
+    hip = flops.estimate("llava-1.5-7b", method=("hiprune", {"retain": 1 / 3}))  # 576 -> 192, paper's layers
+    assert hip.total < 0.5 * full.total

@@ -181,14 +181,13 @@ class HiPrune(Method):
         self.layers()  # a bad layer for this tower raises now, before any hook is installed
 
     def layers(self) -> tuple[int, int]:
-        """(object layer, deep layer), 0-based blocks of the tower this method is applied to."""
+        """(object layer, deep layer), 0-based blocks of the tower this method is applied to; before it is
+        applied (``vtok.eval.flops.estimate`` of a config), those of the paper's CLIP-L: 24 blocks, features
+        from block 22 (LLaVA's -2)."""
         d = self.dims
         n = d.get("vit_blocks")
         if not n:
-            raise ValueError(
-                "hiprune reads the vision tower's attention, and its layers depend on the tower's depth: apply it "
-                "to a vision-language model (vtok.apply), or call bind(dims) with vit_blocks and vit_feature_block"
-            )
+            d, n = {"vit_feature_block": PAPER_DEPTH - 2}, PAPER_DEPTH
         deep = self.deep_layer
         if deep is None:
             deep = d.get("vit_feature_block")
