@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["vision_blocks", "attention_module", "has_cls_token", "vit_attention_stats"]
+__all__ = ["vision_blocks", "attention_module", "has_cls_token", "config_patches", "vit_attention_stats"]
 
 
 def vision_blocks(tower: nn.Module) -> nn.ModuleList:
@@ -35,6 +35,14 @@ def has_cls_token(tower: nn.Module) -> bool:
     root = getattr(tower, "vision_model", tower)
     emb = getattr(root, "embeddings", None)
     return hasattr(emb, "class_embedding") or hasattr(emb, "cls_token")
+
+
+def config_patches(vision_config) -> int | None:
+    """Patches per image of an HF vision config at its configured input size (CLS excluded), or None."""
+    size, patch = getattr(vision_config, "image_size", None), getattr(vision_config, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
+        return None
+    return (size // patch) ** 2
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from vtok.stats import Reduction
 from vtok.vit import ViTMerge, ViTSource, ViTView, merge_tokens, remap_assign
 
 from .base import Adapter
-from .hf_vision import has_cls_token
+from .hf_vision import config_patches, has_cls_token
 from .vit_blocks import (  # noqa: F401  (BlockParts and the *_block_parts were defined here before)
     BlockParts,
     hf_attn_implementation,
@@ -319,9 +319,19 @@ class ViTAdapter(Adapter):
     def num_vit_blocks(self) -> int:
         return len(self.block_parts())
 
+    def num_patches(self) -> int | None:
+        """Patch tokens per image entering the blocks at the encoder's configured input size (prefix tokens
+        excluded), or None if the family does not say."""
+        return None
+
     def dims(self) -> dict:
         n = len(self.block_parts())
-        return {"vit_blocks": n, "vit_feature_block": n - 1, "vision_cls": self.num_prefix_tokens() > 0}
+        return {
+            "vit_blocks": n,
+            "vit_feature_block": n - 1,
+            "vision_cls": self.num_prefix_tokens() > 0,
+            "vit_tokens": self.num_patches(),
+        }
 
     # checks
     def check_probe(self, probe, method) -> None:
@@ -381,6 +391,9 @@ class HFVisionAdapter(ViTAdapter):
     def num_prefix_tokens(self) -> int:
         return 1 if has_cls_token(self.model) else 0
 
+    def num_patches(self) -> int | None:
+        return config_patches(self.model.config)
+
     def attn_implementation(self):
         return hf_attn_implementation(self.model)
 
@@ -399,6 +412,10 @@ class TimmViTAdapter(ViTAdapter):
 
     def num_prefix_tokens(self) -> int:
         return int(self.model.num_prefix_tokens)
+
+    def num_patches(self) -> int | None:
+        n = getattr(getattr(self.model, "patch_embed", None), "num_patches", None)
+        return int(n) if n else None
 
 
 class OpenClipViTAdapter(ViTAdapter):
@@ -424,3 +441,7 @@ class OpenClipViTAdapter(ViTAdapter):
 
     def num_prefix_tokens(self) -> int:
         return 1  # open_clip's VisionTransformer always prepends its class embedding
+
+    def num_patches(self) -> int | None:
+        grid = getattr(self.tower(), "grid_size", None)
+        return int(grid[0]) * int(grid[1]) if grid else None

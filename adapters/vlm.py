@@ -29,7 +29,7 @@ from .hf_llm import (
     SeqState,
     remap_mask,
 )
-from .hf_vision import attention_module, feature_block, has_cls_token, vision_blocks
+from .hf_vision import attention_module, config_patches, feature_block, has_cls_token, vision_blocks
 
 __all__ = ["VLMAdapter"]
 
@@ -150,6 +150,7 @@ class VLMAdapter(InLLMStage, Adapter):
             "vit_blocks": blocks,
             "vit_feature_block": feature_block(getattr(cfg, "vision_feature_layer", -1), blocks),
             "vision_cls": has_cls_token(self.vision_tower),
+            "vit_tokens": config_patches(cfg.vision_config),  # patches per image (crop, frame), CLS excluded
         }
 
     def check_probe(self, probe, method) -> None:

@@ -404,3 +404,58 @@ def test_tome_goes_through_vtok_kernels(monkeypatch):
         merges = len(h.stats)
     assert merges == 3
     assert calls == {"bipartite_match": merges, "merge_weighted": merges}
+
+
+# ----------------------------------------------------------------------------- retain (a token budget)
+
+
+def test_retain_is_the_r_of_settings_for_budget():
+    from vtok.method import BudgetContext
+
+    for n, blocks in ((16, 2), (576, 23), (256, 12)):
+        for budget in (0.9, 0.5, 0.25, 0.1):
+            m = ToMe(retain=budget)
+            m.bind({"vit_blocks": blocks, "vit_tokens": n})
+            want = ToMe.settings_for_budget(budget, BudgetContext(n, blocks))
+            assert m.vit_schedule(blocks) == parse_r(blocks, want["r"])
+    m = ToMe(retain=1.0)
+    m.bind({"vit_blocks": 2, "vit_tokens": 16})
+    assert m.vit_schedule(2) == [0, 0]  # retain 1 merges nothing
+
+
+def test_retain_half_on_tiny_llava_and_tiny_vit():
+    from vtok.testing import TINY_CASES
+
+    case = TINY_CASES["llava"]
+    model = case.build()
+    batch = case.batch(case.make_samples(model, case.specs, 0))
+    with torch.no_grad(), vtok.apply(model, "tome", retain=0.5) as h:
+        model(**batch)
+    last = [r for r in h.stats if r.stage == "in_vit"][-1]
+    images = [1, 1, 2]  # the tiny cases' images per sample, 16 patches + CLS each
+    assert last.tokens_in[0] < 17 and [o - i for o, i in zip(last.tokens_out, images)] == [8 * i for i in images]
+    model = tiny_timm_vit()
+    with torch.no_grad(), vtok.apply(model, "tome", retain=0.5) as h:
+        out = model.forward_features(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert out.shape[1] == 1 + 8  # CLS + half of the 16 patches
+    assert h.adapter.dims()["vit_tokens"] == 16
+
+
+def test_retain_one_is_bit_identical():
+    model = tiny_timm_vit()
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(img)
+        with vtok.apply(model, "tome", retain=1.0) as h:
+            out = model(img)
+    assert torch.equal(out, ref) and not h.stats
+
+
+def test_retain_errors_and_describe():
+    with pytest.raises(ValueError, match="not both"):
+        ToMe(r=4, retain=0.5)
+    with pytest.raises(ValueError, match="range"):
+        ToMe(retain=0.0)
+    with pytest.raises(ValueError, match="vit_tokens"):
+        ToMe(retain=0.5).vit_schedule(2)  # not applied: the patch count is unknown
+    assert "retain = None" in vtok.describe("tome")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..method import POSITION_POLICIES, Method, hparam, register
+from ..method import POSITION_POLICIES, BudgetContext, Method, hparam, register
 from ..vit import ViTMerge, ViTView
 
 __all__ = ["ToMe", "parse_r", "bipartite_soft_matching", "tome_order"]
@@ -104,6 +104,12 @@ class ToMe(Method):
     r: int | tuple | list = hparam(
         8, "tokens merged per block: an int, (r, inflection) with inflection in [-1, 1], or a per-block list"
     )
+    retain: float | None = hparam(
+        None, "instead of r: fraction of each image's patches left after the tower; resolved, once applied, to the "
+        "r settings_for_budget gives: r = max(1, min((N-1)//blocks, round(N*(1-retain)/blocks))) for the tower's N "
+        "patches per image at its configured size and the blocks that reach the output (retain=1: r=0)",
+        type=float, range="(0, 1]",
+    )
     prop_attn: bool = hparam(
         True, "proportional attention: add log(size) of every key to the attention logits", type=bool
     )
@@ -119,6 +125,8 @@ class ToMe(Method):
     )
 
     def validate(self):
+        if self.retain is not None and self.r != type(self).__dataclass_fields__["r"].default:
+            raise ValueError(f"tome: give r={self.r!r} or retain={self.retain!r}, not both (retain sets r)")
         r = self.r
         if isinstance(r, bool):
             raise TypeError("tome: r must be an int, an (r, inflection) tuple or a list of ints, not a bool")
@@ -171,8 +179,24 @@ class ToMe(Method):
         n = context.visual_tokens
         return round((n - context.vit_blocks * cls.r_for_budget(budget, context)) / n, 4)
 
+    def resolved_r(self, num_blocks: int):
+        """``r``, or the constant r that ``retain`` asks for on a tower of ``num_blocks`` merging blocks and
+        ``dims["vit_tokens"]`` patches per image (``r_for_budget``: the same r as ``settings_for_budget``)."""
+        if self.retain is None:
+            return self.r
+        if self.retain >= 1.0 or num_blocks <= 0:
+            return 0
+        n = self.dims.get("vit_tokens")
+        if not n:
+            raise ValueError(
+                "tome: retain= is turned into tokens merged per block from the number of patches per image, which "
+                "is known once the method is applied to a model whose adapter gives it (dims['vit_tokens']); "
+                "apply it with vtok.apply, or give r= instead"
+            )
+        return self.r_for_budget(self.retain, BudgetContext(int(n), num_blocks))
+
     def vit_schedule(self, num_blocks: int) -> list[int]:
-        return parse_r(num_blocks, self.r)
+        return parse_r(num_blocks, self.resolved_r(num_blocks))
 
     def in_vit(self, view: ViTView) -> ViTMerge | None:
         src, dst, unm = bipartite_soft_matching(view.metric, view.budget, view.protected)
