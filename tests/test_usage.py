@@ -264,3 +264,14 @@ def tiny_llava_fresh():
     from vtok.testing import tiny_llava
 
     return tiny_llava(seed=0)
+
+
+def test_every_builtin_method_states_its_paper_default_in_describe():
+    from vtok.method import describe, get_method_class
+
+    for name in vtok.list_methods():
+        cls = get_method_class(name)
+        if not cls.__module__.startswith("vtok.methods."):
+            continue  # test methods registered by the suite
+        assert cls.paper, f"{name} has no paper default"
+        assert f"paper default: {cls.paper}" in describe(name)

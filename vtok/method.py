@@ -352,6 +352,8 @@ class Method:
     #: for a method of several stages: per stage, the settings that turn that stage alone into a no-op
     #: (so each stage is checked on its own against its reference)
     stage_off: ClassVar[dict] = {}
+    #: the source's default setting in words (``vtok describe`` and the README table show it)
+    paper: ClassVar[str] = ""
     #: whether the method reads attention scores (documented per method; serving engines avoid those)
     needs_scores: ClassVar[bool] = False
     #: whether output tokens are kept input tokens or merge destinations (False: new tokens, e.g. pooling)
@@ -525,6 +527,8 @@ def describe(name: str) -> str:
     """Every hyper-parameter of a method with its default, one line each."""
     cls = get_method_class(name)
     lines = [f"{cls.name}: {(cls.__doc__ or '').strip().splitlines()[0]}", f"  stages: {', '.join(cls.stages)}"]
+    if cls.paper:
+        lines.append(f"  paper default: {cls.paper}")
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else "(required)"
         meta = f.metadata

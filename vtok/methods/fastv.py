@@ -19,6 +19,7 @@ class FastV(Method):
     noop = {"retain": 1.0}
     example = {"layer": 2, "retain": 0.5}
     needs_scores = True
+    paper = "K = 2, R = 50% (retain 0.5), last-token attention, original positions"
 
     layer: int = hparam(
         2, "decoder layer K (0-based) from which the pruned tokens are gone; scores come from layer K-1",

@@ -151,6 +151,7 @@ class HiPrune(Method):
     noop = {"retain": 1.0}
     example = {"retain": 0.5, "alpha": 0.5}
     needs_scores = True
+    paper = "LLaVA-1.5: 192 / 128 / 64 of 576 tokens (retain 1/3), alpha 0.1, object layer 9 of 24, deep layer = the feature layer"
     needs_full_grids = True  # grid neighbours and the ViT probes need every token's original place
 
     retain: float = hparam(

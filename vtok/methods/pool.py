@@ -20,6 +20,7 @@ class Pool(Method):
     stages = ("before_llm",)
     noop = {"factor": 1}
     example = {"factor": 2}
+    paper = "2x2 average pooling of the patch grid (the M3 / LLaVA-OneVision video convention)"
     kept_meaningful = False  # pooled tokens are new tokens
     needs_full_grids = True
 

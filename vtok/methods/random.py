@@ -19,6 +19,7 @@ class RandomPrune(Method):
     stages = ("before_llm",)
     noop = {"retain": 1.0}
     example = {"retain": 0.5}
+    paper = "a baseline: a uniform random subset at the compared method's budget"
 
     retain: float = hparam(0.25, "fraction of each image's visual tokens kept", type=float, range="(0, 1]")
     seed: int = hparam(

@@ -61,6 +61,7 @@ class ToDRE(Method):
     stage_off = {"before_llm": {"retain": 1.0}, "in_llm": {"tau": 0.0}}
     example = {"retain": 0.5, "check_layer": 1, "tau": 1.0}
     needs_scores = True
+    paper = "retain 0.25 / 0.10 of LLaVA-NeXT's 2880 tokens, max-sum from the CLS pivot, tau 0.10 from layer 7L/8"
 
     retain: float = hparam(0.25, "fraction of each image's visual tokens stage 1 keeps (paper: 0.25, 0.10)", type=float, range="(0, 1]")
     diversity: str = hparam("maxsum", "'maxsum' (v2: least cumulative similarity) or 'kcenter' (v1: farthest point)", choices=("maxsum", "kcenter"))

@@ -100,6 +100,7 @@ class ToMe(Method):
     stages = ("in_vit",)
     noop = {"r": 0}
     example = {"r": 2}
+    paper = "ViT-L/16 r = 8 per block (ViT-B r = 16 at 224 px), CLS protected, proportional attention"
 
     r: int | tuple | list = hparam(
         8, "tokens merged per block: an int, (r, inflection) with inflection in [-1, 1], or a per-block list"

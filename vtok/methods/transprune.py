@@ -64,6 +64,7 @@ class TransPrune(Method):
     noop = {"retain": 1.0, "ratios": (1.0, 1.0)}
     example = {"layers": (1, 2, 3), "ratios": (0.75, 0.5), "retain": 0.25, "accumulate": (0, 2)}
     needs_scores = True
+    paper = "TransPrune-High: 87.5 / 62.5 / 12.5 % of the visual tokens after 1-based layers 7 / 9 / 12 of 32, TTV over 7-12, alpha 0.5"
 
     retain: float = hparam(0.125, "fraction of each sample's visual tokens left after the last stage (paper: 0.125)", type=float, range="(0, 1]")
     ratios: tuple = hparam((0.875, 0.625), "fractions of the original visual tokens left after the earlier stages", type=(tuple, list))
