@@ -75,8 +75,17 @@ def run(args) -> int:
         return 0
     if args.flops:
         return _flops_table(args)
-    from .runner import BASELINES, _state, compare
+    from .runner import BASELINES, _state, compare, parse_method
 
+    from vtok.method import get_method_class
+
+    for spec in args.methods or []:  # a bad name or setting fails now, not after the model and the full row ran
+        name, hp = parse_method(spec)
+        get_method_class(name)(**hp)
+    datasets.load_registries()
+    for kind, table, key in (("model", datasets.MODELS, args.model), ("dataset", datasets.DATASETS, args.dataset)):
+        if key not in table:
+            raise ValueError(f"unknown {kind} {key!r}; known: {', '.join(sorted(table))}")
     state = _state()
     model = datasets.load_model(args.model)
     device = args.device or (str(state.device) if hasattr(state, "device") else None)

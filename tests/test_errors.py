@@ -153,3 +153,29 @@ def test_inputs_embeds_without_input_ids_with_an_in_vit_method(llava):
     with vtok.apply(llava, "tome", r=2):
         with pytest.raises(ValueError, match="inputs_embeds without input_ids.*Pass input_ids"):
             llava(inputs_embeds=emb, pixel_values=sample["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["describe", "nosuch"], "unknown method 'nosuch'"),
+        (["eval", "--model", "nosuch", "--dataset", "easy-vqa"], "unknown model 'nosuch'"),
+        (["eval", "--model", "tiny-llava", "--dataset", "nosuch"], "unknown dataset 'nosuch'"),
+        (["eval", "--model", "tiny-llava", "--dataset", "synthetic", "--methods", "fastv:retain=7"], "retain=7.0 is out of range"),
+    ],
+)
+def test_cli_user_errors_are_one_line_exit_2(argv, words, capsys):
+    from vtok.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises((ValueError, TypeError)):
+        main(argv + ["--debug"])  # --debug anywhere on the line shows the real error
+
+
+def test_bare_vtok_prints_the_help(capsys):
+    from vtok.cli import main
+
+    assert main([]) == 0
+    assert "describe" in capsys.readouterr().out

@@ -36,7 +36,8 @@ def _describe(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtok", description="Visual-token compression for VLMs and ViTs")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = p.add_subparsers(dest="command")
     sp = sub.add_parser("list", help="list methods and adapters")
     sp.set_defaults(func=_list)
     sp = sub.add_parser("describe", help="hyper-parameters of a method")
@@ -53,9 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: errors that come from what the user asked for (a name, a setting, a file): one line, exit code 2
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, before or after the subcommand
+    parser = build_parser()
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    if args.command is None:  # bare `vtok`: what it can do
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"vtok {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
