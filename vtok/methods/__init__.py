@@ -1,3 +1,3 @@
 """Built-in methods; each file registers itself by name on import."""
 
-from . import fastv, pool, random, tome  # noqa: F401
+from . import doccorr, fastv, pool, random, tome  # noqa: F401
