@@ -114,6 +114,8 @@ class KeepAll(Method):
     name = "keep-all-recorder"
     stages = ("before_llm",)
 
+    position_policy: str = "compact"  # after a reducing method in a chain, the chain's last sets the policy
+
     def before_llm(self, tokens, probes):
         self.tokens = tokens
         return tokens

@@ -167,7 +167,7 @@ def test_no_cls_tower_falls_back_to_colmean():
     m.bind({"vit_blocks": 2, "vit_feature_block": 1, "vision_cls": False})
     assert [p.kind for p in m.probes()] == ["keycorr", "colmean", "colmean"]
     m.bind({"vit_blocks": 24, "vit_feature_block": 22, "vision_cls": True})
-    assert [(p.layer, p.kind) for p in m.probes()] == [(22, "keycorr"), (22, "cls"), (5, "cls")]
+    assert [(p.layer, p.kind) for p in m.probes()] == [(11, "keycorr"), (22, "cls"), (5, "cls")]
     assert "towers without CLS" in vtok.describe("doccorr")
 
 

@@ -58,7 +58,8 @@ def test_doccorr_real_page_blank_crops_get_fewer_tokens():
     assert int(crop_in.max()) == 6  # base image + 3 x 2 crops
     kept = {int(c): float((crop_out == c).sum()) / float((crop_in == c).sum()) for c in torch.unique(crop_in)}
     inked = {int(c): float(ink[crop_in == c].float().mean()) for c in torch.unique(crop_in)}
-    blank = [c for c, s in inked.items() if s == 0.0]
+    print({c: (round(inked[c], 3), round(kept[c], 3)) for c in kept})
+    blank = [c for c, s in inked.items() if s < 0.05]  # white paper (a footer or a table edge at most)
     busy = [c for c, s in inked.items() if s > 0.2]
-    assert blank and busy, inked
-    assert max(kept[c] for c in blank) < min(kept[c] for c in busy), (kept, inked)
+    assert blank and busy, str((inked, kept))
+    assert max(kept[c] for c in blank) < min(kept[c] for c in busy), str((kept, inked))
