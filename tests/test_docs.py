@@ -63,3 +63,19 @@ def test_doccorr_real_page_blank_crops_get_fewer_tokens():
     busy = [c for c, s in inked.items() if s > 0.2]
     assert blank and busy, str((inked, kept))
     assert max(kept[c] for c in blank) < min(kept[c] for c in busy), str((kept, inked))
+
+
+@pytest.mark.skipif(not offline.is_built(), reason="offline VLM cache not built (python -m vtok.eval.offline)")
+def test_next_demo_crop_features_equal_the_llava_demo():
+    """The NeXT-shaped demo's tower (224 px config, resampled position embeddings) and projector give exactly the
+    LLaVA-1.5 demo's features for a 224 px crop."""
+    from vtok.eval.offline_next import load_vlm_next
+
+    nxt, _ = load_vlm_next()
+    llava, _, _ = offline.load_vlm()
+    px = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = llava.model.vision_tower(px, output_hidden_states=True).hidden_states[-1]
+        b = nxt.model.vision_tower(px, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(a, b)
+    assert len(nxt.config.image_grid_pinpoints) >= 2 and nxt.config.vision_config.image_size == 224
