@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["vision_blocks", "attention_module", "has_cls_token", "config_patches", "vit_attention_stats"]
+__all__ = [
+    "vision_blocks", "attention_module", "has_cls_token", "config_patches", "feature_block",
+    "vit_attention_stats", "vit_probe_stats", "key_correlation",
+]  # fmt: skip
 
 
 def vision_blocks(tower: nn.Module) -> nn.ModuleList:
@@ -66,6 +69,35 @@ def vit_attention_stats(attn: nn.Module, hidden: torch.Tensor, kind: str) -> tor
         q = attn.q_proj(hidden).view(u, n, n_heads, head_dim).transpose(1, 2)
         return attention_colmean(q, k, scale=head_dim**-0.5)
     raise ValueError(f"ViT attention kind={kind!r} must be 'cls' or 'colmean'")
+
+
+@torch.no_grad()
+def key_correlation(keys: torch.Tensor, threshold: float, prefix: int = 0, row_chunk: int = 256) -> torch.Tensor:
+    """Per token of keys [U, N, d], the share of the other non-prefix tokens of its row whose key has
+    cosine > ``threshold`` with its own; prefix tokens (CLS) are not counted and get 0. fp32 [U, N].
+
+    Row chunks of the similarity are reduced to counts at once (the [N, N] map is never stored)."""
+    u, n, _ = keys.shape
+    k = torch.nn.functional.normalize(keys[:, prefix:].float(), dim=-1)
+    m = k.shape[1]
+    out = keys.new_zeros(u, n, dtype=torch.float32)
+    if m < 2:
+        return out
+    for i in range(0, m, row_chunk):
+        j = min(m, i + row_chunk)
+        hits = (k[:, i:j] @ k.transpose(1, 2) > threshold).sum(-1).float()  # [U, rows]
+        self_hit = ((k[:, i:j] * k[:, i:j]).sum(-1) > threshold).float()  # a token is not its own duplicate
+        out[:, prefix + i : prefix + j] = (hits - self_hit) / (m - 1)
+    return out
+
+
+@torch.no_grad()
+def vit_probe_stats(attn: nn.Module, hidden: torch.Tensor, probe, prefix: int = 0) -> torch.Tensor:
+    """A ViT probe (``ViTAttention`` or ``ViTKeyCorrelation``) of the block whose attention is ``attn``,
+    from its input ``hidden`` [U, N, D]; ``prefix``: leading non-patch tokens (CLS). [U, N] fp32."""
+    if probe.kind == "keycorr":
+        return key_correlation(attn.k_proj(hidden), float(probe.threshold), prefix)
+    return vit_attention_stats(attn, hidden, probe.kind)
 
 
 def feature_block(vision_feature_layer, num_blocks: int) -> int | None:

@@ -11,7 +11,7 @@ from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
-from .hf_vision import has_cls_token, vision_blocks, vit_attention_stats
+from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
 from .vit import InViTRunner, check_vit_method
 from .vit_blocks import hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
@@ -166,8 +166,9 @@ class LlavaAdapter(VLMAdapter):
             if fw is not None and not fw.prefill:
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
+            prefix = int(has_cls_token(self.vision_tower))
             for p in probes:
-                stats = vit_attention_stats(module, hidden, p.kind)
+                stats = vit_probe_stats(module, hidden, p, prefix)
                 self.capture_probe(p, stats[:, 1:] if self._drops_cls() and has_cls_token(self.vision_tower) else stats)
             return None
 

@@ -17,7 +17,7 @@ from vtok.method import ViTAttention
 from vtok.tokens import VisualTokens
 
 from .anyres import LayoutStore, VisualLayout, parse_image, ramp
-from .hf_vision import has_cls_token, vit_attention_stats
+from .hf_vision import has_cls_token, vit_probe_stats
 from .base import per_thread
 from .vlm import VLMAdapter
 
@@ -133,8 +133,9 @@ class LlavaNextAdapter(VLMAdapter):
             if self._vit_raw is None:
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
+            prefix = int(has_cls_token(self.vision_tower))
             for p in probes:
-                self._vit_raw[p].append(vit_attention_stats(module, hidden, p.kind))
+                self._vit_raw[p].append(vit_probe_stats(module, hidden, p, prefix))
             return None
 
         return pre

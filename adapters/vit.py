@@ -339,6 +339,11 @@ class ViTAdapter(Adapter):
         n = len(self.block_parts())
         if not -n <= probe.layer < n:
             raise ValueError(f"{method.name}: ViT probe layer {probe.layer} is outside the encoder's blocks 0..{n - 1}")
+        if probe.kind == "keycorr":
+            raise ValueError(
+                f"{method.name}: the standalone ViT adapter serves ViTAttention (kind 'cls'/'colmean') only, not "
+                "ViTKeyCorrelation; apply the method to a vision-language model (LLaVA, LLaVA-NeXT, OneVision)"
+            )
         if probe.kind == "cls" and self.num_prefix_tokens() == 0:
             raise ValueError(
                 f"{method.name}: {type(self.tower()).__name__} has no class token, so it cannot serve "

@@ -44,6 +44,9 @@ def register_dataset(name: str):
       left-padded, plus the targets);
     * ``score(model, batch) -> list[float]``: runs the model (a forward for first-token scoring, or
       ``generate``) and returns one score in [0, 1] per sample (1.0 = correct);
+      A sample's score may instead be a dict: ``"score"`` plus further named numbers (e.g. a KL divergence),
+      which the results table shows as extra columns (means over the samples; NaN values are skipped);
+    * optionally ``score_name``: what the score measures (the table's column header; default "accuracy");
     * optionally ``prepare(model)``: called once with no method attached, before any scoring (e.g. to
       compute reference answers).
 
@@ -63,7 +66,7 @@ def register_dataset(name: str):
 def load_registries() -> None:
     """Import the modules that register the built-in real-data entries (the offline VLM, DINOv2 and their
     harnesses), so that ``vtok eval`` finds them by name."""
-    from . import harnesses  # noqa: F401  (registers offline-vlm, offline-dinov2, easy-vqa, ...)
+    from . import docs, harnesses  # noqa: F401  (registers offline-vlm, offline-dinov2, easy-vqa, docs-pages...)
 
 
 def load_model(name: str):

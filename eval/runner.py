@@ -51,6 +51,7 @@ class Row:
     flops_ratio: float
     ttft_ms: float
     note: str = ""
+    extras: dict = field(default_factory=dict)  # the dataset's extra per-sample metrics, averaged (NaN skipped)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Comparison:
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     processes: int = 1
+    score_name: str = "accuracy"  # what the dataset's score is (its ``score_name``), the column's header
 
     def unit(self) -> tuple:
         """(prefix, scale) that shows the full model's FLOPs per sample as a number >= 1 (T, G, M or K)."""
@@ -71,15 +73,20 @@ class Comparison:
 
     def markdown(self) -> str:
         prefix, scale = self.unit()
+        extra = list(dict.fromkeys(k for r in self.rows for k in r.extras))
         head = (
-            f"| method | settings | budget | accuracy | visual tokens | {prefix}FLOPs/sample | FLOPs vs full | TTFT ms |\n"
-            "|---|---|---|---|---|---|---|---|"
+            f"| method | settings | budget | {self.score_name} | "
+            + "".join(f"{k} | " for k in extra)
+            + f"visual tokens | {prefix}FLOPs/sample | FLOPs vs full | TTFT ms |\n"
+            + "|---" * (8 + len(extra)) + "|"
         )
         lines = [f"**{self.model}** on **{self.dataset}** ({self.rows[0].n if self.rows else 0} samples)", "", head]
         for r in self.rows:
             budget = "-" if r.budget is None else f"{r.budget:.3g}"
             lines.append(
-                f"| {r.method} | {r.settings} | {budget} | {100 * r.accuracy:.1f}% | {r.visual_tokens:.1f} | "
+                f"| {r.method} | {r.settings} | {budget} | {100 * r.accuracy:.1f}% | "
+                + "".join(f"{_fmt(r.extras.get(k))} | " for k in extra)
+                + f"{r.visual_tokens:.1f} | "
                 f"{r.tflops * 1e12 / scale:.4g} | {100 * r.flops_ratio:.1f}% | {r.ttft_ms:.2f} |"
             )
         if self.notes:
@@ -88,7 +95,8 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "model": self.model, "processes": self.processes,
-                "rows": [asdict(r) for r in self.rows], "notes": list(self.notes)}  # fmt: skip
+                "score_name": self.score_name, "rows": [asdict(r) for r in self.rows],
+                "notes": list(self.notes)}  # fmt: skip
 
     def table(self, timing: bool = False) -> list:
         """Rows as tuples for comparisons (TTFT left out unless ``timing``)."""
@@ -135,6 +143,10 @@ class Comparison:
         (out / "results.json").write_text(json.dumps(self.to_dict(), indent=2))
         png = self.plot(out / "pareto.png")
         return {"markdown": out / "results.md", "json": out / "results.json", "plot": png}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
 
 def save_figure(fig, path) -> Path:
@@ -242,6 +254,7 @@ class _Sample:
     visual_entry: float  # visual tokens entering (the full count)
     visual_final: float  # visual tokens left at the end
     flops: float
+    extra: dict = field(default_factory=dict)  # the dataset's extra metrics of this sample
 
 
 @dataclass
@@ -269,7 +282,8 @@ def _run(model, dataset, setting: Setting, indices: list, batch_size: int, bar) 
             with Tracker(model, handle) as tracker:
                 scores, ms = prefill_time(lambda: dataset.score(model, batch), device)
             times.append(ms)
-            scores = [float(s) for s in scores]
+            extras = [{k: float(v) for k, v in s.items() if k != "score"} if isinstance(s, dict) else {} for s in scores]
+            scores = [float(s["score"]) if isinstance(s, dict) else float(s) for s in scores]
             if len(scores) != len(idx):
                 raise ValueError(f"{dataset.name}.score returned {len(scores)} scores for {len(idx)} samples")
             reports = tracker.reports(padded=False)
@@ -281,7 +295,7 @@ def _run(model, dataset, setting: Setting, indices: list, batch_size: int, bar) 
                 flops = [tot / len(idx)] * len(idx)
                 entry = [sum(sum(r.visual_entry) for r in reports) / len(idx)] * len(idx)
                 final = [sum(sum(r.visual_final) for r in reports) / len(idx)] * len(idx)
-            records += [_Sample(*rec) for rec in zip(idx, scores, entry, final, flops)]
+            records += [_Sample(*rec) for rec in zip(idx, scores, entry, final, flops, extras)]
             if bar is not None:
                 bar.update(1)
     finally:
@@ -299,6 +313,10 @@ def _summarise(setting: Setting, shards: list, full: Row | None) -> Row:
     entry = sum(r.visual_entry for r in recs) / n
     final = sum(r.visual_final for r in recs) / n
     tflops = sum(r.flops for r in recs) / n / 1e12
+    extras = {}
+    for k in dict.fromkeys(k for r in recs for k in r.extra):
+        vals = [r.extra[k] for r in recs if k in r.extra and not math.isnan(r.extra[k])]
+        extras[k] = sum(vals) / len(vals) if vals else math.nan
     return Row(
         method=setting.label,
         settings=setting.settings_str(),
@@ -311,6 +329,7 @@ def _summarise(setting: Setting, shards: list, full: Row | None) -> Row:
         tflops=tflops,
         flops_ratio=tflops / full.tflops if full is not None and full.tflops else 1.0,
         ttft_ms=statistics.median(times) if times else float("nan"),
+        extras=extras,
     )
 
 
@@ -366,7 +385,8 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
     n_batches = math.ceil(len(mine) / batch_size)
     bar = tqdm(total=n_batches * (1 + len(parsed) * (1 + len(baselines))), desc=f"vtok eval {dataset.name}",
                disable=not (progress and main), unit="batch")  # fmt: skip
-    result = Comparison(dataset=dataset.name, model=model_name or type(model).__name__, processes=state.num_processes)
+    result = Comparison(dataset=dataset.name, model=model_name or type(model).__name__, processes=state.num_processes,
+                        score_name=getattr(dataset, "score_name", "accuracy"))
     seen = set()
 
     def run(setting: Setting) -> Row:

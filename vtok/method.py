@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ __all__ = [
     "Method",
     "Probe",
     "ViTAttention",
+    "ViTKeyCorrelation",
     "LLMAttention",
     "TextQuery",
     "Question",
@@ -153,6 +155,34 @@ class ViTAttention(Probe):
 
     layer: int = -2
     kind: str = "cls"
+
+
+@dataclass(frozen=True)
+class ViTKeyCorrelation(ViTAttention):
+    """Patch-patch key correlation of vision-encoder block ``layer``: per token, the share of the other
+    patch tokens *of the same tower image* (a LLaVA image, one AnyRes crop or the base image of
+    LLaVA-NeXT/OneVision, a video frame) whose key has cosine similarity > ``threshold`` with its own.
+
+    Keys are the block's own k projection of its attention input (all heads concatenated, fp32), taken in
+    the same pre-hook as ``ViTAttention``; the similarity is computed in row chunks and only the count is
+    kept, so no [N, N] map is stored and the result is aligned like ``ViTAttention``: [U, N] fp32 in
+    [0, 1]. Prefix tokens (CLS) are neither counted nor scored (their value is 0). Per-crop values are
+    computed over the crop's full tower grid (before LLaVA-NeXT's unpadding) and follow the tokens, so a
+    method groups them by ``VisualTokens.extra["crop"]``. Video frames pooled by the model (OneVision)
+    carry the model's pooling of the shares.
+
+    A subclass of ``ViTAttention`` (``kind="keycorr"``), so every adapter that serves ViT attention
+    probes from its tower's pre-hooks serves this one the same way.
+    """
+
+    kind: str = "keycorr"
+    threshold: float = 0.9
+
+    def __post_init__(self):
+        if self.kind != "keycorr":
+            raise ValueError(f"ViTKeyCorrelation: kind is always 'keycorr', got {self.kind!r}")
+        if not -1.0 <= float(self.threshold) < 1.0:
+            raise ValueError(f"ViTKeyCorrelation: threshold={self.threshold!r} must be a cosine in [-1, 1)")
 
 
 @dataclass(frozen=True)
@@ -524,7 +554,8 @@ def get_method_class(name: str) -> type[Method]:
 
 
 def describe(name: str) -> str:
-    """Every hyper-parameter of a method with its default, one line each."""
+    """Every hyper-parameter of a method with its default, one line each; then, after a blank line, the rest
+    of the method's docstring (what it does and the choices it made), if any."""
     cls = get_method_class(name)
     lines = [f"{cls.name}: {(cls.__doc__ or '').strip().splitlines()[0]}", f"  stages: {', '.join(cls.stages)}"]
     if cls.paper:
@@ -534,4 +565,7 @@ def describe(name: str) -> str:
         meta = f.metadata
         accepts = f" [{_requirement(meta)}]" if any(meta.get(k) is not None for k in ("type", "range", "choices")) else ""
         lines.append(f"  {f.name} = {default!r}{accepts}: {meta.get('help', '')}")
+    body = "\n".join(inspect.cleandoc(cls.__doc__ or "").splitlines()[1:]).strip()
+    if body:  # the rest of the docstring (what the method does, the choices it made), after a blank line
+        lines += [""] + [f"  {line}".rstrip() for line in body.splitlines()]
     return "\n".join(lines)
