@@ -69,6 +69,9 @@ def main(argv=None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `vtok describe x | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
     except USER_ERRORS as e:
         if args.debug:
             raise
