@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import ClassVar
@@ -184,3 +185,27 @@ class Adapter:
     def detach(self) -> None:
         while self._hooks:
             self._hooks.pop().remove()
+
+    @contextlib.contextmanager
+    def hooks_stashed(self):
+        """Inside: the model as if nothing were attached (every hook entry and instance wrapper of this
+        adapter taken out); after: everything back exactly, hook order included. For copying the model."""
+        dicts, attrs = {}, []
+        for h in self._hooks:
+            if hasattr(h, "hooks_dict_ref"):  # torch's RemovableHandle: its dict and the with_kwargs/always_called ones
+                refs = [h.hooks_dict_ref()] + [r() for r in getattr(h, "extra_dict_ref", ())]
+                for d in refs:
+                    if d is not None and h.id in d:
+                        dicts.setdefault(id(d), (d, list(d.items())))[0].pop(h.id)
+            else:  # an instance wrapper (an attribute of one module instance)
+                obj, name = h.obj, h.name
+                if name in vars(obj):
+                    attrs.append((obj, name, vars(obj).pop(name)))
+        try:
+            yield
+        finally:
+            for d, items in dicts.values():
+                d.clear()
+                d.update(items)
+            for obj, name, value in attrs:
+                vars(obj)[name] = value

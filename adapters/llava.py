@@ -141,6 +141,7 @@ class LlavaAdapter(VLMAdapter):
     def attach_vision(self) -> None:
         self._vit: InViTRunner | None = None
         self._vit_last: _ViTFeatures | None = None
+        self._vit_run: _ViTFeatures | None = None
         method = self.method("in_vit")
         if method is not None:
             tower = self.vision_tower
@@ -182,6 +183,7 @@ class LlavaAdapter(VLMAdapter):
 
     def _vit_reset(self):
         self._vit_last = None
+        self._vit_run = None  # the tower run generate's pre-computed features come from (kept for every prefill)
 
     def _projector_pre(self, module, args, kwargs):
         """After in_vit merged: restore raster order (by each token's first patch) before the projector."""
@@ -221,6 +223,7 @@ class LlavaAdapter(VLMAdapter):
             full = output.new_zeros(n_img, vit.n_full, d)
             full.scatter_(1, vit.positions.unsqueeze(-1).expand(-1, -1, d), output)
             vit.features, vit.padded = output, full
+            self._vit_run = vit
             self.capture_features(full)
             return full
         self.capture_features(output)
@@ -262,7 +265,9 @@ class LlavaAdapter(VLMAdapter):
             return None
         rows = list(image.pooler_output)
         features = torch.stack(rows)
-        vit = getattr(self, "_vit_last", None)
+        # the run that produced them, also for a later prefill over the same features (generate with
+        # use_cache=False runs a full prefill at every step on the features it computed once)
+        vit = getattr(self, "_vit_run", None)
         if vit is not None and vit.padded is not None:
             found = _rows_of(rows, vit.padded)
             if found is not None:

@@ -266,6 +266,52 @@ def tiny_llava_fresh():
     return tiny_llava(seed=0)
 
 
+# ------------------------------------------------------------------ copies
+
+
+@pytest.mark.parametrize("case_name", VLMS)
+@pytest.mark.parametrize("method", ["fastv", "pool"])
+def test_deepcopy_of_an_attached_model_is_an_untouched_copy(method, case_name):
+    import copy
+
+    model, batch = _batch(case_name)
+    full = model(**batch).logits
+    with vtok.apply(model, _method(method)) as h:
+        reduced = model(**batch).logits
+        twin = copy.deepcopy(model)
+        assert not hasattr(twin, "_vtok_handle")
+        torch.testing.assert_close(twin(**batch).logits, full, rtol=0, atol=0)  # no hook came along
+        assert torch.equal(model(**batch).logits, reduced) and h.stats  # the original is still attached
+        with vtok.apply(twin, _method(method)):  # the copy takes its own attachment
+            assert torch.equal(twin(**batch).logits, reduced)
+    assert torch.equal(model(**batch).logits, full)
+
+
+def test_pickling_or_shallow_copying_an_attached_model_is_refused_clearly():
+    import copy
+    import io
+
+    model, _ = _batch("llava")
+    with vtok.apply(model, _method("random")):
+        for attempt in (lambda: torch.save(model, io.BytesIO()), lambda: copy.copy(model)):
+            with pytest.raises(TypeError, match="has vtok methods attached.*state_dict"):
+                attempt()
+    assert not {"__reduce_ex__", "__deepcopy__"} & set(vars(model))  # removed: pickling is the model's own again
+
+
+@pytest.mark.parametrize("method", ["tome", "random"])
+def test_generate_without_cache_gives_the_cached_tokens(method):
+    """use_cache=False runs a full prefill at every step on features generate computed once: a method
+    before the LLM gives the same tokens as the cached run (in_llm methods that read the last prompt
+    token, like fastv, select again at every such prefill: that is a different prompt each step)."""
+    model, batch = _batch("llava")
+    with vtok.apply(model, _method(method)) as h:
+        cached = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert h.stats  # the last prefill was reduced too
+    assert torch.equal(cached, uncached)
+
+
 def test_every_builtin_method_states_its_paper_default_in_describe():
     from vtok.method import describe, get_method_class
 

@@ -9,6 +9,8 @@ from .method import Method, get_method_class
 __all__ = ["apply", "Handle"]
 
 _ATTR = "_vtok_handle"
+#: instance attributes an attachment sets so copies of the model behave (see Handle._install_copy_rules)
+_COPY_RULES = ("__deepcopy__", "__reduce_ex__")
 
 
 def _build_methods(method_or_list, hparams: dict) -> list[Method]:
@@ -104,6 +106,7 @@ class Handle:
             self.adapter.detach()  # take off whatever attach() installed before it failed
             raise
         setattr(model, _ATTR, self)
+        self._install_copy_rules()
         self.attached = True
         _live_handles().add(self)
 
@@ -184,7 +187,42 @@ class Handle:
         self.adapter.detach()
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
+        for name in _COPY_RULES:
+            self.model.__dict__.pop(name, None)
         self.attached = False
+
+    # copies -----------------------------------------------------------------------------------------
+    def _install_copy_rules(self) -> None:
+        """``copy.deepcopy(model)`` gives an untouched copy: no vtok hooks, no handle (attach methods to it
+        with ``vtok.apply``); ``pickle``/``torch.save(model)`` and ``copy.copy`` of the attached model are
+        refused with a clear error (the hooks are closures bound to this model, they cannot be saved, and
+        a shallow copy would share them). Instance attributes only; ``remove()`` takes them off."""
+        model, handle = self.model, self
+
+        def deepcopy_untouched(memo):
+            return handle._deepcopy_untouched(memo)
+
+        def refuse(protocol=None):
+            raise TypeError(
+                f"this {type(model).__name__} has vtok methods attached ({', '.join(m.name for m in handle.methods)}); "
+                "their hooks cannot be pickled or shallow-copied. Save the model's weights "
+                "(model.save_pretrained(...) or torch.save(model.state_dict(), ...)), or call handle.remove() "
+                "first and vtok.apply again after loading; copy.deepcopy(model) gives an untouched copy"
+            )
+
+        model.__dict__["__deepcopy__"] = deepcopy_untouched
+        model.__dict__["__reduce_ex__"] = refuse
+
+    def _deepcopy_untouched(self, memo):
+        import copy
+
+        model = self.model
+        saved = {name: model.__dict__.pop(name) for name in (_ATTR, *_COPY_RULES) if name in model.__dict__}
+        try:
+            with self.adapter.hooks_stashed():
+                return copy.deepcopy(model, memo)
+        finally:
+            model.__dict__.update(saved)
 
     def __enter__(self) -> "Handle":
         return self
