@@ -149,6 +149,19 @@ class InViTRunner:
         self.reduced = False
         self._blk = _Block()
 
+    def _checkpointed(self) -> bool:
+        """Whether the tower recomputes its blocks in backward: HF's layers (``gradient_checkpointing``),
+        timm's VisionTransformer and open_clip's Transformer (``grad_checkpointing`` on a parent of the blocks)."""
+        for part in self.parts:
+            blk = part.block
+            if blk.training and getattr(blk, "gradient_checkpointing", False):
+                return True
+        tower = getattr(self.adapter, "tower", None)
+        root = tower() if callable(tower) else getattr(self.adapter, "vision_tower", None)
+        if root is None:
+            return False
+        return any(getattr(m, "grad_checkpointing", False) and m.training for m in root.modules())
+
     @property
     def active(self) -> bool:
         return self.first_merge is not None or bool(self.probe_layers)
@@ -181,6 +194,13 @@ class InViTRunner:
 
     # hooks ---------------------------------------------------------------------------------
     def _start(self, module, args, kwargs):
+        if torch.is_grad_enabled() and self.first_merge is not None and self._checkpointed():
+            raise ValueError(
+                f"{self.method.name} merges tokens inside the vision tower, which runs with gradient checkpointing "
+                "here: the backward pass would recompute each block on token counts that have moved on. Turn "
+                "checkpointing off for the tower (e.g. model.gradient_checkpointing_disable(), or only for the LLM: "
+                "model.language_model.gradient_checkpointing_enable()), or merge in eval mode / under torch.no_grad()"
+            )
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         self._reset()
         self.n0 = int(x.shape[1])
@@ -353,7 +373,14 @@ class ViTAdapter(Adapter):
     def validate(self) -> None:
         super().validate()
         self.block_parts()  # raises for block structures vtok does not know
-        check_vit_method(self.method("in_vit"), self.attn_implementation(), len(self.block_parts()))
+        method = self.method("in_vit")
+        check_vit_method(method, self.attn_implementation(), len(self.block_parts()))
+        if method is not None and self.num_prefix_tokens() > 0 and not getattr(method, "protect_cls", True):
+            raise ValueError(
+                f"{method.name}: protect_cls=False would merge the class token of {type(self.tower()).__name__}, whose "
+                "output (pooler / class-token head, and the patch tokens it slices after the prefix) reads token 0 as "
+                "the class token; use protect_cls=True"
+            )
 
     # hooks
     def attach(self) -> None:

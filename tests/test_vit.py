@@ -288,3 +288,35 @@ def test_llava_tome_precomputed_features_must_be_the_towers_own():
         with pytest.raises(ValueError, match="pass pixel_values"):
             model(input_ids=ids, mm_encoder_outputs={"image": image})
     assert torch.equal(out, ref)
+
+
+def test_standalone_towers_refuse_merging_their_class_token():
+    """Their outputs read token 0 as the class token (HF pooler, timm / open_clip heads and patch slices)."""
+    for model in (tiny_hf_vision("clip"), tiny_hf_vision("dinov2"), tiny_timm_vit(), tiny_open_clip_vit()):
+        with pytest.raises(ValueError, match="protect_cls=False would merge the class token"):
+            vtok.apply(model, "tome", r=2, protect_cls=False)
+        assert not hasattr(model, "_vtok_handle")
+    vtok.apply(tiny_hf_vision("siglip"), "tome", r=2, protect_cls=False).remove()  # no class token: nothing to protect
+
+
+def test_tome_under_gradient_checkpointing_is_refused_clearly():
+    """Checkpointed blocks are recomputed in backward on token counts that moved on; eval/no_grad is fine."""
+    llava = tiny_llava()
+    llava.train()
+    llava.gradient_checkpointing_enable()
+    timm_vit = tiny_timm_vit()
+    timm_vit.train()
+    timm_vit.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    with vtok.apply(timm_vit, "tome", r=2):
+        with pytest.raises(ValueError, match="gradient checkpointing"):
+            timm_vit(x)
+        with torch.no_grad():
+            timm_vit(x)
+    pixel = torch.randn(1, 3, 32, 32)
+    with vtok.apply(llava, "tome", r=2):
+        with pytest.raises(ValueError, match="gradient checkpointing"):
+            llava.model.get_image_features(pixel_values=pixel)
+    llava.gradient_checkpointing_disable()
+    with vtok.apply(llava, "tome", r=2):
+        llava.model.get_image_features(pixel_values=pixel)
