@@ -53,6 +53,38 @@ def to_caller_layout(logits, final, s0: int, keep: int):
     return full[:, : s0 - start].contiguous()
 
 
+def per_layer_to_caller_layout(output, states: list, steps: list, s0: int) -> None:
+    """``output.hidden_states`` / ``output.attentions`` of a reduced prefill in the caller's layout, like
+    the logits: [B, s0, D] (attentions [B, H, s0, s0]) with zeros at the tokens that layer did not have.
+    ``states``: the entry layout, then one per in_llm step (None: unchanged); ``steps``: (layer, method)
+    of those steps. hidden_states[0] is the embedding output, hidden_states[j] layer j-1's."""
+    layouts, cur = [], states[0]
+    stage_states = list(zip((layer for layer, _ in steps), states[1:]))
+    for layer in range(max(len(getattr(output, "hidden_states", None) or ()) - 1, len(getattr(output, "attentions", None) or ()))):
+        for at, st in stage_states:
+            if at == layer and st is not None:
+                cur = st
+        layouts.append(cur)
+    hs = getattr(output, "hidden_states", None)
+    if hs is not None:
+        output.hidden_states = tuple(
+            to_caller_layout(h, states[0] if j == 0 else layouts[j - 1], s0, 0) for j, h in enumerate(hs)
+        )
+    att = getattr(output, "attentions", None)
+    if att is not None:
+        mapped = []
+        for a, lay in zip(att, layouts):
+            if a is None:
+                mapped.append(a)
+                continue
+            idx = torch.where(lay.valid, lay.orig_index, s0).to(a.device)
+            full = a.new_zeros(a.shape[0], a.shape[1], s0 + 1, s0 + 1)
+            for b in range(a.shape[0]):
+                full[b, :, idx[b, :, None], idx[b, None, :]] = a[b]
+            mapped.append(full[:, :, :s0, :s0].contiguous())
+        output.attentions = tuple(mapped)
+
+
 def loss_labels(labels: dict, final, s0: int):
     """(labels, shift_labels) for the loss on the layout the LLM ran: the loss of the reduced sequence
     (each kept token predicts the next *kept* token), which for a before_llm method is the loss of the

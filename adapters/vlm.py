@@ -23,7 +23,7 @@ from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
 from .base import Adapter, per_thread
-from .caller_layout import as_tuple, guard_cache, loss_labels, to_caller_layout
+from .caller_layout import as_tuple, guard_cache, loss_labels, per_layer_to_caller_layout, to_caller_layout
 from .llm_stage import InLLMStage
 from .hf_llm import (
     SeqState,
@@ -242,6 +242,7 @@ class VLMAdapter(InLLMStage, Adapter):
                 )
             if reduced:
                 output.logits = to_caller_layout(logits, final, fw.input_ids.shape[1], keep)
+                per_layer_to_caller_layout(output, fw.states, self._steps, fw.input_ids.shape[1])
             elif fw.refed and logits is not None and not keep:  # re-fed tokens get zero rows
                 output.logits = torch.nn.functional.pad(logits, (0, 0, fw.refed, 0))
         elif "labels" in labels:  # a text-only or pass-through call: the model's own loss path

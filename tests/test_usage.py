@@ -153,6 +153,34 @@ def test_every_output_path_returns_the_callers_layout(method):
     assert last5.logits.shape[1] == 5
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hidden_states_and_attentions_come_back_in_the_callers_layout(impl):
+    """Per layer, the caller's positions: zeros where that layer had no token (removed before the LLM or at
+    an in_llm stage), the layer's own values elsewhere; attentions (eager) likewise on both axes."""
+    model, batch = _batch("llava", seed=4)
+    s0 = batch["input_ids"].shape[1]
+    model.set_attn_implementation(impl)
+    try:
+        kw = dict(output_hidden_states=True, output_attentions=impl == "eager")
+        with vtok.apply(model, ["random", "fastv"], random={"retain": 0.75}, fastv={"layer": 2, "retain": 0.5}) as h, torch.no_grad():
+            out = model(**batch, **kw)
+            before, at2 = (r for r in h.stats)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert len(out.hidden_states) == 5 and all(x.shape[1] == s0 for x in out.hidden_states)
+    alive = [x.abs().sum(-1) > 0 for x in out.hidden_states]
+    removed_first = (alive[0] == 0).sum(1)
+    removed_at2 = (alive[3] == 0).sum(1) - removed_first  # hidden_states[3] is layer 2's output
+    pad = (batch["attention_mask"] == 0).sum(1)
+    assert (removed_first - pad).tolist() == [a - b for a, b in zip(before.tokens_in, before.tokens_out)]
+    assert removed_at2.tolist() == [a - b for a, b in zip(at2.tokens_in, at2.tokens_out)]
+    assert torch.equal(alive[1], alive[0]) and torch.equal(alive[2], alive[0]) and torch.equal(alive[4], alive[3])
+    if impl == "eager":
+        assert all(a.shape[-2:] == (s0, s0) for a in out.attentions)
+        rows = out.attentions[3].sum(-1)[:, 0]  # each kept row of layer 3 sums to 1 over the kept keys
+        torch.testing.assert_close(rows[alive[3] & batch["attention_mask"].bool()], torch.ones_like(rows[alive[3] & batch["attention_mask"].bool()]))
+
+
 # ------------------------------------------------------------------ multi-turn and removal
 
 
