@@ -11,7 +11,7 @@ from torch import nn
 
 from vtok.method import LLM_PROBES, Method, Probe
 
-__all__ = ["Adapter", "per_thread"]
+__all__ = ["Adapter", "per_thread", "InstanceWrap"]
 
 
 class per_thread:
@@ -34,6 +34,29 @@ class per_thread:
 
     def __set__(self, obj, value):
         setattr(obj._local, self.name, value)
+
+
+class InstanceWrap:
+    """Shadows a method of one module instance with a wrapper (an instance attribute); ``remove`` deletes it.
+
+    Used for the model's ``generate`` and the core model's ``get_image_features`` / ``get_video_features``: the only place where the
+    image sizes and the features they produced meet, both in ``forward`` and when ``generate``
+    pre-computes the features (it drops ``image_sizes`` before the prefill), and transformers offers no
+    hook there. The class and every other instance are untouched.
+    """
+
+    def __init__(self, obj, name: str, make):
+        if name in vars(obj):
+            raise ValueError(
+                f"{type(obj).__name__}.{name} is already replaced on this model instance; vtok cannot attach twice"
+            )
+        self.obj, self.name = obj, name
+        self.fn = make(getattr(obj, name))
+        setattr(obj, name, self.fn)
+
+    def remove(self) -> None:
+        if vars(self.obj).get(self.name) is self.fn:
+            delattr(self.obj, self.name)
 
 
 class Adapter:

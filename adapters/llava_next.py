@@ -18,33 +18,10 @@ from vtok.tokens import VisualTokens
 
 from .anyres import LayoutStore, VisualLayout, parse_image, ramp
 from .hf_vision import has_cls_token, vit_probe_stats
-from .base import per_thread
+from .base import InstanceWrap, per_thread
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaNextAdapter", "VisualLayout"]
-
-
-class _InstanceWrap:
-    """Shadows a method of one module instance with a wrapper (an instance attribute); ``remove`` deletes it.
-
-    Used for the core model's ``get_image_features`` / ``get_video_features``: the only place where the
-    image sizes and the features they produced meet, both in ``forward`` and when ``generate``
-    pre-computes the features (it drops ``image_sizes`` before the prefill), and transformers offers no
-    hook there. The class and every other instance are untouched.
-    """
-
-    def __init__(self, obj, name: str, make):
-        if name in vars(obj):
-            raise ValueError(
-                f"{type(obj).__name__}.{name} is already replaced on this model instance; vtok cannot attach twice"
-            )
-        self.obj, self.name = obj, name
-        self.fn = make(getattr(obj, name))
-        setattr(obj, name, self.fn)
-
-    def remove(self) -> None:
-        if vars(self.obj).get(self.name) is self.fn:
-            delattr(self.obj, self.name)
 
 
 class LlavaNextAdapter(VLMAdapter):
@@ -74,7 +51,7 @@ class LlavaNextAdapter(VLMAdapter):
     How the features were laid out is read from the model's own code: ``image_layouts`` runs the
     model's ``pack_image_features`` on a small coordinate tensor (its unpadding and, for OneVision, its
     ``anyres_max`` down-scaling) instead of re-implementing it. The wrapped ``get_image_features`` (see
-    ``_InstanceWrap``) is where the image sizes are visible, both when ``forward`` runs the tower and
+    ``InstanceWrap``) is where the image sizes are visible, both when ``forward`` runs the tower and
     when ``generate`` pre-computes the features (``mm_encoder_outputs``).
     """
 
@@ -120,7 +97,7 @@ class LlavaNextAdapter(VLMAdapter):
         self._layouts = {}
         self._feature_layouts = LayoutStore()  # feature tensor the tower produced -> its layout(s)
         self._vit_raw = None
-        self._hooks.append(_InstanceWrap(self.core, "get_image_features", self._wrap_image_features))
+        self._hooks.append(InstanceWrap(self.core, "get_image_features", self._wrap_image_features))
         self.hook(self.model, self._clear_layouts, pre=False)
         self.hook_vit_probes()
 

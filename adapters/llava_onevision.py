@@ -12,7 +12,8 @@ import inspect
 import torch
 
 from .anyres import VisualLayout, ramp, video_layout
-from .llava_next import LlavaNextAdapter, _InstanceWrap
+from .base import InstanceWrap
+from .llava_next import LlavaNextAdapter
 
 __all__ = ["LlavaOnevisionAdapter"]
 
@@ -75,7 +76,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     # videos -----------------------------------------------------------------------------
     def attach_vision(self) -> None:
         super().attach_vision()
-        self._hooks.append(_InstanceWrap(self.core, "get_video_features", self._wrap_video_features))
+        self._hooks.append(InstanceWrap(self.core, "get_video_features", self._wrap_video_features))
 
     def frame_grid(self) -> tuple[int, int]:
         """The per-frame grid after the model's own pooling, read from ``apply_pooling``."""

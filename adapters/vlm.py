@@ -6,6 +6,7 @@ the in-LLM stage is the ``InLLMStage`` mixin (``llm_stage.py``)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from vtok.method import (
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
-from .base import Adapter, per_thread
+from .base import Adapter, InstanceWrap, per_thread
 from .caller_layout import as_tuple, guard_cache, loss_labels, per_layer_to_caller_layout, to_caller_layout
 from .llm_stage import InLLMStage
 from .hf_llm import (
@@ -180,6 +181,7 @@ class VLMAdapter(InLLMStage, Adapter):
         self.hook(self.model, self._top_post, pre=False)
         self.hook(self.core, self._core_pre, pre=True)
         self.hook(self.lm, self._lm_pre, pre=True)
+        self._hooks.append(InstanceWrap(self.model, "generate", self._wrap_generate))
         self.attach_vision()
         # in_llm steps: (layer, method) in layer order, methods of one layer in chain order
         chain = self.methods.get("in_llm", [])
@@ -203,6 +205,31 @@ class VLMAdapter(InLLMStage, Adapter):
             self.hook(self.lm.layers[layer].self_attn, self._make_probe_pre(probes), pre=True)
         for layer, kinds in sorted(transition_layers.items()):
             self._hook_transition(layer, vectors=False in kinds, stats=True in kinds)
+
+    def _wrap_generate(self, orig):
+        """Refuse assisted / prompt-lookup decoding for in_llm methods: its first forward feeds the prompt
+        together with the candidate tokens, so the method's query rows (the last token, the text after the
+        image) would include tokens that are not the prompt, and the output would differ from greedy."""
+
+        @functools.wraps(orig)
+        def generate(*args, **kwargs):
+            cfg = kwargs.get("generation_config")
+            assisted = any(
+                kwargs.get(k) is not None or getattr(cfg, k, None) is not None
+                for k in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+            )
+            noop = lambda m: m.noop is not None and all(getattr(m, k) == v for k, v in m.noop.items())  # noqa: E731
+            chain = [m for m in self.methods.get("in_llm", []) if not noop(m)]
+            if assisted and chain:
+                raise ValueError(
+                    f"{chain[0].name} prunes inside the LLM, but assisted decoding (assistant_model / prompt lookup) "
+                    "feeds the prompt together with candidate tokens in the first forward, so its query rows would "
+                    "include tokens that are not part of the prompt. Generate without an assistant, or use a method "
+                    "that reduces before the LLM (those work with assisted decoding)"
+                )
+            return orig(*args, **kwargs)
+
+        return generate
 
     # top level: labels, loss and what the caller gets back ------------------------------------
     def _top_pre(self, module, args, kwargs):

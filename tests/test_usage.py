@@ -349,3 +349,26 @@ def test_every_builtin_method_states_its_paper_default_in_describe():
             continue  # test methods registered by the suite
         assert cls.paper, f"{name} has no paper default"
         assert f"paper default: {cls.paper}" in describe(name)
+
+
+def test_assisted_decoding_equals_greedy_or_is_refused_for_in_llm_methods():
+    """The main model's first forward holds prompt + candidates: methods before the LLM are unaffected
+    (assisted == greedy), an in_llm method would rank with candidate rows and is refused (at its no-op
+    setting it runs)."""
+    import copy
+
+    model, batch = _batch("llava")
+    one = {k: v[:1] for k, v in batch.items()}
+    real = one["attention_mask"][0].bool()
+    one = {k: v[:, real] if k in ("input_ids", "attention_mask") else v for k, v in one.items()}
+    assistant = copy.deepcopy(model)
+    for method in (_method("random"), _method("tome"), _method("fastv", retain=1.0)):
+        with vtok.apply(model, method):
+            greedy = model.generate(**one, max_new_tokens=5, do_sample=False)
+            assisted = model.generate(**one, max_new_tokens=5, do_sample=False, assistant_model=assistant)
+        assert torch.equal(greedy, assisted), method.name
+    with vtok.apply(model, _method("fastv")):
+        with pytest.raises(ValueError, match="assisted decoding"):
+            model.generate(**one, max_new_tokens=5, do_sample=False, assistant_model=assistant)
+        with pytest.raises(ValueError, match="assisted decoding"):
+            model.generate(**one, max_new_tokens=5, do_sample=False, prompt_lookup_num_tokens=2)
