@@ -161,3 +161,18 @@ def test_lmms_eval_runs_the_plugin_on_the_local_task(exported):
     thr = results["throughput"]
     assert thr["avg_vtok_visual_tokens_in"] == 256 and thr["avg_vtok_visual_tokens_out"] == 128
     assert thr["avg_vtok_requests"] == 2
+
+
+def test_readme_pipeline_snippet_runs_as_written(exported, capsys):
+    """The README's pipeline example, with its checkpoint folder pointed at this module's export."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("easy_vqa")
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    part = text[text.index("An HF pipeline with a method attached") :]
+    code = re.search(r"```python\n(.*?)```", part, flags=re.S).group(1)
+    assert 'model="vtok-vlm"' in code
+    exec(compile(code.replace('"vtok-vlm"', repr(str(exported))), "README.md", "exec"), {})  # noqa: S102
+    out = capsys.readouterr().out
+    assert out.count("| expected:") == 4 and "-> [128, 128, 128, 128]" in out
