@@ -68,6 +68,11 @@ def run_demo(n: int = 200, budgets=(0.5, 0.25), methods=None, out: str = "vtok-d
 
 
 def _cmd(args) -> int:
+    if args.export:
+        from . import offline
+
+        print(offline.export_vlm(args.export))
+        return 0
     run_demo(
         n=args.n,
         budgets=args.budgets,
@@ -89,4 +94,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="instead of comparing: write the demo VLM to DIR as an HF checkpoint (model + LlavaProcessor "
+                        "with its chat template) for from_pretrained, pipeline() and lmms-eval")
     p.set_defaults(func=_cmd)

@@ -162,7 +162,8 @@ def save_projector(model, path: str | os.PathLike, metadata: dict | None = None)
 
 def load_vlm(cache_dir: str | os.PathLike | None = None, projector: str | os.PathLike | None = "default",
              dtype=torch.float32, device: str | torch.device = "cpu"):
-    """Return ``(model, tokenizer, helper)``; builds the cache on first use.
+    """Return ``(model, tokenizer, helper)``; builds the cache on first use. ``helper.processor`` is the
+    model's ``LlavaProcessor`` (``make_processor``), for code written against HF processors.
 
     ``projector``: ``"default"`` -> ``eval/assets/projector.safetensors`` if present (else a warning: untrained);
     a path -> that file; ``None`` -> randomly initialised projector (seed 0).
@@ -186,7 +187,107 @@ def load_vlm(cache_dir: str | os.PathLike | None = None, projector: str | os.Pat
         load_projector(model, projector)
     model.to(device)
     _log(f"VLM assembled in {time.time() - t0:.1f} s")
-    return model, tok, VLMHelper(tok, image_token_id=model.config.image_token_id)
+    return model, tok, VLMHelper(tok, image_token_id=model.config.image_token_id,
+                                 processor=make_processor(tok, model))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The offline VLM as a standard HF checkpoint: processor, chat template, export
+# --------------------------------------------------------------------------------------------------------------
+
+#: The offline VLM's prompt as a chat template: the user turn's images as ``<image>`` (the processor expands each
+#: to 256 placeholders), then ``Question: {text} Answer:``; an assistant turn is `` {answer}`` + EOS (what
+#: ``build_prompt_ids`` builds). Content may be a list of ``{"type": "image"|"text"}`` parts (HF pipelines,
+#: ``processor.apply_chat_template``) or a string holding ``<image>`` markers (lmms-eval's ``llava_hf`` sends
+#: ``"<image>\n{question}"``): the markers move to the front and the text is stripped, so both give the same ids.
+#: System turns are dropped (the projector was trained without one); the generation prompt is the trailing
+#: ``Answer:``.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set n_images = message['content'].count('<image>') -%}"
+    "{%- set text = message['content'].replace('<image>', '') | trim -%}"
+    "{%- else -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')"
+    " | trim -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '<image>' * n_images -}}Question: {{ text }} Answer:"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- ' ' + text + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def make_image_processor():
+    """The image processor of the offline VLM, equal to ``preprocess_images``: RGB, PIL bilinear resize to
+    224 x 224 (no crop), x/255, ImageNet mean/std. The PIL backend (``CLIPImageProcessorPil``) where transformers
+    has one, since the torchvision backend's resize differs from PIL's in the last bits."""
+    import transformers
+
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls(
+        do_resize=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=2,  # PIL.Image.BILINEAR
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+
+
+def make_processor(tokenizer, model):
+    """The ``LlavaProcessor`` of the offline VLM: ``make_image_processor``, the tokenizer (``<image>`` added, left
+    padding) and ``CHAT_TEMPLATE``. ``processor(images=..., text="<image>Question: q Answer:")`` gives the same
+    ``input_ids`` and ``pixel_values`` as ``VLMHelper`` / ``build_inputs`` (tested)."""
+    from transformers import LlavaProcessor
+
+    add_image_token(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE  # lmms-eval's llava_hf applies the tokenizer's template
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved with the tokenizer: batches pad on the left when reloaded
+    cfg = model.config
+    return LlavaProcessor(
+        image_processor=make_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=cfg.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # DINOv2's CLS, dropped by the "default" strategy
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def export_vlm(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+               projector: str | os.PathLike | None = "default", dtype=torch.float32, model=None,
+               processor=None) -> Path:
+    """Write the offline VLM to ``out_dir`` as a standard HF checkpoint (``save_pretrained`` model + processor,
+    generation config: greedy, stops at EOS), so ``LlavaForConditionalGeneration.from_pretrained``,
+    ``AutoProcessor.from_pretrained``, ``pipeline("image-text-to-text", model=out_dir)`` and lmms-eval
+    (``--model vtok --model_args pretrained=out_dir``) load it as it is. ``model``/``processor``: an already loaded
+    ``load_vlm`` model and ``helper.processor`` (else they are loaded). Returns the folder."""
+    if model is None:
+        model, _, helper = load_vlm(cache_dir, projector=projector, dtype=dtype)
+        processor = helper.processor
+    elif processor is None:
+        raise ValueError("export_vlm(model=...) needs the processor too (load_vlm()'s helper.processor)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = processor.tokenizer
+    gc = model.generation_config
+    gc.eos_token_id = tok.eos_token_id
+    gc.pad_token_id = tok.pad_token_id
+    gc.bos_token_id = None  # the prompt starts with the image: SmolLM2's tokenizer adds no BOS
+    gc.do_sample = False
+    model.save_pretrained(out, state_dict=_compact_state_dict(model))
+    processor.save_pretrained(out)
+    _log(f"exported the offline VLM to {out}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,6 +389,7 @@ class VLMHelper:
 
     tokenizer: object
     image_token_id: int
+    processor: object = None  # the HF LlavaProcessor (``make_processor``) when ``load_vlm`` built it
 
     def __call__(self, images, questions, answers=None, **kw):
         return build_inputs(self.tokenizer, images, questions, answers, image_token_id=self.image_token_id, **kw)
@@ -344,7 +446,41 @@ def forward_with_features(model, input_ids, attention_mask, feats, *, pool: int 
                  logits_to_keep=logits_to_keep, use_cache=False)
 
 
-if __name__ == "__main__":
-    from .offline_assets import main
+def _compact_state_dict(model) -> dict:
+    """The state dict with every float32 tensor that bfloat16 holds exactly stored as bfloat16 (SmolLM2's weights:
+    the cache has them in bf16) and the rest (DINOv2, the projector, the ``<image>`` embedding row) in float32.
+    The config keeps the model's dtype, so ``from_pretrained`` casts back without loss: the checkpoint is ~420 MB
+    instead of ~640 MB and loads bit-identical to ``load_vlm``'s model."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.dtype == torch.float32:
+            half = v.to(torch.bfloat16)
+            if torch.equal(half.float(), v):
+                v = half
+        out[k] = v
+    return out
 
+
+def main(argv=None) -> None:
+    """``python -m vtok.eval.offline``: build the weight cache and run a sanity check; ``--export DIR`` writes the
+    offline VLM as an HF checkpoint instead (``export_vlm``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build the offline VLM cache and run a sanity check, or export the VLM.")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--force", action="store_true", help="rebuild the weight cache")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write the VLM as an HF checkpoint (model + LlavaProcessor) to DIR")
+    a = p.parse_args(argv)
+    if a.export is None:
+        from .offline_assets import main as build_and_check
+
+        build_and_check((["--cache-dir", a.cache_dir] if a.cache_dir else []) + (["--force"] if a.force else []))
+        return
+    if a.force:
+        build_cache(a.cache_dir, force=True)
+    print(export_vlm(a.export, cache_dir=a.cache_dir))
+
+
+if __name__ == "__main__":
     main()

@@ -80,7 +80,9 @@ class Comparison:
             + f"visual tokens | {prefix}FLOPs/sample | FLOPs vs full | TTFT ms |\n"
             + "|---" * (8 + len(extra)) + "|"
         )
-        lines = [f"**{self.model}** on **{self.dataset}** ({self.rows[0].n if self.rows else 0} samples)", "", head]
+        n = self.rows[0].n if self.rows else 0
+        procs = f"{self.processes} process" + ("es" if self.processes != 1 else "")
+        lines = [f"**{self.model}** on **{self.dataset}** ({n} samples, {procs})", "", head]
         for r in self.rows:
             budget = "-" if r.budget is None else f"{r.budget:.3g}"
             lines.append(

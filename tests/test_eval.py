@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from importlib.metadata import EntryPoint, entry_points
@@ -121,15 +120,14 @@ def test_cli_eval(tmp_path, capsys):
 @needs_accelerate
 @needs_plot
 def test_accelerate_two_processes_same_table(tmp_path):
-    """`accelerate launch` with 2 processes (gloo on CPU) gives the table of a single process."""
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if launcher is None:
-        pytest.skip("the accelerate launcher is not on PATH")
+    """The README's `accelerate launch --multi_gpu --num_processes 2 -m vtok.cli eval ...` (gloo on CPU) gives the
+    table of a single process, and the table says how many processes ran."""
     args = ["--model", "tiny-llava", "--n", "4", "--batch-size", "2", "--methods", "fastv:layer=2,retain=0.5",
             "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "vtok.cli", "eval", *args, "--out", str(tmp_path / "two")]  # fmt: skip
+    # `python -m accelerate.commands.launch` is `accelerate launch` run by this interpreter
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "-m", "vtok.cli", "eval", *args, "--out", str(tmp_path / "two")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from vtok.cli import main
@@ -138,6 +136,8 @@ def test_accelerate_two_processes_same_table(tmp_path):
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
+    assert "4 samples, 2 processes" in (tmp_path / "two" / "results.md").read_text()
+    assert "4 samples, 1 process)" in (tmp_path / "one" / "results.md").read_text()
     drop = ("ttft_ms",)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(two["rows"]) == strip(one["rows"])
