@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -149,6 +151,20 @@ class InViTRunner:
         self.reduced = False
         self._blk = _Block()
 
+    def _schedule_for(self, patches: int) -> None:
+        """A schedule given as a budget (tome's ``retain``) follows the tokens this run really has; which
+        blocks merge stays as installed."""
+        if "num_tokens" not in inspect.signature(self.method.vit_schedule).parameters or self.n_active <= 0:
+            return
+        sched = [int(v) for v in self.method.vit_schedule(self.n_active, num_tokens=patches)]
+        sched += [0] * (len(self.parts) - len(sched))
+        if [v > 0 for v in sched] != [v > 0 for v in self.schedule]:
+            raise ValueError(
+                f"{self.method.name}: at {patches} patches per image its schedule merges in other blocks than the one "
+                "installed for the tower's configured size; give r= explicitly"
+            )
+        self.schedule = sched
+
     def _checkpointed(self) -> bool:
         """Whether the tower recomputes its blocks in backward: HF's layers (``gradient_checkpointing``),
         timm's VisionTransformer and open_clip's Transformer (``grad_checkpointing`` on a parent of the blocks)."""
@@ -204,6 +220,7 @@ class InViTRunner:
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         self._reset()
         self.n0 = int(x.shape[1])
+        self._schedule_for(self.n0 - self.protected)
         if self.on_reset is not None:
             self.on_reset()
         return None

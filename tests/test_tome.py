@@ -459,3 +459,19 @@ def test_retain_errors_and_describe():
     with pytest.raises(ValueError, match="vit_tokens"):
         ToMe(retain=0.5).vit_schedule(2)  # not applied: the patch count is unknown
     assert "retain = None" in vtok.describe("tome")
+
+
+def test_retain_follows_the_patches_the_tower_really_gets():
+    """A tower configured for larger images than it is fed (the demo's DINOv2: 518 px config, 224 px
+    inputs) gets r from the run's patch count, not the config's (which would merge nearly everything)."""
+    from vtok.testing import tiny_llava_tower
+
+    model = tiny_llava_tower("dinov2")
+    model.config.vision_config.image_size = 64  # the config claims 8x8 patches; images stay 32 px (4x4)
+    pixel = torch.randn(2, 3, 32, 32)
+    with vtok.apply(model, "tome", retain=0.5) as h:
+        assert h.dims["vit_tokens"] == 64
+        model.model.get_image_features(pixel_values=pixel)
+        src = h.adapter.source
+    # 16 patches + CLS, 2 blocks: r = round(16 * 0.5 / 2) = 4 per block -> 8 patches + CLS remain
+    assert src.sizes.shape == (2, 9) and src.sizes.sum(1).tolist() == [17.0, 17.0]

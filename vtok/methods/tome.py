@@ -180,14 +180,15 @@ class ToMe(Method):
         n = context.visual_tokens
         return round((n - context.vit_blocks * cls.r_for_budget(budget, context)) / n, 4)
 
-    def resolved_r(self, num_blocks: int):
+    def resolved_r(self, num_blocks: int, num_tokens: int | None = None):
         """``r``, or the constant r that ``retain`` asks for on a tower of ``num_blocks`` merging blocks and
-        ``dims["vit_tokens"]`` patches per image (``r_for_budget``: the same r as ``settings_for_budget``)."""
+        ``num_tokens`` patches per image (the run's own count; before a run ``dims["vit_tokens"]``, the
+        tower config's size) -- ``r_for_budget``: the same r as ``settings_for_budget``."""
         if self.retain is None:
             return self.r
         if self.retain >= 1.0 or num_blocks <= 0:
             return 0
-        n = self.dims.get("vit_tokens")
+        n = num_tokens or self.dims.get("vit_tokens")
         if not n:
             raise ValueError(
                 "tome: retain= is turned into tokens merged per block from the number of patches per image, which "
@@ -196,8 +197,10 @@ class ToMe(Method):
             )
         return self.r_for_budget(self.retain, BudgetContext(int(n), num_blocks))
 
-    def vit_schedule(self, num_blocks: int) -> list[int]:
-        return parse_r(num_blocks, self.resolved_r(num_blocks))
+    def vit_schedule(self, num_blocks: int, num_tokens: int | None = None) -> list[int]:
+        """Tokens removed per block; with ``retain``, from the patches the tower really gets
+        (``num_tokens``, given by the adapter at each run: a tower configured for 518 px may run at 224)."""
+        return parse_r(num_blocks, self.resolved_r(num_blocks, num_tokens))
 
     def in_vit(self, view: ViTView) -> ViTMerge | None:
         src, dst, unm = bipartite_soft_matching(view.metric, view.budget, view.protected)
