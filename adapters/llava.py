@@ -216,6 +216,11 @@ class LlavaAdapter(VLMAdapter):
 
     def _projector_post(self, module, args, kwargs, output):
         vit = self._vit_last
+        if vit is not None and vit.padded is None and self.direct_call():
+            # get_image_features called by the user: the merged tokens themselves (in raster order of their
+            # first patch), not the zero-padded layout the model's own forward splices them from
+            self._vit_last = None
+            return None
         if vit is not None and vit.padded is None:
             # the model expects one feature per placeholder: hand it the merged tokens at their first
             # patch's slot (zeros elsewhere); the LM entry then splices the merged tokens only

@@ -79,6 +79,7 @@ class VLMAdapter(InLLMStage, Adapter):
     _gen = per_thread()  # what the last prefill left for the decode steps that follow it
     _captured = per_thread(dict)  # ViT probes captured while the vision tower ran
     _pending_labels = per_thread()
+    _in_generate = per_thread()  # inside the model's generate (it may run the tower before any forward)
 
     # subclass interface ------------------------------------------------------
     #: placeholder token id(s) whose positions hold visual features
@@ -227,9 +228,19 @@ class VLMAdapter(InLLMStage, Adapter):
                     "include tokens that are not part of the prompt. Generate without an assistant, or use a method "
                     "that reduces before the LLM (those work with assisted decoding)"
                 )
-            return orig(*args, **kwargs)
+            outer = self._in_generate
+            self._in_generate = True
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self._in_generate = outer
 
         return generate
+
+    def direct_call(self) -> bool:
+        """True when the model's pieces (``get_image_features``) are called by the user, not by the
+        model's own forward or generate."""
+        return self._fw is None and not self._in_generate
 
     # top level: labels, loss and what the caller gets back ------------------------------------
     def _top_pre(self, module, args, kwargs):

@@ -372,3 +372,17 @@ def test_assisted_decoding_equals_greedy_or_is_refused_for_in_llm_methods():
             model.generate(**one, max_new_tokens=5, do_sample=False, assistant_model=assistant)
         with pytest.raises(ValueError, match="assisted decoding"):
             model.generate(**one, max_new_tokens=5, do_sample=False, prompt_lookup_num_tokens=2)
+
+
+def test_get_image_features_while_tome_is_attached_gives_the_merged_tokens():
+    """A direct call returns the merged tokens (no zero rows); the model's own forward and generate still
+    splice them into the placeholders."""
+    model, batch = _batch("llava")
+    with vtok.apply(model, _method("tome", r=2)) as h:
+        out = model.get_image_features(pixel_values=batch["pixel_values"])
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        assert all(f.shape[0] == 12 and bool((f.abs().sum(-1) > 0).all()) for f in feats)  # 16 + CLS - 2 x 2, CLS dropped
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert [r.tokens_out for r in h.stats if r.stage == "in_vit"][-1] == [13, 13, 26]
+    with vtok.apply(model, _method("tome", r=2)):
+        assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), generated)
