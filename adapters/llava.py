@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass, replace
 
@@ -63,6 +65,14 @@ def _rows_of(views, padded: torch.Tensor) -> list[int] | None:
             return None
         rows.append(j)
     return rows
+
+
+def _padded(merged: torch.Tensor, vit: "_ViTFeatures") -> torch.Tensor:
+    """The merged tokens [images, k, D] at their first patch's slot of the full layout (zeros elsewhere)."""
+    n_img, _, d = merged.shape
+    full = merged.new_zeros(n_img, vit.n_full, d)
+    full.scatter_(1, vit.positions.unsqueeze(-1).expand(-1, -1, d), merged)
+    return full
 
 
 class LlavaAdapter(VLMAdapter):
@@ -216,21 +226,18 @@ class LlavaAdapter(VLMAdapter):
 
     def _projector_post(self, module, args, kwargs, output):
         vit = self._vit_last
-        if vit is not None and vit.padded is None and self.direct_call():
-            # get_image_features called by the user: the merged tokens themselves (in raster order of their
-            # first patch), not the zero-padded layout the model's own forward splices them from
-            self._vit_last = None
-            return None
         if vit is not None and vit.padded is None:
             # the model expects one feature per placeholder: hand it the merged tokens at their first
             # patch's slot (zeros elsewhere); the LM entry then splices the merged tokens only
-            n_img, _, d = output.shape
-            full = output.new_zeros(n_img, vit.n_full, d)
-            full.scatter_(1, vit.positions.unsqueeze(-1).expand(-1, -1, d), output)
-            vit.features, vit.padded = output, full
+            vit.features, vit.padded = output, _padded(output, vit)
             self._vit_run = vit
-            self.capture_features(full)
-            return full
+            if self.direct_call():
+                # get_image_features called by the user: the merged tokens themselves (in raster order of
+                # their first patch); passed back as pre-computed features they are laid out again
+                self._vit_last = None
+                return None
+            self.capture_features(vit.padded)
+            return vit.padded
         self.capture_features(output)
         return None
 
@@ -261,22 +268,45 @@ class LlavaAdapter(VLMAdapter):
             kept_t = [torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in ks]
             self.handle.stats.append(Reduction(name, "in_vit", block, tin, tout, kept_t))
 
+    def expand_encoder_outputs(self, mm_encoder_outputs: dict) -> dict:
+        """Merged tokens a direct ``get_image_features`` call returned (rows of the last merged run's
+        output, by identity) come back one feature per placeholder, as the model's forward needs them."""
+        image = mm_encoder_outputs.get("image")
+        vit = getattr(self, "_vit_run", None)
+        if image is None or vit is None or vit.features is None or getattr(image, "pooler_output", None) is None:
+            return mm_encoder_outputs
+        rows = _rows_of(list(image.pooler_output), vit.features)
+        if rows is None:
+            return mm_encoder_outputs
+        padded = vit.padded[torch.tensor(rows, device=vit.padded.device)]
+        self._vit_last = vit.select(rows, padded=padded)  # features_from_encoder_outputs finds its rows
+        out = copy.copy(image)
+        out.pooler_output = list(padded)
+        return {**mm_encoder_outputs, "image": out}
+
     def features_from_encoder_outputs(self, mm_encoder_outputs: dict):
-        """The pre-computed image features [images, tokens, D]. When they are rows of the last in_vit
-        run's output (``generate`` computed them with the method attached, maybe repeating groups of
-        images), the pending run is narrowed to those rows, in their order."""
+        """The pre-computed image features [images, tokens, D]. When they are rows of an in_vit run's
+        output (``generate`` computed them with the method attached, maybe repeating groups of images; or
+        a direct call's merged tokens, laid out again by ``expand_encoder_outputs``), the pending run is
+        narrowed to those rows, in their order. The run stays known for every later prefill over the same
+        features (``generate(use_cache=False)`` runs a full prefill at every step)."""
         image = mm_encoder_outputs.get("image")
         if image is None:
             return None
         rows = list(image.pooler_output)
         features = torch.stack(rows)
-        # the run that produced them, also for a later prefill over the same features (generate with
-        # use_cache=False runs a full prefill at every step on the features it computed once)
-        vit = getattr(self, "_vit_run", None)
-        if vit is not None and vit.padded is not None:
-            found = _rows_of(rows, vit.padded)
-            if found is not None:
-                self._vit_last = vit.select(found, padded=features)
+        for vit in (self._vit_last, getattr(self, "_vit_run", None)):
+            if vit is not None and vit.padded is not None:
+                found = _rows_of(rows, vit.padded)
+                if found is not None:
+                    self._vit_last = vit.select(found, padded=features)
+                    return features
+        if getattr(self, "_vit", None) is not None:
+            raise ValueError(
+                "these pre-computed image features are not ones the vision tower produced with the in_vit method "
+                f"({self.method('in_vit').name}) attached (vtok knows them by identity, never by value); pass "
+                "pixel_values, or the very output of model.get_image_features(...) while the method is attached"
+            )
         return features
 
     def build_units(self, features, input_ids):

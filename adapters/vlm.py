@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vtok.hf_compat import cache_from_kwargs, output_cache, precomputed_visual_features
+from vtok.hf_compat import (
+    cache_from_kwargs,
+    output_cache,
+    precomputed_visual_features,
+    replace_precomputed_visual_features,
+)
 from vtok.method import (
     LLM_PROBES,
     LLMAttention,
@@ -103,6 +108,11 @@ class VLMAdapter(InLLMStage, Adapter):
     def build_units(self, features, input_ids) -> tuple[VisualTokens, list]:  # pragma: no cover - abstract
         """Projected features -> (VisualTokens, per-unit placeholder spans); validates the counts."""
         raise NotImplementedError
+
+    def expand_encoder_outputs(self, mm_encoder_outputs: dict) -> dict:
+        """The pre-computed features as the model's forward needs them (default: as given); a family may
+        return a new dict, e.g. merged tokens from a direct ``get_image_features`` call laid out again."""
+        return mm_encoder_outputs
 
     def features_from_encoder_outputs(self, mm_encoder_outputs: dict):  # pragma: no cover - abstract
         """The projected features held in ``mm_encoder_outputs`` (what ``generate`` pre-computes)."""
@@ -314,9 +324,14 @@ class VLMAdapter(InLLMStage, Adapter):
             if has_visual and reason is None:
                 mm = precomputed_visual_features(kwargs)
                 if mm:
+                    given = mm
+                    mm = self.expand_encoder_outputs(mm)
                     feats = self.features_from_encoder_outputs(mm)
                     if feats is not None:
                         self._fw.units, self._fw.spans = self.build_units(feats, input_ids)
+                    if mm is not given:
+                        replace_precomputed_visual_features(kwargs, mm)
+                        return args, kwargs
         else:
             if self._gen is not None and self._gen.cache is not cache:
                 self._gen = None

@@ -131,3 +131,8 @@ def precomputed_visual_features(kwargs: dict):
     """``mm_encoder_outputs``: the visual features ``generate`` computes before the prefill forward
     (5.18+); None when the caller's forward runs the vision tower itself."""
     return kwargs.get("mm_encoder_outputs")
+
+
+def replace_precomputed_visual_features(kwargs: dict, outputs) -> None:
+    """Hand the forward ``outputs`` instead of the pre-computed visual features it was called with."""
+    kwargs["mm_encoder_outputs"] = outputs
