@@ -16,6 +16,7 @@ from vtok.tokens import VisualTokens
 from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
 from .vit import InViTRunner, check_vit_method
 from .vit_blocks import hf_attn_implementation, hf_block_parts
+from .base import per_thread
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaAdapter"]
@@ -77,6 +78,8 @@ def _padded(merged: torch.Tensor, vit: "_ViTFeatures") -> torch.Tensor:
 
 class LlavaAdapter(VLMAdapter):
     name = "llava"
+    _vit_last = per_thread()  # the in_vit run the coming prefill splices (per thread, like all per-call state)
+    _vit_run = per_thread()  # the last in_vit run of this thread (pre-computed features are its rows)
     model_classes = ("LlavaForConditionalGeneration",)
     stages = ("in_vit", "before_llm", "in_llm")
 

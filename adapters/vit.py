@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +21,7 @@ from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.vit import ViTMerge, ViTSource, ViTView, merge_tokens, remap_assign
 
-from .base import Adapter
+from .base import Adapter, per_thread
 from .hf_vision import config_patches, has_cls_token
 from .vit_blocks import (  # noqa: F401  (BlockParts and the *_block_parts were defined here before)
     BlockParts,
@@ -105,6 +106,17 @@ class InViTRunner:
        ``x' + m`` -- exactly ToMe's block, computed with the block's own modules.
     """
 
+    # per-call state, kept per thread: one attached model may run in several threads at once
+    n0 = per_thread()
+    sizes = per_thread()
+    assign = per_thread()
+    metric = per_thread()
+    probes = per_thread()
+    records = per_thread()
+    reduced = per_thread()
+    schedule = per_thread()
+    _blk = per_thread()
+
     def __init__(
         self,
         adapter: Adapter,
@@ -126,8 +138,9 @@ class InViTRunner:
         active = n if active is None else active
         self.n_active = active
         sched = [int(v) for v in method.vit_schedule(active)] if active > 0 else []
-        self.schedule = sched + [0] * (n - len(sched))
-        merging = [i for i, v in enumerate(self.schedule) if v > 0]
+        self._local = threading.local()
+        self.installed = sched + [0] * (n - len(sched))  # the schedule the hooks were installed for
+        merging = [i for i, v in enumerate(self.installed) if v > 0]
         self.first_merge = merging[0] if merging else None
         self.prop_attn = bool(getattr(method, "prop_attn", False))
         self.track_source = track_source
@@ -150,6 +163,7 @@ class InViTRunner:
         self.records: list = []
         self.reduced = False
         self._blk = _Block()
+        self.schedule = list(self.installed)
 
     def _schedule_for(self, patches: int) -> None:
         """A schedule given as a budget (tome's ``retain``) follows the tokens this run really has; which
@@ -158,7 +172,7 @@ class InViTRunner:
             return
         sched = [int(v) for v in self.method.vit_schedule(self.n_active, num_tokens=patches)]
         sched += [0] * (len(self.parts) - len(sched))
-        if [v > 0 for v in sched] != [v > 0 for v in self.schedule]:
+        if [v > 0 for v in sched] != [v > 0 for v in self.installed]:
             raise ValueError(
                 f"{self.method.name}: at {patches} patches per image its schedule merges in other blocks than the one "
                 "installed for the tower's configured size; give r= explicitly"
@@ -195,7 +209,7 @@ class InViTRunner:
         a = self.adapter
         a.hook(self.parts[0].block, self._start, pre=True)
         for i, part in enumerate(self.parts):
-            r = self.schedule[i]
+            r = self.installed[i]
             # sizes matter from the first merging block on, up to the last block that reaches the output
             bias = self.prop_attn and self.first_merge is not None and self.first_merge <= i < self.n_active
             if bias or i in self.probe_layers or (r > 0 and part.key_pre):

@@ -32,8 +32,10 @@ def _method(name, **kw):
 # ------------------------------------------------------------------ threads
 
 
-@pytest.mark.parametrize("case_name", VLMS)
-@pytest.mark.parametrize("method", ["fastv", "random"])
+@pytest.mark.parametrize(
+    "case_name,method",
+    [(c, m) for c in VLMS for m in ("fastv", "random")] + [("llava", "tome"), ("llava", "hiprune"), ("llava", "todre")],
+)
 def test_threads_do_not_share_per_call_state(method, case_name):
     """One attached model called from 4 threads at once gives each call its own (correct) result."""
     model = tiny_model(case_name)
