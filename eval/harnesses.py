@@ -107,23 +107,15 @@ def video_clips() -> list[Path]:
 
 
 def read_frames(path: Path, n: int, rng: random.Random):
-    """``n`` evenly spaced frames (random phase) of a clip, as PIL images."""
+    """``n`` evenly spaced frames (random phase) of a clip, as PIL images (decoded by ``vtok.video``)."""
     from PIL import Image
 
-    try:
-        import decord
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("reading video needs decord (pip install decord)") from e
-    try:
-        vr = decord.VideoReader(str(path))
-    except Exception as e:  # decord raises its own error types
-        raise ValueError(f"cannot read video {path}: {e}") from None
-    total = len(vr)
-    if total == 0:
-        raise ValueError(f"video {path} has zero frames")
+    from vtok import video
+
+    total = video.probe(path).num_frames
     step = total / n
     idx = [min(total - 1, int(step * k + rng.random() * step)) for k in range(n)]
-    return [Image.fromarray(f) for f in vr.get_batch(idx).asnumpy()]
+    return [Image.fromarray(f) for f in video.read_indices(path, idx)]
 
 
 class VideoNeedleQA(EasyVQA):
