@@ -414,7 +414,7 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
             row.budget = budget
             for base in baselines:
                 bs = Setting(base, (("retain", budget),), "baseline", budget)
-                if (bs.method, bs.settings) in seen:
+                if (bs.method, repr(bs.settings)) in seen:  # once per budget, not once per method
                     bar.update(n_batches)
                     continue
                 why = _can_attach(model, bs)

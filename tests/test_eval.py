@@ -54,8 +54,8 @@ def test_parse_method():
 def test_runner_table_plot_and_baselines(tmp_path):
     model = tiny_model("llava")
     ds = datasets.SyntheticDataset("llava", n=6, seed=1)
-    res = runner.compare(model, ds, ["fastv:layer=2,retain=0.5", ("pool", {"factor": 2})], batch_size=3,
-                         out_dir=tmp_path, progress=False, model_name="tiny-llava")  # fmt: skip
+    res = runner.compare(model, ds, ["fastv:layer=2,retain=0.5", ("pool", {"factor": 2}), "fastv:layer=1,retain=0.5"],
+                         batch_size=3, out_dir=tmp_path, progress=False, model_name="tiny-llava")  # fmt: skip
     rows = [(r.method, r.settings, r.budget) for r in res.rows]
     assert rows == [
         ("full", "-", None),
@@ -65,6 +65,7 @@ def test_runner_table_plot_and_baselines(tmp_path):
         ("pool", "factor=2", 0.25),  # no retain: the budget is the fraction the method really kept
         ("random", "retain=0.25", 0.25),
         ("pool", "retain=0.25", 0.25),
+        ("fastv", "layer=1, retain=0.5", 0.5),  # its baselines at 0.5 ran already: not again
     ]
     full = res.rows[0]
     assert full.accuracy == 1.0 and full.flops_ratio == 1.0 and full.n == 6
