@@ -388,3 +388,15 @@ def test_get_image_features_while_tome_is_attached_gives_the_merged_tokens():
         assert [r.tokens_out for r in h.stats if r.stage == "in_vit"][-1] == [13, 13, 26]
     with vtok.apply(model, _method("tome", r=2)):
         assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), generated)
+
+
+def test_every_builtin_method_has_a_row_in_the_readme_methods_table():
+    from pathlib import Path
+
+    from vtok.method import get_method_class
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Methods") : readme.index("### Write your own method")]
+    for name in vtok.list_methods():
+        if get_method_class(name).__module__.startswith("vtok.methods."):
+            assert f"| `{name}` |" in table, name
