@@ -400,3 +400,19 @@ def test_every_builtin_method_has_a_row_in_the_readme_methods_table():
     for name in vtok.list_methods():
         if get_method_class(name).__module__.startswith("vtok.methods."):
             assert f"| `{name}` |" in table, name
+
+
+@pytest.mark.parametrize("case_name", VLMS)
+def test_a_custom_4d_attention_mask_runs_untouched_and_says_so(case_name):
+    """HF's models take a prepared 4-D additive mask; vtok shortens sequences from a 2-D one, so such a call
+    runs the untouched model (the same logits as without vtok) and handle.passthrough names why."""
+    model, batch = _batch(case_name)
+    s = batch["input_ids"].shape[1]
+    keep = batch["attention_mask"].bool()[:, None, None, :] & torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+    mask4 = (~keep).float() * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        want = model(**{**batch, "attention_mask": mask4}).logits
+        with vtok.apply(model, _method("random")) as h, pytest.warns(UserWarning, match="untouched model"):
+            got = model(**{**batch, "attention_mask": mask4}).logits
+            assert "4-D attention mask" in h.passthrough and not h.stats
+    assert torch.equal(got, want)
