@@ -56,8 +56,6 @@ class LlavaNextAdapter(VLMAdapter):
     """
 
     # per-call state, per thread (see VLMAdapter)
-    _layouts = per_thread(dict)  # modality -> list[VisualLayout] of the features of the coming prefill
-    _unit_layouts = per_thread()  # the layout of each unit of the prefill in flight
     _vit_raw = per_thread()  # probe -> list of per-tower-call stats, inside a wrapped call
 
     name = "llava_next"
@@ -94,16 +92,10 @@ class LlavaNextAdapter(VLMAdapter):
 
     # attach ----------------------------------------------------------------------
     def attach_vision(self) -> None:
-        self._layouts = {}
         self._feature_layouts = LayoutStore()  # feature tensor the tower produced -> its layout(s)
         self._vit_raw = None
         self._hooks.append(InstanceWrap(self.core, "get_image_features", self._wrap_image_features))
-        self.hook(self.model, self._clear_layouts, pre=False)
         self.hook_vit_probes()
-
-    def _clear_layouts(self, module, args, kwargs, output):
-        self._layouts = {}
-        return None
 
     def _make_vit_probe(self, probes):
         def pre(module, args, kwargs):
@@ -116,6 +108,12 @@ class LlavaNextAdapter(VLMAdapter):
             return None
 
         return pre
+
+    def _note_layouts(self, modality: str, layouts: list) -> None:
+        """The layouts of the features the tower just produced, for the prefill in flight (a tower run
+        outside a forward -- generate's pre-computation -- is found again through ``_feature_layouts``)."""
+        if self._fw is not None:
+            self._fw.layouts[modality] = layouts
 
     def _needs_layouts(self) -> bool:
         """Units (and so layouts) are only built for a before_llm method."""
@@ -167,7 +165,7 @@ class LlavaNextAdapter(VLMAdapter):
                             f"({t.shape[0]}); please report this with your transformers version"
                         )
                     self._feature_layouts.put(t, lay)  # for generate's mm_encoder_outputs
-            self._layouts["image"] = layouts
+            self._note_layouts("image", layouts)
             return out
 
         return get_image_features
@@ -227,7 +225,7 @@ class LlavaNextAdapter(VLMAdapter):
         """None: this family builds its units at the LM entry, where every placeholder holds its feature
         (``VLMAdapter``'s contract for "no features yet"). A new prefill starts here: its layouts are
         those of the pre-computed features (``encoder_layouts``), or what the tower computes now."""
-        self._layouts = self.encoder_layouts(mm_encoder_outputs)
+        self._fw.layouts = self.encoder_layouts(mm_encoder_outputs)
         return None
 
     def encoder_layouts(self, mm_encoder_outputs: dict) -> dict:
@@ -255,7 +253,7 @@ class LlavaNextAdapter(VLMAdapter):
             slots = (input_ids == token_id).nonzero()  # row-major: the order masked_scatter fills
             if slots.shape[0] == 0:
                 continue
-            lays = self._layouts.get(modality)
+            lays = self._fw.layouts.get(modality)
             if lays is None:
                 raise ValueError(
                     f"vtok cannot tell how the {modality} features of this prompt were laid out (AnyRes crops, "
@@ -279,7 +277,7 @@ class LlavaNextAdapter(VLMAdapter):
                     raise ValueError(f"the placeholders of one {modality} are split across samples of the batch")
                 entries.append((int(seg[0, 0]), int(seg[0, 1]), lay, seg[:, 1]))
         entries.sort(key=lambda e: (e[0], e[1]))
-        self._unit_layouts = [e[2] for e in entries]
+        self._fw.unit_layouts = [e[2] for e in entries]
         return self._make_units(features, entries), [e[3] for e in entries]
 
     def _make_units(self, embeds, entries) -> VisualTokens:
@@ -333,7 +331,7 @@ class LlavaNextAdapter(VLMAdapter):
         first slots of the span; a newline is kept after a row iff one of the row's tokens survives."""
         counts = out.counts().tolist()
         for u, span in enumerate(spans):
-            lay = self._unit_layouts[u]
+            lay = self._fw.unit_layouts[u]
             b = int(out.owner[u])
             k = counts[u]
             if k == 0:

@@ -124,7 +124,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         feats = getattr(out, "pooler_output", None)
         if isinstance(feats, torch.Tensor):
             self._feature_layouts.put(feats, layouts)  # for generate's mm_encoder_outputs
-        self._layouts["video"] = layouts
+        self._note_layouts("video", layouts)
 
     def _ragged_videos(self, orig, bound, videos):
         """Videos of different lengths: run each through the model's own path, concatenate the features."""

@@ -60,6 +60,8 @@ class _Forward:
     refed: int = 0  # decode: leading input tokens that were already in the cache (dropped, zero logits)
     method_state: dict = field(default_factory=dict)  # id(method) -> the dict its LLMViews share
     transitions: dict = field(default_factory=dict)  # layer -> sub-block tensors captured so far
+    layouts: dict = field(default_factory=dict)  # AnyRes families: modality -> layouts of this prefill's features
+    unit_layouts: list | None = None  # AnyRes families: the layout of each unit of this prefill
 
     def current(self):
         """The layout the sequence has now (a stage that removed nothing stores None, not a layout)."""
