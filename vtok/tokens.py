@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["VisualTokens", "gather_tokens"]
+__all__ = ["VisualTokens", "gather_tokens", "seeded_generator"]
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -21,6 +21,15 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     shape = idx.shape + x.shape[2:]
     flat = idx.reshape(idx.shape[0], idx.shape[1], *([1] * (x.dim() - 2))).expand(shape)
     return x.gather(1, flat)
+
+
+def seeded_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator for one draw, seeded from ``seed`` and the keys that name it (image index within
+    its sample, crop...), so the draw does not depend on how samples were batched."""
+    value = seed
+    for k in keys:
+        value = value * 1_000_003 + k
+    return torch.Generator().manual_seed(value)
 
 
 @dataclass
@@ -74,6 +83,16 @@ class VisualTokens:
     def counts(self) -> torch.Tensor:
         """Number of real tokens per unit, [U]."""
         return self.mask.sum(1)
+
+    def image_index(self) -> list[int]:
+        """Per unit, its index among the units of its batch row (the j-th image of a sample): seeded
+        draws key on it, so batching does not change them."""
+        seen: dict = {}
+        out = []
+        for o in self.owner.tolist():
+            out.append(seen.get(o, 0))
+            seen[o] = out[-1] + 1
+        return out
 
     def unit_grids(self) -> list[list[tuple[int, int]]]:
         """Per unit, the list of (h, w) grids of its original token layout (see ``grids``)."""

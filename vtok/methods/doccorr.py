@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..method import POSITION_POLICIES, Method, ViTAttention, ViTKeyCorrelation, hparam, keep_count, register
-from ..tokens import VisualTokens
+from ..tokens import VisualTokens, seeded_generator
 
 
 # ----------------------------------------------------------------------------------- the math
@@ -238,12 +238,10 @@ class DocCorr(Method):
         keep = torch.zeros_like(tokens.mask)
         feats = tokens.features.clone() if self.merge else None
         sizes = tokens.sizes.clone() if self.merge else None
-        owner = tokens.owner.tolist()
-        for u in range(tokens.num_units):
+        for u, j in enumerate(tokens.image_index()):
             valid = tokens.mask[u].nonzero().squeeze(1)
             if valid.numel() == 0:
                 continue
-            j = owner[:u].count(owner[u])  # index of this image within its sample
             groups = self._groups(tokens, u, valid)
             dens = [crop_density(dup[u, g].float(), self.dup_share) for g in groups]
             n = [int(g.numel()) for g in groups]
@@ -259,7 +257,7 @@ class DocCorr(Method):
                 rest = torch.ones(g.numel(), dtype=torch.bool, device=g.device)
                 rest[glob] = False
                 cand = rest.nonzero().squeeze(1)
-                gen = torch.Generator().manual_seed((self.seed * 1_000_003 + j) * 1_000_003 + c) if self.sample else None
+                gen = seeded_generator(self.seed, j, c) if self.sample else None
                 local = cand[gumbel_top(lscore[u, g[cand]].float(), k - glob.numel(), gen)]
                 chosen = torch.cat([glob, local])
                 keep[u, g[chosen]] = True

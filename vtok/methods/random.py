@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..method import POSITION_POLICIES, Method, hparam, keep_count, register
-from ..tokens import VisualTokens
+from ..tokens import VisualTokens, seeded_generator
 
 
 @register
@@ -32,11 +32,9 @@ class RandomPrune(Method):
 
     def before_llm(self, tokens: VisualTokens, probes: dict) -> VisualTokens:
         keep = torch.zeros_like(tokens.mask)
-        owner = tokens.owner.tolist()
         counts = tokens.counts().tolist()
-        for u in range(tokens.num_units):
-            j = owner[:u].count(owner[u])  # index of this image within its sample
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+        for u, j in enumerate(tokens.image_index()):
+            gen = seeded_generator(self.seed, j)
             n = counts[u]
             perm = torch.randperm(n, generator=gen)[: keep_count(n, self.retain)]
             valid_idx = tokens.mask[u].nonzero().squeeze(1)

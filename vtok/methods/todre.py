@@ -16,7 +16,7 @@ from ..method import (
     keep_count,
     register,
 )
-from ..tokens import VisualTokens
+from ..tokens import VisualTokens, seeded_generator
 
 _TEXT_SETS = {"question": "instruction", "question+system": "text"}
 
@@ -122,11 +122,9 @@ class ToDRE(Method):
         if self._pivot_kind() == "cls":
             score = probes[ViTAttention(layer=-1, kind="cls")].float().masked_fill(~base, float("-inf"))
             return score.argmax(1)
-        owner = tokens.owner.tolist()
         out = []
-        for u in range(tokens.num_units):
-            j = owner[:u].count(owner[u])  # index of this image within its sample: batching does not change it
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+        for u, j in enumerate(tokens.image_index()):
+            gen = seeded_generator(self.seed, j)
             cand = base[u].nonzero().squeeze(1)
             out.append(cand[int(torch.randint(cand.numel(), (1,), generator=gen))])
         return torch.stack(out)
