@@ -108,22 +108,19 @@ class TransPrune(Method):
         if n is not None and self._accumulate()[0] >= n:
             raise ValueError(f"transprune: accumulate={self._accumulate()} starts past the language model's {n} layers")
 
-    def _scaled(self, paper: tuple) -> list[int]:
-        """The paper's layers of 32 scaled to this model's depth (round; kept increasing and inside it)."""
+    def _scaled(self, paper: tuple, lowest: int = 0) -> list[int]:
+        """The paper's layers of 32 scaled to this model's depth (round), at least ``lowest``, kept increasing."""
         n = self.dims.get("llm_layers") or 32
         out = []
         for x in paper:
-            v = max(round(x * n / 32), out[-1] + 1 if out else 0)
-            out.append(v)
+            out.append(max(round(x * n / 32), out[-1] + 1 if out else lowest))
         return out
 
     def _layers(self) -> tuple:
         if self.layers is not None:
             return self.layers
         n = self.dims.get("llm_layers") or 32
-        layers = [max(1, v) for v in self._scaled(self.PAPER_LAYERS)]
-        for i in range(1, len(layers)):
-            layers[i] = max(layers[i], layers[i - 1] + 1)
+        layers = self._scaled(self.PAPER_LAYERS, lowest=1)
         if layers[-1] > n - 1:
             raise ValueError(f"transprune: a {n}-layer language model is too shallow for {len(layers)} stages; give layers=")
         return tuple(layers)
