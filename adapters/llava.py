@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-
 import math
 from dataclasses import dataclass, replace
 
@@ -13,10 +12,10 @@ from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
+from .base import per_thread
 from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
 from .vit import InViTRunner, check_vit_method
 from .vit_blocks import hf_attn_implementation, hf_block_parts
-from .base import per_thread
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaAdapter"]
@@ -153,8 +152,7 @@ class LlavaAdapter(VLMAdapter):
     # hooks ----------------------------------------------------------------------
     def attach_vision(self) -> None:
         self._vit: InViTRunner | None = None
-        self._vit_last: _ViTFeatures | None = None
-        self._vit_run: _ViTFeatures | None = None
+        self._vit_last = self._vit_run = None  # per thread (class attributes)
         method = self.method("in_vit")
         if method is not None:
             tower = self.vision_tower
@@ -168,6 +166,7 @@ class LlavaAdapter(VLMAdapter):
                 track_source=True,
                 attn_implementation=lambda: hf_attn_implementation(tower),
                 on_reset=self._vit_reset,
+                tower=tower,
             )
             self._vit.install()
             self.hook(self.projector, self._projector_pre, pre=True)
@@ -275,7 +274,7 @@ class LlavaAdapter(VLMAdapter):
         """Merged tokens a direct ``get_image_features`` call returned (rows of the last merged run's
         output, by identity) come back one feature per placeholder, as the model's forward needs them."""
         image = mm_encoder_outputs.get("image")
-        vit = getattr(self, "_vit_run", None)
+        vit = self._vit_run
         if image is None or vit is None or vit.features is None or getattr(image, "pooler_output", None) is None:
             return mm_encoder_outputs
         rows = _rows_of(list(image.pooler_output), vit.features)
@@ -298,7 +297,7 @@ class LlavaAdapter(VLMAdapter):
             return None
         rows = list(image.pooler_output)
         features = torch.stack(rows)
-        for vit in (self._vit_last, getattr(self, "_vit_run", None)):
+        for vit in (self._vit_last, self._vit_run):
             if vit is not None and vit.padded is not None:
                 found = _rows_of(rows, vit.padded)
                 if found is not None:

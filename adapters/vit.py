@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import inspect
-
 import sys
 import threading
 from dataclasses import dataclass
@@ -129,6 +128,7 @@ class InViTRunner:
         attn_implementation: Callable[[], str | None] = lambda: None,
         on_reset: Callable | None = None,
         on_record: Callable | None = None,
+        tower: nn.Module | None = None,
     ):
         self.adapter = adapter
         self.method = method
@@ -147,6 +147,11 @@ class InViTRunner:
         self.attn_implementation = attn_implementation
         self.on_reset = on_reset
         self.on_record = on_record
+        # what a run asks of the tower and the method, found once here rather than at every forward
+        self._budget_schedule = "num_tokens" in inspect.signature(method.vit_schedule).parameters
+        self._ckpt_modules = [p.block for p in parts if hasattr(p.block, "gradient_checkpointing")] + [
+            m for m in (tower.modules() if tower is not None else ()) if hasattr(m, "grad_checkpointing")
+        ]
         self.probe_layers: dict[int, list[ViTAttention]] = {}
         for p in method.probes():
             if isinstance(p, ViTAttention):
@@ -168,7 +173,7 @@ class InViTRunner:
     def _schedule_for(self, patches: int) -> None:
         """A schedule given as a budget (tome's ``retain``) follows the tokens this run really has; which
         blocks merge stays as installed."""
-        if "num_tokens" not in inspect.signature(self.method.vit_schedule).parameters or self.n_active <= 0:
+        if not self._budget_schedule or self.n_active <= 0:
             return
         sched = [int(v) for v in self.method.vit_schedule(self.n_active, num_tokens=patches)]
         sched += [0] * (len(self.parts) - len(sched))
@@ -182,15 +187,10 @@ class InViTRunner:
     def _checkpointed(self) -> bool:
         """Whether the tower recomputes its blocks in backward: HF's layers (``gradient_checkpointing``),
         timm's VisionTransformer and open_clip's Transformer (``grad_checkpointing`` on a parent of the blocks)."""
-        for part in self.parts:
-            blk = part.block
-            if blk.training and getattr(blk, "gradient_checkpointing", False):
-                return True
-        tower = getattr(self.adapter, "tower", None)
-        root = tower() if callable(tower) else getattr(self.adapter, "vision_tower", None)
-        if root is None:
-            return False
-        return any(getattr(m, "grad_checkpointing", False) and m.training for m in root.modules())
+        return any(
+            m.training and (getattr(m, "gradient_checkpointing", False) or getattr(m, "grad_checkpointing", False))
+            for m in self._ckpt_modules
+        )
 
     @property
     def active(self) -> bool:
@@ -425,6 +425,7 @@ class ViTAdapter(Adapter):
             attn_implementation=self.attn_implementation,
             on_reset=self.handle.stats.clear,
             on_record=self._record,
+            tower=self.tower(),
         )
         self.runner.install()
 
