@@ -82,10 +82,8 @@ def run(args) -> int:
     for spec in args.methods or []:  # a bad name or setting fails now, not after the model and the full row ran
         name, hp = parse_method(spec)
         get_method_class(name)(**hp)
-    datasets.load_registries()
-    for kind, table, key in (("model", datasets.MODELS, args.model), ("dataset", datasets.DATASETS, args.dataset)):
-        if key not in table:
-            raise ValueError(f"unknown {kind} {key!r}; known: {', '.join(sorted(table))}")
+    datasets.lookup("model", args.model)
+    datasets.lookup("dataset", args.dataset)
     state = _state()
     model = datasets.load_model(args.model)
     device = args.device or (str(state.device) if hasattr(state, "device") else None)

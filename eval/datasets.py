@@ -69,18 +69,22 @@ def load_registries() -> None:
     from . import docs, harnesses  # noqa: F401  (registers offline-vlm, offline-dinov2, easy-vqa, docs-pages...)
 
 
-def load_model(name: str):
+def lookup(kind: str, name: str) -> Callable:
+    """The registered factory of a ``kind`` ("model" or "dataset") by name; an unknown name raises a
+    ValueError listing the known ones (``vtok eval`` asks before it loads anything)."""
     load_registries()
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return MODELS[name]()
+    table = {"model": MODELS, "dataset": DATASETS}[kind]
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def load_model(name: str):
+    return lookup("model", name)()
 
 
 def load_dataset(name: str, model, **kw):
-    load_registries()
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](model, **kw)
+    return lookup("dataset", name)(model, **kw)
 
 
 def first_output(out) -> torch.Tensor:

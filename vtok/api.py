@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 from .method import Method, get_method_class
@@ -108,7 +110,7 @@ class Handle:
         setattr(model, _ATTR, self)
         self._install_copy_rules()
         self.attached = True
-        _live_handles().add(self)
+        _LIVE.add(self)
 
     # trainable methods -------------------------------------------------------------------------
     def _build_modules(self) -> nn.ModuleDict:
@@ -235,27 +237,19 @@ class Handle:
         return f"<vtok.Handle {state}: {', '.join(m.name for m in self.methods)} on {type(self.model).__name__}>"
 
 
-_BOUND = None  # weakref.WeakSet of the attached handles
+#: the attached handles (weak: a handle that is gone is not attached)
+_LIVE: "weakref.WeakSet[Handle]" = weakref.WeakSet()
 
 
 def _check_not_shared(method: Method, dims: dict) -> None:
     """One method instance resolves depth-dependent settings for one model: attaching it to a second,
     differently shaped model while the first attachment lives would change the first one silently."""
-    for h in list(_live_handles()):
+    for h in list(_LIVE):
         if h.attached and any(m is method for m in h.methods) and h.dims != dims:
             raise ValueError(
                 f"this {method.name!r} instance is attached to another model of a different shape ({type(h.model).__name__}); "
                 f"give each model its own instance, e.g. vtok.apply(model, {type(method).__name__}(**m.config()))"
             )
-
-
-def _live_handles():
-    import weakref
-
-    global _BOUND
-    if _BOUND is None:
-        _BOUND = weakref.WeakSet()
-    return _BOUND
 
 
 def _check_not_compiled(model: nn.Module) -> None:
