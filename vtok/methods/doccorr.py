@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..method import POSITION_POLICIES, Method, ViTAttention, ViTKeyCorrelation, hparam, keep_count, register
+from ..method import POSITION_POLICIES, Method, ViTAttention, ViTKeyCorrelation, allocate, hparam, keep_count, register
 from ..tokens import VisualTokens, seeded_generator
 
 
@@ -27,54 +27,6 @@ def crop_density(dup_share: torch.Tensor, max_share: float) -> float:
     if dup_share.numel() == 0:
         return 0.0
     return 1.0 - float((dup_share > max_share).float().mean())
-
-
-def allocate(total: int, sizes: list[int], weights: list[float], floor: int = 1) -> list[int]:
-    """Split ``total`` tokens over groups of ``sizes`` tokens in proportion to ``weights``, each group
-    capped at its size and given at least ``floor`` tokens while the total allows it (groups of
-    larger weight first). Water-filling for the caps, then largest remainders (ties: lower index).
-    All weights zero: in proportion to the sizes. Sums to ``min(total, sum(sizes))``."""
-    g = len(sizes)
-    total = min(int(total), sum(sizes))
-    k = [0] * g
-    order = sorted(range(g), key=lambda i: (-weights[i], i))
-    left = total
-    for i in order:  # the floor, heaviest groups first
-        give = min(floor, sizes[i], left)
-        k[i] += give
-        left -= give
-    w = [float(x) for x in weights]
-    if sum(w[i] for i in range(g) if k[i] < sizes[i]) <= 0:
-        w = [float(s) for s in sizes]
-    share = [0.0] * g
-    open_ = [i for i in range(g) if k[i] < sizes[i] and w[i] > 0]
-    rest = float(left)
-    while open_ and rest > 1e-9:
-        wsum = sum(w[i] for i in open_)
-        over = [i for i in open_ if share[i] + rest * w[i] / wsum >= sizes[i] - k[i]]
-        if not over:
-            for i in open_:
-                share[i] += rest * w[i] / wsum
-            rest = 0.0
-            break
-        for i in over:  # these fill up; the rest is spread again over the others
-            rest -= sizes[i] - k[i] - share[i]
-            share[i] = float(sizes[i] - k[i])
-        open_ = [i for i in open_ if i not in over]
-    whole = [min(int(math.floor(s + 1e-9)), sizes[i] - k[i]) for i, s in enumerate(share)]
-    left -= sum(whole)
-    frac = sorted(range(g), key=lambda i: (-(share[i] - whole[i]), i))
-    for i in frac:
-        if left <= 0:
-            break
-        if k[i] + whole[i] < sizes[i]:
-            whole[i] += 1
-            left -= 1
-    for i in range(g):  # anything still left (all weight on full groups): first groups with room
-        while left > 0 and k[i] + whole[i] < sizes[i]:
-            whole[i] += 1
-            left -= 1
-    return [a + b for a, b in zip(k, whole)]
 
 
 def iqr_outliers(score: torch.Tensor, mult: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..method import POSITION_POLICIES, Method, ViTAttention, hparam, keep_count, register
+from ..method import POSITION_POLICIES, Method, ViTAttention, allocate, hparam, keep_count, register
 from ..tokens import VisualTokens
 
 __all__ = ["HiPrune", "grid_coords", "neighbours", "object_layer_default", "select_group", "split_budget"]
@@ -30,19 +30,9 @@ def object_layer_default(vit_blocks: int) -> int:
 
 
 def split_budget(budget: int, counts: list[int]) -> list[int]:
-    """``budget`` tokens over groups of ``counts`` tokens, in proportion to the counts (largest remainder:
-    floors first, the rest one each to the largest fractional parts, ties to the lower group). Sums to
-    ``budget`` (<= sum(counts)); no group gets more than it holds."""
-    total = sum(counts)
-    if total == 0:
-        return [0] * len(counts)
-    quota = [budget * c / total for c in counts]
-    out = [int(q) for q in quota]
-    rest = budget - sum(out)
-    order = sorted(range(len(counts)), key=lambda i: (-(quota[i] - out[i]), i))
-    for i in order[:rest]:
-        out[i] += 1
-    return out
+    """``budget`` tokens over groups of ``counts`` tokens, in proportion to the counts (largest remainder,
+    ties to the lower group; no floor). Sums to ``budget`` (<= sum(counts))."""
+    return allocate(budget, counts, counts, floor=0)
 
 
 def grid_coords(positions: torch.Tensor, grids: list, crop: torch.Tensor | None = None):
