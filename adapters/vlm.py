@@ -231,8 +231,7 @@ class VLMAdapter(InLLMStage, Adapter):
                 kwargs.get(k) is not None or getattr(cfg, k, None) is not None
                 for k in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
             )
-            noop = lambda m: m.noop is not None and all(getattr(m, k) == v for k, v in m.noop.items())  # noqa: E731
-            chain = [m for m in self.methods.get("in_llm", []) if not noop(m)]
+            chain = [m for m in self.methods.get("in_llm", []) if not m.at_noop()]
             if assisted and chain:
                 raise ValueError(
                     f"{chain[0].name} prunes inside the LLM, but assisted decoding (assistant_model / prompt lookup) "

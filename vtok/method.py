@@ -428,6 +428,10 @@ class Method:
     def in_llm(self, view: LLMView) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def at_noop(self) -> bool:
+        """Whether the current settings are the method's no-op setting (``noop``)."""
+        return self.noop is not None and all(getattr(self, k) == v for k, v in self.noop.items())
+
     def position_policy_at(self, stage: str) -> str:
         """The position policy of this method's tokens after ``stage`` ('keep' or 'compact'); methods
         whose stages differ (ToDRE: compact before the LLM, keep inside it) override this."""
