@@ -105,6 +105,10 @@ class Adapter:
         """Sizes a trainable method builds its modules for (``Method.build``)."""
         return {}
 
+    def parts(self) -> dict:
+        """The model's own modules a trainable method may start from (``Method.build``), by role."""
+        return {}
+
     def num_vit_blocks(self) -> int | None:
         """How many vision-encoder blocks an ``in_vit`` schedule covers here (``vit_schedule(n)``'s n);
         None where the adapter runs no ``in_vit`` stage."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -12,7 +13,7 @@ from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
-from .base import per_thread
+from .base import InstanceWrap, per_thread
 from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
 from .vit import InViTRunner, check_vit_method
 from .vit_blocks import hf_attn_implementation, hf_block_parts
@@ -23,27 +24,35 @@ __all__ = ["LlavaAdapter"]
 
 @dataclass
 class _ViTFeatures:
-    """What the last in_vit-reduced tower run left for the projector and the prefill."""
+    """What the last reducing tower run (in_vit) or projector stage left for the prefill: the tokens the
+    LLM gets per image, fewer than the image's placeholders."""
 
-    positions: torch.Tensor  # [images, n] first original patch of each merged token (feature layout), sorted
+    positions: torch.Tensor  # [images, n] slot of each token in the image's placeholder span, sorted
     sizes: torch.Tensor  # [images, n] patches per token
     n_full: int  # features per image without reduction (= placeholders per image)
-    records: list  # (block, n_in, n_out, kept [images, n_out]) per merging block
-    features: torch.Tensor | None = None  # projected merged tokens [images, n, D]
+    # in_vit: (block, n_in, n_out, kept [images, n_out]) per merging block; projector: one
+    # (None, n_in, [n_out per image], None)
+    records: list
+    features: torch.Tensor | None = None  # projected tokens [images, n, D]
     # the tensor the prefill will be handed, [images, n_full, D]: the zero-padded projector output, or
     # the rows of it that generate pre-computed (recognised by identity, see _rows_of)
     padded: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # [images, n] real tokens (None: all; a projector stage may be ragged)
+    stage: str = "in_vit"
+    method: str = ""
 
     def select(self, rows: list[int], padded: torch.Tensor) -> "_ViTFeatures":
         """These images, in this order (``generate`` repeats groups of images for beams / sequences)."""
         idx = torch.tensor(rows, device=self.positions.device)
-        return _ViTFeatures(
+        pick = lambda k: k if not isinstance(k, torch.Tensor) else k[idx.to(k.device)]  # noqa: E731
+        return replace(
+            self,
             positions=self.positions[idx],
             sizes=self.sizes[idx],
-            n_full=self.n_full,
-            records=[(b, i, o, k[idx.to(k.device)]) for b, i, o, k in self.records],
+            records=[(b, i, [o[j] for j in rows] if isinstance(o, list) else o, pick(k)) for b, i, o, k in self.records],
             features=self.features[idx.to(self.features.device)],
             padded=padded,
+            mask=None if self.mask is None else self.mask[idx.to(self.mask.device)],
         )
 
 
@@ -68,11 +77,12 @@ def _rows_of(views, padded: torch.Tensor) -> list[int] | None:
 
 
 def _padded(merged: torch.Tensor, vit: "_ViTFeatures") -> torch.Tensor:
-    """The merged tokens [images, k, D] at their first patch's slot of the full layout (zeros elsewhere)."""
+    """The tokens [images, k, D] at their slot of the full layout (zeros elsewhere; pad tokens nowhere)."""
     n_img, _, d = merged.shape
-    full = merged.new_zeros(n_img, vit.n_full, d)
-    full.scatter_(1, vit.positions.unsqueeze(-1).expand(-1, -1, d), merged)
-    return full
+    full = merged.new_zeros(n_img, vit.n_full + 1, d)
+    pos = vit.positions if vit.mask is None else vit.positions.masked_fill(~vit.mask, vit.n_full)
+    full.scatter_(1, pos.unsqueeze(-1).expand(-1, -1, d), merged)
+    return full[:, : vit.n_full]
 
 
 class LlavaAdapter(VLMAdapter):
@@ -80,7 +90,7 @@ class LlavaAdapter(VLMAdapter):
     _vit_last = per_thread()  # the in_vit run the coming prefill splices (per thread, like all per-call state)
     _vit_run = per_thread()  # the last in_vit run of this thread (pre-computed features are its rows)
     model_classes = ("LlavaForConditionalGeneration",)
-    stages = ("in_vit", "before_llm", "in_llm")
+    stages = ("in_vit", "projector", "before_llm", "in_llm")
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -92,6 +102,9 @@ class LlavaAdapter(VLMAdapter):
     @property
     def projector(self):
         return self.model.model.multi_modal_projector
+
+    def parts(self) -> dict:
+        return {"projector": self.projector}
 
     def placeholder_ids(self) -> list[int]:
         return [int(self.model.config.image_token_id)]
@@ -121,6 +134,12 @@ class LlavaAdapter(VLMAdapter):
     def validate(self) -> None:
         super().validate()
         method = self.method("in_vit")
+        proj = self.method("projector")
+        if proj is not None and method is not None:
+            raise ValueError(
+                f"{proj.name} works on the projector's input grid, which {method.name} already merged inside the "
+                f"vision tower; use {proj.name} with a before_llm or in_llm method instead"
+            )
         if method is None:
             return
         hf_block_parts(self.vision_tower)  # raises for block structures vtok does not know
@@ -170,6 +189,8 @@ class LlavaAdapter(VLMAdapter):
             )
             self._vit.install()
             self.hook(self.projector, self._projector_pre, pre=True)
+        if self.method("projector") is not None:
+            self._hooks.append(InstanceWrap(self.projector, "forward", self._wrap_projector))
         self.hook(self.projector, self._projector_post, pre=False)
         self.hook_vit_probes()
 
@@ -197,6 +218,61 @@ class LlavaAdapter(VLMAdapter):
         self._vit_last = None
         self._vit_run = None  # the tower run generate's pre-computed features come from (kept for every prefill)
 
+    def _wrap_projector(self, orig):
+        """The projector stage: the method gets the projector's input and the projector, and its tokens
+        replace the projector's output (``_projector_post`` hands the model one row per placeholder)."""
+        method = self.method("projector")
+
+        @functools.wraps(orig)
+        def forward(image_features, *args, **kwargs):
+            fw = self._fw
+            if self.in_hook() or (fw is not None and not fw.active):  # nested, or a call that runs untouched
+                return orig(image_features, *args, **kwargs)
+            self._local.depth = 1
+            try:
+                return self._projector_stage(method, image_features, lambda x: orig(x, *args, **kwargs))
+            finally:
+                self._local.depth = 0
+
+        return forward
+
+    def _projector_stage(self, method, feats, project):
+        if feats.dim() != 3:
+            raise ValueError(f"{method.name}: expected projector input [images, tokens, dim], got {tuple(feats.shape)}")
+        self.handle.check_trained()
+        n_img, n, _ = feats.shape
+        tokens = VisualTokens.from_features(feats, self._image_owner(n_img, n), grid=self.grid(n))
+        out = method.projector(tokens, project)
+        if not isinstance(out, VisualTokens):
+            raise TypeError(f"{method.name}.projector must return VisualTokens, got {type(out).__name__}")
+        counts = out.counts().tolist()
+        if out.num_units != n_img or max(counts, default=0) > n:
+            raise ValueError(
+                f"{method.name}.projector returned {out.num_units} image(s) with up to {max(counts, default=0)} tokens "
+                f"for {n_img} image(s) of {n}; the projector stage returns at most one token per placeholder"
+            )
+        if self.direct_call() and len(set(counts)) > 1:
+            raise ValueError(
+                f"get_image_features called directly returns one tensor of equal rows per image, but {method.name} "
+                f"gives these images {counts} tokens; call it with one setting for every image, or call the model"
+            )
+        self._vit_last = _ViTFeatures(
+            positions=out.positions, sizes=out.sizes, n_full=n, records=[(None, n, counts, None)],
+            mask=None if min(counts, default=0) == out.mask.shape[1] else out.mask, stage="projector", method=method.name,
+        )
+        return out.features
+
+    def _image_owner(self, n_img: int, n: int) -> torch.Tensor:
+        """The batch row of each image, from the ids of the call in flight (each image its own row when the
+        features are computed outside a model call, or the ids do not tell)."""
+        fw = self._fw
+        ids = fw.input_ids if fw is not None and fw.prefill else self._call_ids
+        if ids is not None and ids.dim() == 2:
+            per_row = (ids == self.placeholder_ids()[0]).sum(1)
+            if bool((per_row % n == 0).all()) and int(per_row.sum()) == n_img * n:
+                return torch.repeat_interleave(torch.arange(ids.shape[0]), (per_row // n).cpu())
+        return torch.arange(n_img)
+
     def _projector_pre(self, module, args, kwargs):
         """After in_vit merged: restore raster order (by each token's first patch) before the projector."""
         runner = self._vit
@@ -220,6 +296,7 @@ class LlavaAdapter(VLMAdapter):
             sizes=sizes.gather(1, order),
             n_full=runner.n0 - drop,
             records=list(runner.records),
+            method=self.method("in_vit").name,
         )
         if args:
             return (feats,) + tuple(args[1:]), kwargs
@@ -258,17 +335,18 @@ class LlavaAdapter(VLMAdapter):
         )
 
     def _record_vit(self, vit: _ViTFeatures, owner: torch.Tensor, batch: int) -> None:
-        name = self.method("in_vit").name
         owner = owner.tolist()
         for block, n_in, n_out, kept in vit.records:
             tin, tout = [0] * batch, [0] * batch
             ks = [[] for _ in range(batch)]
             for u, o in enumerate(owner):
-                ks[o].append(kept[u].cpu() + tin[o])
+                if kept is not None:
+                    ks[o].append(kept[u].cpu() + tin[o])
                 tin[o] += n_in
-                tout[o] += n_out
-            kept_t = [torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in ks]
-            self.handle.stats.append(Reduction(name, "in_vit", block, tin, tout, kept_t))
+                tout[o] += n_out[u] if isinstance(n_out, list) else n_out
+            kept_t = None if kept is None else [torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in ks]
+            units = None if kept is not None else [(n_in, n_out[u]) for u in range(len(owner))]
+            self.handle.stats.append(Reduction(vit.method, vit.stage, block, tin, tout, kept_t, units))
 
     def expand_encoder_outputs(self, mm_encoder_outputs: dict) -> dict:
         """Merged tokens a direct ``get_image_features`` call returned (rows of the last merged run's
@@ -303,27 +381,28 @@ class LlavaAdapter(VLMAdapter):
                 if found is not None:
                     self._vit_last = vit.select(found, padded=features)
                     return features
-        if getattr(self, "_vit", None) is not None:
+        shaper = self._feature_method()
+        if shaper is not None:
             raise ValueError(
-                "these pre-computed image features are not ones the vision tower produced with the in_vit method "
-                f"({self.method('in_vit').name}) attached (vtok knows them by identity, never by value); pass "
-                "pixel_values, or the very output of model.get_image_features(...) while the method is attached"
+                f"these pre-computed image features are not ones the model produced with {shaper.name} attached "
+                "(vtok knows them by identity, never by value); pass pixel_values, or the very output of "
+                "model.get_image_features(...) while the method is attached"
             )
         return features
 
     def build_units(self, features, input_ids):
-        vit = self._take_vit_features(features) if getattr(self, "_vit", None) is not None else None
+        vit = self._take_vit_features(features) if self._feature_method() is not None else None
         units, spans = self._grid_units(features, input_ids)
         if vit is None:
             return units, spans
-        # in_vit merged inside the tower: the units are the merged tokens, in raster order of their
-        # first patch, with their sizes; placeholders still count the unreduced tokens
+        # in_vit merged inside the tower (the merged tokens, in raster order of their first patch, with their
+        # sizes) or the projector stage reduced: placeholders still count the unreduced tokens
         n = vit.positions.shape[1]
         dev = units.features.device
         units = replace(
             units,
             features=vit.features.to(dev, features.dtype),
-            mask=torch.ones(units.num_units, n, dtype=torch.bool, device=dev),
+            mask=torch.ones(units.num_units, n, dtype=torch.bool, device=dev) if vit.mask is None else vit.mask.to(dev),
             positions=vit.positions.to(dev),
             sizes=vit.sizes.to(dev),
         )

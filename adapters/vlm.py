@@ -87,6 +87,7 @@ class VLMAdapter(InLLMStage, Adapter):
     _captured = per_thread(dict)  # ViT probes captured while the vision tower ran
     _pending_labels = per_thread()
     _in_generate = per_thread()  # inside the model's generate (it may run the tower before any forward)
+    _call_ids = per_thread()  # the input_ids generate was called with (its tower run precedes any forward)
 
     # subclass interface ------------------------------------------------------
     #: placeholder token id(s) whose positions hold visual features
@@ -239,12 +240,13 @@ class VLMAdapter(InLLMStage, Adapter):
                     "include tokens that are not part of the prompt. Generate without an assistant, or use a method "
                     "that reduces before the LLM (those work with assisted decoding)"
                 )
-            outer = self._in_generate
+            outer = self._in_generate, self._call_ids
             self._in_generate = True
+            self._call_ids = kwargs.get("input_ids", args[0] if args else None)
             try:
                 return orig(*args, **kwargs)
             finally:
-                self._in_generate = outer
+                self._in_generate, self._call_ids = outer
 
         return generate
 
@@ -355,13 +357,19 @@ class VLMAdapter(InLLMStage, Adapter):
             )
         elif has_visual and not visual_inputs:
             reason = "input_ids hold image/video placeholders but the call gave no pixel values (the model embeds them as text)"
-        if reason is not None and visual_inputs and self.method("in_vit") is not None:
+        shaper = self._feature_method()
+        if reason is not None and visual_inputs and shaper is not None:
+            where = "inside the vision tower" if shaper is self.method("in_vit") else "in place of the projector"
             raise ValueError(
-                f"vtok cannot serve this call: {reason}, and {self.method('in_vit').name} merges tokens inside the "
-                "vision tower, so the untouched model would not fit them either. Pass input_ids (as the processor "
-                "made them), a 2-D attention_mask and pixel_values"
+                f"vtok cannot serve this call: {reason}, and {shaper.name} reduces tokens {where}, so the untouched "
+                "model would not fit them either. Pass input_ids (as the processor made them), a 2-D attention_mask "
+                "and pixel_values"
             )
         return reason
+
+    def _feature_method(self):
+        """The method that shapes the features the placeholders get (in_vit or projector), or None."""
+        return self.method("in_vit") or self.method("projector")
 
     def _placeholder_tensor(self, ref):
         return torch.tensor(self.placeholder_ids(), device=ref.device)
@@ -492,8 +500,13 @@ class VLMAdapter(InLLMStage, Adapter):
             keep = valid & ~visual
             embeds = embeds.clone()
             self.place_reduced(out, fw.spans, keep, embeds)
-            # the policy of the method that produced the final tokens (the chain's last, else in_vit's)
-            policy = chain[-1].position_policy_at("before_llm") if chain else self.method("in_vit").position_policy_at("in_vit")
+            # the policy of the method that produced the final tokens (the chain's last, else the projector
+            # stage's or in_vit's)
+            if chain:
+                policy = chain[-1].position_policy_at("before_llm")
+            else:
+                stage = "projector" if self.method("projector") is not None else "in_vit"
+                policy = self.method(stage).position_policy_at(stage)
             state = state.compact(keep, policy)
             kwargs["inputs_embeds"] = state.gather(embeds)
             kwargs["attention_mask"] = state.valid.long()

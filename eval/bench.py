@@ -124,7 +124,11 @@ class Setting:
         return ", ".join(f"{k}={v}" for k, v in self.hparams) or "-"
 
     def kwargs(self) -> dict:
-        return dict(self.hparams)
+        """``vtok.apply`` keywords; a method that needs trained weights runs untrained (the bench times it)."""
+        from vtok.method import get_method_class
+
+        untrained = self.method is not None and get_method_class(self.method).needs_weights
+        return {**dict(self.hparams), **({"weights": "untrained"} if untrained else {})}
 
 
 def per_block_r(blocks: int, tokens: int, visual: int, target: int) -> tuple[list, int]:
@@ -175,9 +179,15 @@ def _budget_hparams(cls, budget: float, vit: _ViTShape | None):
     """(hparams or None, note) that reach ``budget`` with method class ``cls``."""
     from vtok.method import keep_count
 
+    from vtok.method import BudgetContext, Method
+
     names = {f.name for f in dataclasses.fields(cls)}
     if "retain" in names:
         return {"retain": budget}, ""
+    if cls.settings_for_budget.__func__ is not Method.settings_for_budget.__func__:  # the method knows its budgets
+        if vit is None:
+            return None, f"{cls.name}: no patch grid known on this model for budget {budget:g}"
+        return cls.settings_for_budget(budget, BudgetContext(vit.visual, vit.blocks)), ""
     if "r" in names and callable(getattr(cls, "vit_schedule", None)):
         if vit is None or not vit.blocks:
             return None, f"{cls.name}: no vision tower schedule on this model for budget {budget:g}"

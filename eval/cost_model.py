@@ -394,7 +394,8 @@ def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact"
                         over += sum(v.probe_flops(na, rows or na) for na, _ in sched_v[p.layer % v.stack.layers])
                 add("method", over, _shares(over, weights))
     # projector
-    if spec.projector and shapes.projector_rows:
+    own = any(getattr(m, "replaces_projector", False) for m in shapes.methods)  # its cost is the method's
+    if spec.projector and shapes.projector_rows and not own:
         t = sum(2 * shapes.projector_rows * a * o for a, o in spec.projector)
         add("projector", t, _shares(t, weights))
     # LLM prefill, LM head, decode

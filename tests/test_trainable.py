@@ -24,7 +24,7 @@ class LearnedGate(Method):
     retain: float = hparam(0.5, "fraction kept", type=float, range="(0, 1]")
     position_policy: str = hparam("compact", "positions", choices=POSITION_POLICIES)
 
-    def build(self, dims):
+    def build(self, dims, parts):
         return {"score": nn.Linear(dims["llm_hidden"], 1)}
 
     def before_llm(self, tokens, probes):

@@ -100,7 +100,11 @@ class Handle:
         if getattr(model, _ATTR, None) is not None:
             raise ValueError("this model already has vtok methods attached; call handle.remove() first")
         self.modules = self._build_modules()
-        if weights is not None:
+        #: whether ``weights=`` / ``load`` gave the trainable modules trained values
+        self.weights_loaded = False
+        if isinstance(weights, str) and weights == "untrained":  # an explicit opt-in: timing and mechanics only
+            self.weights_loaded = True
+        elif weights is not None:
             self.load(weights)
         try:
             self.adapter.attach()
@@ -118,7 +122,7 @@ class Handle:
         ref = next(self.model.parameters(), None)
         out = nn.ModuleDict()
         for i, m in enumerate(self.methods):
-            mods = m.build(self.adapter.dims())
+            mods = m.build(self.adapter.dims(), self.adapter.parts())
             if not mods:
                 continue
             md = nn.ModuleDict(mods)
@@ -126,7 +130,7 @@ class Handle:
                 md.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
             m.modules = md
             out[m.name if m.name not in out else f"{m.name}_{i}"] = md
-        return out
+        return out.eval()  # an inference plugin: handle.train() to train them
 
     def parameters(self, recurse: bool = True):
         """The trainable methods' parameters (the model's own are not among them)."""
@@ -172,6 +176,21 @@ class Handle:
                 f"{path} does not fit these methods' modules (missing {list(missing)[:4]}, unexpected "
                 f"{list(unexpected)[:4]}); were they saved with other settings? saved: {meta.get('vtok_methods')}"
             )
+        self.weights_loaded = True
+
+    def check_trained(self) -> None:
+        """Refuse to run a method whose modules mean nothing untrained (``needs_weights``) in eval mode
+        without loaded weights: its output would be noise, silently."""
+        if self.weights_loaded or self.modules.training:
+            return
+        for m in self.methods:
+            if m.needs_weights and getattr(m, "modules", None) is not None:
+                raise ValueError(
+                    f"{m.name} runs its own trained modules, and none were loaded: pass vtok.apply(model, "
+                    f"{m.name!r}, weights=path) (what `vtok train {m.name}` or handle.save wrote), call "
+                    "handle.train() to train them, or pass weights='untrained' to run them untrained on purpose "
+                    "(timing, mechanics)"
+                )
 
     def note_passthrough(self, reason: str | None) -> None:
         """Record (and warn once per reason) that a prefill runs untouched."""

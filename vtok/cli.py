@@ -15,6 +15,7 @@ SUBCOMMANDS = [
     ("vtok.eval.cli", "eval"),
     ("vtok.eval.demo", "demo"),
     ("vtok.eval.bench", "bench"),
+    ("vtok.eval.train", "train"),
 ]
 
 

@@ -394,6 +394,12 @@ class Method:
     in_llm_merges: ClassVar[bool] = False
     #: whether before_llm needs every image's full token grid (so no in_vit merge may run before it)
     needs_full_grids: ClassVar[bool] = False
+    #: whether the method's modules are meaningless untrained: a forward in eval mode without loaded
+    #: ``weights=`` is refused (training them, in ``handle.train()`` mode, is allowed)
+    needs_weights: ClassVar[bool] = False
+    #: whether the projector stage runs the method's own projector instead of the model's (the FLOP count
+    #: then has the method's ``overhead_flops`` in place of the model's projector)
+    replaces_projector: ClassVar[bool] = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -420,6 +426,15 @@ class Method:
 
     # stage hooks ---------------------------------------------------------
     def before_llm(self, tokens: "VisualTokens", probes: dict) -> "VisualTokens":
+        raise NotImplementedError
+
+    def projector(self, tokens: "VisualTokens", project) -> "VisualTokens":
+        """The ``projector`` stage: ``tokens`` are the vision tower's features as the model's projector would
+        get them (vision width; one unit per image with its ``grid``; ``owner`` is the batch row), ``project``
+        is the model's own projector (a callable on ``[U, N, vision width]``). Return the tokens the LLM gets
+        (LLM width), at most as many per unit as came in, with ``mask`` marking real ones; the adapter splices
+        them in place of the image's placeholders. A method that brings its own projector (``build``) calls
+        it instead of ``project``."""
         raise NotImplementedError
 
     def llm_layers(self) -> list[int]:
@@ -453,11 +468,19 @@ class Method:
         return self.__dict__.get("_vtok_dims", {})
 
     # trainable methods ---------------------------------------------------------------------------
-    def build(self, dims: dict) -> dict | None:
+    def build(self, dims: dict, parts: dict) -> dict | None:
         """A trainable method returns its ``nn.Module``s, built for a model of these sizes (``dims``:
-        ``llm_hidden``, ``vision_hidden``, whatever the adapter knows); the handle keeps them (on the
-        model's device and dtype) and sets them as ``self.modules``. Default: no modules."""
+        ``llm_hidden``, ``vision_hidden``, whatever the adapter knows); ``parts`` names the model's own
+        modules a method may start from (``projector``; copy them, never train the model's own). The
+        handle keeps the modules (on the model's device and dtype) and sets them as ``self.modules``.
+        Default: no modules."""
         return None
+
+    def train_variants(self, batch: int, rng) -> list[dict]:
+        """For one training step of ``batch`` samples: the settings of each forward whose losses are averaged
+        (hyper-parameter overrides; a per-sample value as a list). ``rng``: a ``numpy.random.Generator``.
+        Default: one forward at the current settings."""
+        return [{}]
 
     # what the method costs and keeps (eval/ asks the method, never names it) ------------------
     def overhead_flops(self, event, spec, units=None) -> int:

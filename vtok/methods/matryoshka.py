@@ -1,0 +1,155 @@
+"""`matryoshka` (M3): nested visual-token scales by 2-D average pooling of each image's projected grid."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from ..method import Method, hparam, register
+from ..tokens import VisualTokens
+from .grid_pool import pool_to_sides
+
+
+def nested_sides(side: int) -> list[int]:
+    """The nested grid sides of a ``side x side`` grid, largest first: halve while the side is even, then 1
+    (24 -> 24, 12, 6, 3, 1; 16 -> 16, 8, 4, 2, 1). Each coarse token is the mean of the finer ones it covers."""
+    out = [side]
+    while out[-1] % 2 == 0 and out[-1] > 2:
+        out.append(out[-1] // 2)
+    if out[-1] != 1:
+        out.append(1)
+    return out
+
+
+def _counts(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@register
+@dataclass
+class Matryoshka(Method):
+    """Matryoshka Multimodal Models (Cai et al., ICLR 2025): the projected tokens of each image's s x s grid
+    are average-pooled to one of the nested scales (576, 144, 36, 9, 1 tokens for a 24 x 24 grid, derived
+    from the model's grid: see ``nested_sides``), chosen per call, per sample if ``scale`` is a list.
+
+    As the official code (not the paper's wording): pooling after the projector. The method owns a copy
+    of the model's projector (trainable, ``vtok train matryoshka``); untrained it equals the model's own,
+    so ``scale="full"`` is the untouched model bit for bit. M3 fine-tunes the whole VLM; vtok trains the
+    projector copy only (the model stays frozen and untouched) and averages the answer loss over the
+    scales of ``train_scales`` (all nested scales by default, as the paper) from one vision pass, or, with
+    ``train_draw``, draws one scale per sample (one LLM forward per step: what a CPU can afford).
+    Pooling runs in fp32 (``F.adaptive_avg_pool2d``, exact windows on these grids) and is cast back.
+    """
+
+    name = "matryoshka"
+    stages = ("projector",)
+    noop = {"scale": "full"}
+    example = {"scale": 4}
+    paper = "scales 576/144/36/9/1 tokens per 24x24 grid, chosen per request; all five losses averaged in training"
+    kept_meaningful = False  # pooled tokens are new tokens
+
+    scale: object = hparam(
+        None, "tokens per image: one of the nested counts of the model's grid (e.g. 576/144/36/9/1), 'full', "
+        "or a list with one per sample; None: the third scale, a quarter of the grid side squared (36 of 576)",
+    )
+    train_scales: object = hparam(None, "the scales whose losses training averages (None: every nested scale)")
+    train_draw: bool = hparam(
+        False, "train on one scale per sample drawn from train_scales (one forward per step, cheaper) instead of "
+        "averaging every scale's loss (the paper; its ablation found averaging better)", type=bool,
+    )
+
+    def validate(self) -> None:
+        for v in _counts(self.scale) + _counts(self.train_scales or []):
+            if v is None and self.scale is None:
+                continue
+            if v != "full" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"matryoshka: scale {v!r} must be 'full' or a positive token count (a square number)")
+        if isinstance(self.scale, (list, tuple)) and not self.scale:
+            raise ValueError("matryoshka: scale=[] gives no scale; pass one count or one per sample")
+
+    # the model's grid ------------------------------------------------------------------------
+    def _side(self) -> int:
+        n = self.dims.get("vit_tokens")
+        s = math.isqrt(n) if n else 0
+        if not n or s * s != n:
+            raise ValueError(f"matryoshka needs a square patch grid per image; this model has {n} patches")
+        return s
+
+    def scales(self) -> list[int]:
+        """The nested token counts of the attached model's grid, largest first."""
+        return [s * s for s in nested_sides(self._side())]
+
+    def _side_of(self, count) -> int:
+        full = self._side()
+        sides = nested_sides(full)
+        if count == "full":
+            return full
+        if count is None:
+            return sides[min(2, len(sides) - 1)]
+        if count not in [s * s for s in sides]:
+            raise ValueError(
+                f"matryoshka: scale={count} is not one of this model's nested scales {[s * s for s in sides]} "
+                f"(a {full}x{full} grid)"
+            )
+        return math.isqrt(count)
+
+    def bind(self, dims: dict) -> None:
+        super().bind(dims)
+        for v in _counts(self.scale) + _counts(self.train_scales or []):
+            self._side_of(v)
+
+    # the stage -------------------------------------------------------------------------------
+    def build(self, dims: dict, parts: dict) -> dict:
+        if "projector" not in parts:
+            raise ValueError("matryoshka trains a copy of the model's projector; this adapter names none")
+        return {"projector": copy.deepcopy(parts["projector"]).requires_grad_(True)}
+
+    def projector(self, tokens: VisualTokens, project) -> VisualTokens:
+        per = _counts(self.scale)
+        owner = tokens.owner.tolist()
+        if len(per) > 1 and len(per) <= max(owner, default=0):
+            raise ValueError(f"matryoshka: scale has {len(per)} entries but the batch has {max(owner) + 1} samples")
+        sides = [self._side_of(per[o] if len(per) > 1 else per[0]) for o in owner]
+        proj = self.modules["projector"] if getattr(self, "modules", None) is not None else project
+        y = proj(tokens.features)
+        out = VisualTokens.from_features(y, tokens.owner, grid=tokens.grid)
+        if all(s == self._side() for s in sides):
+            return out
+        return pool_to_sides(out, sides)
+
+    def overhead_flops(self, event, spec, units=None) -> int:
+        """The pooling: one add per projected value that enters a pooled token."""
+        pooled = sum(i for i, o in (event.units or []) if o < i)
+        return pooled * self.dims.get("llm_hidden", 0)
+
+    def train_variants(self, batch: int, rng) -> list[dict]:
+        scales = list(self.train_scales or self.scales())
+        if self.train_draw:
+            return [{"scale": [int(s) for s in rng.choice(scales, size=batch)]}]
+        return [{"scale": s} for s in scales]
+
+    # budgets ---------------------------------------------------------------------------------
+    def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
+        from ..stats import Reduction
+
+        per = _counts(self.scale)
+        if len(per) > 1:
+            raise ValueError("matryoshka: per-sample scales have no single schedule; pass reductions=")
+        side = self._side_of(per[0]) if self.dims else None
+        out = sum(u if per[0] == "full" else min(u, side * side if side else per[0]) for u in units)
+        return [Reduction(self.name, "projector", None, [visual_tokens], [out], None)]
+
+    @classmethod
+    def _nearest(cls, budget: float, context) -> int:
+        side = math.isqrt(context.visual_tokens)
+        counts = [s * s for s in nested_sides(side)]
+        return min(counts, key=lambda c: (abs(c / context.visual_tokens - budget), c))
+
+    @classmethod
+    def settings_for_budget(cls, budget: float, context) -> dict:
+        return {"scale": cls._nearest(budget, context)}
+
+    @classmethod
+    def snap_budget(cls, budget: float, context) -> float:
+        return cls._nearest(budget, context) / context.visual_tokens
