@@ -55,6 +55,12 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_PROJECTOR = ASSETS_DIR / "projector.safetensors"
 
 
+def shipped_weights(method: str) -> Path | None:
+    """The trained parameters vtok ships for ``method`` on the offline VLM (``vtok train``), or None."""
+    path = ASSETS_DIR / f"{method}.safetensors"
+    return path if path.exists() and method != "projector" else None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Assembling the LLaVA model
 # --------------------------------------------------------------------------------------------------------------

@@ -377,6 +377,12 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
     parsed = [parse_method(m) if isinstance(m, str) else (m[0], dict(m[1] if len(m) > 1 else {})) for m in methods]
+    if model_name == "offline-vlm":  # trained methods run with the weights vtok ships for this model
+        from .offline import shipped_weights
+
+        for name, hp in parsed:
+            if "weights" not in hp and shipped_weights(name) is not None:
+                hp["weights"] = str(shipped_weights(name))
     state = _state()
     main = state.is_main_process
     model.eval()

@@ -117,11 +117,17 @@ def test_tokenflex_warns_for_a_size_it_was_not_trained_on(model, samples):
             _logits(model, samples[0])
 
 
-def test_projector_settings_that_do_not_fit_the_model_are_refused_at_apply(model):
-    with pytest.raises(ValueError, match=r"scale=9 is not one of this model's nested scales \[16, 4, 1\]"):
-        vtok.apply(model, "matryoshka", scale=9)
-    with pytest.raises(ValueError, match="n=5 is larger than the tower's 4x4 grid"):
-        vtok.apply(model, "tokenflex", n=5)
+def test_projector_settings_that_do_not_fit_the_model_are_refused(model, samples):
+    """Token counts are checked against the grid the tower really produced (its config may name another
+    input size), at the first forward; what no grid could fit is refused at apply."""
+    with vtok.apply(model, "matryoshka", scale=9), pytest.raises(
+        ValueError, match=r"scale=9 is not one of the nested scales \[16, 4, 1\] of this 4x4 grid"
+    ):
+        _logits(model, samples[0])
+    with vtok.apply(model, "tokenflex", n=5), pytest.raises(ValueError, match="n=5 is larger than the tower's 4x4 grid"):
+        _logits(model, samples[0])
+    with pytest.raises(ValueError, match="scale 'half' must be 'full' or a positive token count"):
+        vtok.apply(model, "matryoshka", scale="half")
     with pytest.raises(ValueError, match="matryoshka works on the projector's input grid, which tome"):
         vtok.apply(model, ["tome", "matryoshka"])
     with pytest.raises(ValueError, match="stage 'projector', which the llava_next adapter does not support"):

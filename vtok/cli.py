@@ -31,7 +31,12 @@ def _list(args) -> int:
 def _describe(args) -> int:
     from vtok import describe
 
-    print(describe(args.name))
+    model = None
+    if args.model:
+        from vtok.eval.datasets import load_model
+
+        model = load_model(args.model)
+    print(describe(args.name, model))
     return 0
 
 
@@ -43,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_list)
     sp = sub.add_parser("describe", help="hyper-parameters of a method")
     sp.add_argument("name")
+    sp.add_argument("--model", default=None, help="also count the method's trainable parameters on this model "
+                    "(a `vtok eval` model name, e.g. offline-vlm)")
     sp.set_defaults(func=_describe)
     for module, name in SUBCOMMANDS:
         try:

@@ -630,13 +630,20 @@ def get_method_class(name: str) -> type[Method]:
     return _REGISTRY[key]
 
 
-def describe(name: str) -> str:
+def describe(name: str, model=None) -> str:
     """Every hyper-parameter of a method with its default, one line each; then, after a blank line, the rest
-    of the method's docstring (what it does and the choices it made), if any."""
+    of the method's docstring (what it does and the choices it made), if any. With ``model``: also how many
+    trainable parameters the method has on that model (attached at its defaults and removed again)."""
     cls = get_method_class(name)
     lines = [f"{cls.name}: {(cls.__doc__ or '').strip().splitlines()[0]}", f"  stages: {', '.join(cls.stages)}"]
     if cls.paper:
         lines.append(f"  paper default: {cls.paper}")
+    if model is not None:
+        from .api import apply
+
+        with apply(model, name) as h:
+            count = sum(p.numel() for p in h.parameters())
+        lines.append(f"  trainable parameters on this {type(model).__name__}: {count:,}")
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else "(required)"
         meta = f.metadata

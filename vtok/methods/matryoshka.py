@@ -37,7 +37,7 @@ class Matryoshka(Method):
     of the model's projector (trainable, ``vtok train matryoshka``); untrained it equals the model's own,
     so ``scale="full"`` is the untouched model bit for bit. M3 fine-tunes the whole VLM; vtok trains the
     projector copy only (the model stays frozen and untouched) and averages the answer loss over the
-    scales of ``train_scales`` (all nested scales by default, as the paper) from one vision pass, or, with
+    scales of ``train_scales`` (all nested scales, as the paper, or a subset) from one vision pass, or, with
     ``train_draw``, draws one scale per sample (one LLM forward per step: what a CPU can afford).
     Pooling runs in fp32 (``F.adaptive_avg_pool2d``, exact windows on these grids) and is cast back.
     """
@@ -53,7 +53,7 @@ class Matryoshka(Method):
         None, "tokens per image: one of the nested counts of the model's grid (e.g. 576/144/36/9/1), 'full', "
         "or a list with one per sample; None: the third scale, a quarter of the grid side squared (36 of 576)",
     )
-    train_scales: object = hparam(None, "the scales whose losses training averages (None: every nested scale)")
+    train_scales: object = hparam(None, "the scales whose losses training averages, e.g. [576, 144, 36, 9, 1]")
     train_draw: bool = hparam(
         False, "train on one scale per sample drawn from train_scales (one forward per step, cheaper) instead of "
         "averaging every scale's loss (the paper; its ablation found averaging better)", type=bool,
@@ -68,20 +68,20 @@ class Matryoshka(Method):
         if isinstance(self.scale, (list, tuple)) and not self.scale:
             raise ValueError("matryoshka: scale=[] gives no scale; pass one count or one per sample")
 
-    # the model's grid ------------------------------------------------------------------------
-    def _side(self) -> int:
-        n = self.dims.get("vit_tokens")
-        s = math.isqrt(n) if n else 0
-        if not n or s * s != n:
-            raise ValueError(f"matryoshka needs a square patch grid per image; this model has {n} patches")
-        return s
+    # the grid (from the tokens: a tower's config may describe another input size than the one it runs at)
+    @staticmethod
+    def _side(grid) -> int:
+        if grid is None or grid[0] != grid[1]:
+            raise ValueError(f"matryoshka needs a square patch grid per image; these tokens come in {grid}")
+        return grid[0]
 
-    def scales(self) -> list[int]:
-        """The nested token counts of the attached model's grid, largest first."""
-        return [s * s for s in nested_sides(self._side())]
+    @staticmethod
+    def scales(side: int) -> list[int]:
+        """The nested token counts of a ``side x side`` grid, largest first."""
+        return [s * s for s in nested_sides(side)]
 
-    def _side_of(self, count) -> int:
-        full = self._side()
+    @staticmethod
+    def _side_of(count, full: int) -> int:
         sides = nested_sides(full)
         if count == "full":
             return full
@@ -89,15 +89,10 @@ class Matryoshka(Method):
             return sides[min(2, len(sides) - 1)]
         if count not in [s * s for s in sides]:
             raise ValueError(
-                f"matryoshka: scale={count} is not one of this model's nested scales {[s * s for s in sides]} "
-                f"(a {full}x{full} grid)"
+                f"matryoshka: scale={count} is not one of the nested scales {[s * s for s in sides]} of this "
+                f"{full}x{full} grid"
             )
         return math.isqrt(count)
-
-    def bind(self, dims: dict) -> None:
-        super().bind(dims)
-        for v in _counts(self.scale) + _counts(self.train_scales or []):
-            self._side_of(v)
 
     # the stage -------------------------------------------------------------------------------
     def build(self, dims: dict, parts: dict) -> dict:
@@ -110,11 +105,12 @@ class Matryoshka(Method):
         owner = tokens.owner.tolist()
         if len(per) > 1 and len(per) <= max(owner, default=0):
             raise ValueError(f"matryoshka: scale has {len(per)} entries but the batch has {max(owner) + 1} samples")
-        sides = [self._side_of(per[o] if len(per) > 1 else per[0]) for o in owner]
+        full = self._side(tokens.grid)
+        sides = [self._side_of(per[o] if len(per) > 1 else per[0], full) for o in owner]
         proj = self.modules["projector"] if getattr(self, "modules", None) is not None else project
         y = proj(tokens.features)
         out = VisualTokens.from_features(y, tokens.owner, grid=tokens.grid)
-        if all(s == self._side() for s in sides):
+        if all(s == full for s in sides):
             return out
         return pool_to_sides(out, sides)
 
@@ -124,7 +120,9 @@ class Matryoshka(Method):
         return pooled * self.dims.get("llm_hidden", 0)
 
     def train_variants(self, batch: int, rng) -> list[dict]:
-        scales = list(self.train_scales or self.scales())
+        if self.train_scales is None:
+            raise ValueError("matryoshka: training needs train_scales (the nested counts of the grid it trains on)")
+        scales = list(self.train_scales)
         if self.train_draw:
             return [{"scale": [int(s) for s in rng.choice(scales, size=batch)]}]
         return [{"scale": s} for s in scales]
@@ -136,8 +134,10 @@ class Matryoshka(Method):
         per = _counts(self.scale)
         if len(per) > 1:
             raise ValueError("matryoshka: per-sample scales have no single schedule; pass reductions=")
-        side = self._side_of(per[0]) if self.dims else None
-        out = sum(u if per[0] == "full" else min(u, side * side if side else per[0]) for u in units)
+        out = 0
+        for u in units:
+            r = math.isqrt(u)
+            out += u if r * r != u else self._side_of(per[0], r) ** 2
         return [Reduction(self.name, "projector", None, [visual_tokens], [out], None)]
 
     @classmethod

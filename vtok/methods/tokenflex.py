@@ -57,7 +57,7 @@ class TokenFlex(Method):
         None, "pooled grid side (n*n tokens per image; at most the tower's grid side), or a list per sample; None: "
         "8 (the paper's smallest, 64 tokens), or the grid side on a smaller grid",
     )
-    train_n: tuple = hparam((8, 12, 16), "the sides training draws n from (clamped to the tower's grid)")
+    train_n: tuple = hparam((8, 12, 16), "the sides training draws n from (each at most the tower's grid side)")
     train_weights: tuple | None = hparam(None, "probabilities of train_n (None: uniform)")
 
     def validate(self) -> None:
@@ -71,36 +71,30 @@ class TokenFlex(Method):
         ):
             raise ValueError(f"tokenflex: train_weights={self.train_weights!r} must give one weight >= 0 per train_n")
 
-    def _side(self) -> int:
-        n = self.dims.get("vit_tokens")
-        s = math.isqrt(n) if n else 0
-        if not n or s * s != n:
-            raise ValueError(f"tokenflex needs a square patch grid per image; this model has {n} patches")
-        return s
-
-    def bind(self, dims: dict) -> None:
-        super().bind(dims)
-        side = self._side()
-        given = [x for x in _per(self.n) if x is not None]
-        if given and max(given) > side:
-            raise ValueError(f"tokenflex: n={max(given)} is larger than the tower's {side}x{side} grid")
+    @staticmethod
+    def _side(grid) -> int:
+        if grid is None or grid[0] != grid[1]:
+            raise ValueError(f"tokenflex needs a square patch grid per image; these tokens come in {grid}")
+        return grid[0]
 
     def build(self, dims: dict, parts: dict) -> dict:
         return {"projector": SwiGLU(dims["vision_hidden"], dims["llm_hidden"], dims["llm_hidden"])}
 
-    def trained_sides(self) -> list[int]:
-        side = self._side()
+    def trained_sides(self, side: int) -> list[int]:
         return sorted({min(v, side) for v in self.train_n})
 
     def projector(self, tokens: VisualTokens, project) -> VisualTokens:
-        per = [min(8, self._side()) if v is None else v for v in _per(self.n)]
+        full = self._side(tokens.grid)
+        per = [min(8, full) if v is None else v for v in _per(self.n)]
         owner = tokens.owner.tolist()
         if len(per) > 1 and len(per) <= max(owner, default=0):
             raise ValueError(f"tokenflex: n has {len(per)} entries but the batch has {max(owner) + 1} samples")
+        if max(per) > full:
+            raise ValueError(f"tokenflex: n={max(per)} is larger than the tower's {full}x{full} grid")
         sides = [per[o] if len(per) > 1 else per[0] for o in owner]
-        off = sorted(set(sides) - set(self.trained_sides()))
+        off = sorted(set(sides) - set(self.trained_sides(full)))
         if off and not self.modules.training:
-            warnings.warn(f"tokenflex: n={off} is outside the set it was trained on ({self.trained_sides()})", stacklevel=2)
+            warnings.warn(f"tokenflex: n={off} is outside the set it was trained on ({self.trained_sides(full)})", stacklevel=2)
         pooled = pool_to_sides(tokens, sides)
         proj = self.modules["projector"]
         feats = proj(pooled.features.to(proj.down.weight.dtype)) * pooled.mask.unsqueeze(-1)
@@ -110,8 +104,7 @@ class TokenFlex(Method):
         )
 
     def train_variants(self, batch: int, rng) -> list[dict]:
-        side = self._side()
-        sides = [min(v, side) for v in self.train_n]
+        sides = list(self.train_n)  # the stage refuses a side above the grid
         w = None if self.train_weights is None else [float(x) / sum(self.train_weights) for x in self.train_weights]
         return [{"n": [int(v) for v in rng.choice(sides, size=batch, p=w)]}]
 
