@@ -130,6 +130,9 @@ def train(a) -> dict:
 
     old = signal.signal(signal.SIGTERM, _term)
     rec = start
+    # the loop runs the method's stage itself and splices its tokens: the model runs without vtok's hooks
+    stash = handle.adapter.hooks_stashed()
+    stash.__enter__()
     try:
         while step < total and not stop["now"]:
             elapsed = time.time() - t0
@@ -169,6 +172,7 @@ def train(a) -> dict:
             if a.save_every and step % a.save_every == 0:
                 handle.save(a.out)
     finally:
+        stash.__exit__(None, None, None)
         signal.signal(signal.SIGTERM, old)
         bar.close()
         handle.eval()
