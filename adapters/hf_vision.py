@@ -97,7 +97,7 @@ def vit_probe_stats(attn: nn.Module, hidden: torch.Tensor, probe, prefix: int = 
     from its input ``hidden`` [U, N, D]; ``prefix``: leading non-patch tokens (CLS). [U, N] fp32."""
     if probe.kind == "keycorr":
         return key_correlation(attn.k_proj(hidden), float(probe.threshold), prefix)
-    return vit_attention_stats(attn, hidden, probe.kind)
+    return vit_attention_stats(attn, hidden, probe.kind_for(prefix > 0))
 
 
 def feature_block(vision_feature_layer, num_blocks: int) -> int | None:

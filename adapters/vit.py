@@ -153,6 +153,7 @@ class InViTRunner:
             m for m in (tower.modules() if tower is not None else ()) if hasattr(m, "grad_checkpointing")
         ]
         self.probe_layers: dict[int, list[ViTAttention]] = {}
+        self._has_cls = bool(getattr(adapter, "num_prefix_tokens", lambda: protected)())
         for p in method.probes():
             if isinstance(p, ViTAttention):
                 self.probe_layers.setdefault(p.layer % n, []).append(p)
@@ -254,7 +255,7 @@ class InViTRunner:
                     self.sizes = torch.ones(b, n, dtype=torch.float32, device=hidden.device)
                 logb = self.sizes.log()
             for p in self.probe_layers.get(index, ()):
-                self.probes[p] = part.stats(hidden, p.kind, logb)
+                self.probes[p] = part.stats(hidden, p.kind_for(self._has_cls), logb)
             if logb is None:
                 return None
             logb = logb.to(hidden.dtype)

@@ -114,6 +114,12 @@ def test_lengths_flops_and_stacks_per_stage(quick):
     n = ref["visual_entry"]
     for r in c["rows"][2:]:
         stages = get_method_class(r["method"]).stages
+        if "projector" in stages:  # tokenflex's default keeps a 4x4 grid whole: its own projector only
+            reduced = r["visual_entry"] < n
+            assert r["ideal_stacks"] == (["llm"] if reduced else []) and r["lengths"]["vision"] == full_vit
+            assert r["lengths"]["llm"] == [x - (n - r["visual_entry"]) for x in full_llm]
+            assert (r["flops_ratio"] < 1) == reduced
+            continue
         assert 0 < r["flops_ratio"] < 1
         ev = r["events"]
         assert ev and all(e["method"] == r["method"] for e in ev)

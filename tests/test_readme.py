@@ -21,13 +21,13 @@ def _examples() -> str:
     part = text[text.index("### Write your own method") :]
     part = part[: part.index("\n## ")]
     blocks = re.findall(r"```python\n(.*?)```", part, flags=re.S)
-    assert len(blocks) == 3, "one example per stage: before_llm, in_llm, in_vit"
+    assert len(blocks) == 4, "one example per stage: before_llm, in_llm, in_vit, projector"
     return "import torch\n" + "\n".join(blocks)
 
 
 @pytest.fixture(scope="module")
 def readme_methods():
-    names = ("top_cls", "instruction_prune", "merge_neighbours")
+    names = ("top_cls", "instruction_prune", "merge_neighbours", "pool_then_project")
     ns: dict = {}
     exec(compile(_examples(), str(README), "exec"), ns)  # noqa: S102 - the README's own code
     yield {n: vtok.method.get_method_class(n) for n in names}
@@ -57,3 +57,12 @@ def test_readme_in_vit_method_runs(readme_methods):
     with vtok.apply(model, "merge_neighbours", r=2) as h, torch.no_grad():
         model(**batch)
     assert [(r.stage, r.tokens_in, r.tokens_out) for r in h.stats][0] == ("in_vit", [17], [15])
+
+
+def test_readme_projector_method_runs(readme_methods):
+    model = tiny_model("llava")
+    batch = TINY_CASES["llava"].batch(TINY_CASES["llava"].make_samples(model, [(3, 1, 2), (2, 2, 4)], 0))
+    with vtok.apply(model, "pool_then_project") as h, torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+    assert [(r.stage, r.tokens_in, r.tokens_out) for r in h.stats] == [("projector", [16, 32], [4, 8])]

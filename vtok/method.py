@@ -152,11 +152,18 @@ class ViTAttention(Probe):
 
     kind="cls": the CLS query's attention row over the tokens, head-averaged.
     kind="colmean": attention received by each token, averaged over all queries and heads.
+    kind="cls_or_colmean": "cls" where the tower has a CLS token, "colmean" where it has none (SigLIP).
     The result is aligned with the visual tokens handed to the method: [U, N].
     """
 
     layer: int = -2
     kind: str = "cls"
+
+    def kind_for(self, has_cls: bool) -> str:
+        """The statistic this probe computes on a tower with (or without) a CLS token."""
+        if self.kind == "cls_or_colmean":
+            return "cls" if has_cls else "colmean"
+        return self.kind
 
 
 @dataclass(frozen=True)
