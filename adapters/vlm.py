@@ -393,9 +393,27 @@ class VLMAdapter(InLLMStage, Adapter):
             out = method.before_llm(units, probes)
             if not isinstance(out, VisualTokens):
                 raise TypeError(f"{method.name}.before_llm must return VisualTokens, got {type(out).__name__}")
+            self._check_counts(method, fw.units, out)
             self._record_units(method, "before_llm", units, out)
             units = out
         fw.reduced = units
+
+    @staticmethod
+    def _check_counts(method, units: VisualTokens, out: VisualTokens) -> None:
+        """One rule for every adapter: a unit gets at most as many tokens as it has placeholders (the
+        prompt is never grown or cut silently)."""
+        if out.num_units != units.num_units:
+            raise ValueError(
+                f"{method.name}.before_llm returned {out.num_units} units for {units.num_units}; return one per unit "
+                "(VisualTokens.select / select_indices keep the units)"
+            )
+        over = [(u, int(o), int(i)) for u, (o, i) in enumerate(zip(out.counts().tolist(), units.counts().tolist())) if o > i]
+        if over:
+            u, o, i = over[0]
+            raise ValueError(
+                f"{method.name}.before_llm returned {o} tokens for unit {u}, which has {i} placeholder slots; a "
+                "before_llm method returns at most one token per placeholder (vtok does not grow the prompt)"
+            )
 
     def _collect_probes(self, method, kinds=("vit", "text", "llm"), before_layer=None):
         """The method's probes of the given kinds; LLM probes only those of layers before ``before_layer``
