@@ -116,7 +116,7 @@ def train(a) -> dict:
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     start = {"event": "start", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "method": a.method, "device": str(device),
              "threads": torch.get_num_threads(), "batch_size": a.batch_size, "lr": a.lr, "steps": a.steps,
-             "distill_steps": a.distill_steps, "max_minutes": a.max_minutes, "seed": a.seed,
+             "distill_steps": a.distill_steps, "max_minutes": a.max_minutes, "seed": a.seed, "bf16": a.bf16,
              "trainable_parameters": sum(p.numel() for p in params), "n_questions": len(keep), "n_images": len(ids),
              "resume": Path(a.resume).name if a.resume else None}
     _log(log, start)
@@ -151,8 +151,9 @@ def train(a) -> dict:
                     if step < a.distill_steps:
                         losses.append(distill_loss(handle, method, feats, grid))
                     else:
-                        losses.append(variant_loss(model, handle, method, helper, feats, [qs[i] for i in idx],
-                                                   [ans[i] for i in idx], grid))
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+                            losses.append(variant_loss(model, handle, method, helper, feats, [qs[i] for i in idx],
+                                                       [ans[i] for i in idx], grid).float())
                 finally:
                     _override(method, old_settings)
             loss = torch.stack(losses).mean()
@@ -206,6 +207,8 @@ def _arguments(p) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="time cap; the LR schedule follows it")
     p.add_argument("--max-train-images", type=int, default=None, help="use the first N train images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="compute the LLM in fp32 (default: bf16 autocast, ~3x faster matmuls on a CPU with AVX512-BF16)")
     p.add_argument("--log", default=None, help="append JSON records here")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=50, help="save every N steps (and at the end)")
