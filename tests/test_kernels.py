@@ -438,6 +438,25 @@ def test_merge_weighted_triton_many_sources_one_destination():
 
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_merge_weighted_order_returns_survivors_in_that_order(backend):
+    """``order=``: the survivors in that order (ToMe's), the same values as a gather of the
+    index-ordered result, ``kept_idx = order``; a wrong shape is refused."""
+    g = _gen(4)
+    x, sizes = torch.randn(2, 9, 16, generator=g), torch.rand(2, 9, generator=g) + 0.5
+    src, dst = torch.tensor([[0, 4, 6], [1, 2, 8]]), torch.tensor([[3, 5, 5], [7, 7, 0]])
+    fn = K.merge_weighted_torch if backend == "torch" else K.merge_weighted_triton
+    xk, sk, kept = fn(x, sizes, src, dst)
+    perm = torch.stack([torch.randperm(6, generator=g) for _ in range(2)])
+    order = kept.gather(1, perm)
+    xo, so, ko = fn(x, sizes, src, dst, order)
+    assert torch.equal(ko, order) and torch.equal(so, sk.gather(1, perm))
+    assert torch.equal(xo, xk.gather(1, perm.unsqueeze(-1).expand(-1, -1, 16)))
+    with pytest.raises(ValueError, match="order"):
+        fn(x, sizes, src, dst, order[:, :3])
+    with pytest.raises(ValueError, match="order"):
+        fn(x, sizes, src, dst, order.float())
+
 @HYP
 @given(
     B=st.integers(1, 3),
