@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .bench import Case
+from .bench_settings import Case
 
 
 # ----------------------------------------------------------------------------- case builders

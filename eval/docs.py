@@ -1,11 +1,5 @@
 """Document pages for ``vtok eval --dataset docs-pages``: real PDF pages the harness writes itself (fpdf2) and renders
-(pypdfium2), scored by FIDELITY to the uncompressed model.
-
-Pages are A4 with known content (a title, paragraphs, a small table, a footer) drawn from a seeded word list, and
-wide margins plus a blank lower part, so an AnyRes model sees crops full of text beside crops of white paper.
-The offline demo VLM cannot read text, so the harness does not score answers: per question it keeps the full
-model's next-token distribution (``prepare``) and scores a compressed run by top-1 agreement with it, together
-with KL(full || compressed) and where the kept tokens lie (blank crops vs. crops with ink).
+(pypdfium2), scored by FIDELITY to the uncompressed model (``DocFidelity``: the offline demo VLM cannot read text).
 
 Install: ``pip install vtok[docs]`` (fpdf2, pypdfium2).
 """
@@ -52,7 +46,11 @@ def _sentence(rng: random.Random, n: int) -> str:
 
 def render_page(seed: int, dpi: int = DPI) -> Page:
     """Write one A4 page with fpdf2 (content from ``seed``; upper part text, lower part blank paper but for a
-    footer) and render it with pypdfium2 at ``dpi``."""
+    footer) and render it with pypdfium2 at ``dpi``.
+
+    The content is known (a title, paragraphs, a small table, a footer) and drawn from a seeded word list; the
+    wide margins and the blank lower part make an AnyRes model see crops full of text beside crops of white
+    paper."""
     try:
         import pypdfium2 as pdfium
         from fpdf import FPDF
@@ -125,7 +123,11 @@ KEEP_RECORDER = KeepAll
 
 
 class DocFidelity:
-    """Questions about rendered pages on an AnyRes VLM, scored against the full model (see the module doc).
+    """Questions about rendered pages on an AnyRes VLM, scored against the full model.
+
+    The offline demo VLM cannot read text, so answers are not scored: per question ``prepare`` keeps the full
+    model's next-token distribution and ``score`` compares a compressed run with it (top-1 agreement, KL) and
+    says where the kept tokens lie (blank crops vs. crops with ink).
 
     ``score`` returns per question a dict: ``score`` (top-1 agreement with the full model), ``KL`` (nats,
     KL(full || compressed) of the next-token distribution), ``kept in blank crops`` (share of the visual

@@ -1,21 +1,7 @@
 """The offline VLM in LLaVA-NeXT shape: the same DINOv2 ViT-S/14, SmolLM2-135M-Instruct and trained projector
-as ``vtok.eval.offline``, in a stock ``LlavaNextForConditionalGeneration`` with AnyRes crops.
-
-What differs from the LLaVA-1.5 assembly, and why:
-
-- Each AnyRes crop and the base (thumbnail) image go through the tower at 224 px (16 x 16 patches, the
-  resolution the projector was trained at). The tower's config says ``image_size=224`` because LLaVA-NeXT
-  takes the crop size from it; its position embeddings are the checkpoint's 37 x 37 grid resampled to
-  16 x 16 by DINOv2's own ``interpolate_pos_encoding``, i.e. exactly what the 224 px LLaVA-1.5 model
-  computes at run time, so a crop's features equal the offline VLM's features of that crop.
-- ``image_grid_pinpoints`` (``PINPOINTS``, H x W in px): grids of 2 x 2 up to 4 x 2 crops (portrait and
-  landscape), so a document page at 150 dpi is split into several crops (a portrait page: 3 x 2).
-- ``image_newline`` (LLaVA-NeXT's row separator, which the LLaVA-1.5 projector never saw) is SmolLM2's
-  input embedding of "\\n": the nearest meaning the LM knows.
-- Prompt: ``<image>`` (the processor expands it to base + crops + newlines) then ``Question: {q} Answer:``.
-
-The model answers easy-VQA-like questions about shapes only; it cannot read text. Harnesses on it therefore
-measure fidelity to the uncompressed model, not accuracy.
+as ``vtok.eval.offline``, in a stock ``LlavaNextForConditionalGeneration`` with AnyRes crops (what differs from the
+LLaVA-1.5 assembly, and why: ``assemble_llava_next``). It answers easy-VQA-like questions about shapes only and
+cannot read text: harnesses on it measure fidelity to the uncompressed model, not accuracy.
 """
 
 from __future__ import annotations
@@ -71,7 +57,21 @@ def _tower_state_at_crop(vision_model) -> dict:
 
 def assemble_llava_next(vision_model, lm, tokenizer, dtype=torch.float32, pinpoints=None):
     """Stock ``LlavaNextForConditionalGeneration`` around a Dinov2Model and a LlamaForCausalLM (weights copied);
-    projector initialised at random (seed 0) until ``offline.load_projector`` loads the trained one."""
+    projector initialised at random (seed 0) until ``offline.load_projector`` loads the trained one.
+
+    What differs from the LLaVA-1.5 assembly, and why:
+
+    - Each AnyRes crop and the base (thumbnail) image go through the tower at 224 px (16 x 16 patches, the
+      resolution the projector was trained at). The tower's config says ``image_size=224`` because LLaVA-NeXT
+      takes the crop size from it; its position embeddings are the checkpoint's 37 x 37 grid resampled to
+      16 x 16 by DINOv2's own ``interpolate_pos_encoding``, i.e. exactly what the 224 px LLaVA-1.5 model
+      computes at run time, so a crop's features equal the offline VLM's features of that crop.
+    - ``image_grid_pinpoints`` (``PINPOINTS``, H x W in px): grids of 2 x 2 up to 4 x 2 crops (portrait and
+      landscape), so a document page at 150 dpi is split into several crops (a portrait page: 3 x 2).
+    - ``image_newline`` (LLaVA-NeXT's row separator, which the LLaVA-1.5 projector never saw) is SmolLM2's
+      input embedding of "\\n": the nearest meaning the LM knows.
+    - Prompt: ``<image>`` (the processor expands it to base + crops + newlines) then ``Question: {q} Answer:``.
+    """
     from transformers import LlavaNextForConditionalGeneration
 
     image_token_id = offline.add_image_token(tokenizer)

@@ -99,15 +99,16 @@ def bipartite_match(metric, *, r, protected=None, a_idx=None, b_idx=None):
     return impl(metric, r=r, protected=protected, a_idx=a_idx, b_idx=b_idx)
 
 
-def merge_weighted(x, sizes, src_idx, dst_idx):
+def merge_weighted(x, sizes, src_idx, dst_idx, *, order=None):
     """Size-weighted merge of sources into destinations -> ``(x_kept, sizes_kept, kept_idx)``.
 
-    Survivors keep their original order; fp32 accumulation; outputs in the input dtypes.
+    Survivors keep their original order, or the order of ``order`` (a permutation of their indices
+    ``[B, N - r]``; then ``kept_idx = order``); fp32 accumulation; outputs in the input dtypes.
     Differentiable through the torch path, which is chosen when ``x`` or ``sizes`` needs grad.
     See :func:`vtok.kernels.merge.merge_weighted_torch`.
     """
     impl = merge_weighted_triton if backend_for(x, needs_grad=_needs_grad(x, sizes)) == "triton" else merge_weighted_torch
-    return impl(x, sizes, src_idx, dst_idx)
+    return impl(x, sizes, src_idx, dst_idx, order)
 
 
 def nearest_merge(x, sizes, keep_idx, *, metric=None):

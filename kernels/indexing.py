@@ -157,6 +157,16 @@ def _kept_indices(src_idx, B, N):
     return _complement(src_idx, B, N)
 
 
+def _check_order(order, B: int, K: int):
+    """``order`` of ``merge_weighted`` as int64 ``[B, K]`` (K survivors), or None."""
+    if order is None:
+        return None
+    if order.dim() != 2 or tuple(order.shape) != (B, K) or order.is_floating_point() or order.dtype == torch.bool:
+        raise ValueError(
+            f"order must be an integer index tensor [B, N - r] = [{B}, {K}]; got {tuple(order.shape)} {order.dtype}")
+    return order.long()
+
+
 def _nearest_pairs(x, keep_idx, metric, match_fn):
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, C]; got {tuple(x.shape)}")

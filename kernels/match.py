@@ -57,12 +57,29 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
 
     Returns ``src_idx [B, r]`` and ``dst_idx [B, r]`` (int64 token indices into N) and
     ``scores [B, r]`` (fp32 cosine similarity of each pair), ordered by decreasing score.
+
+    In ToMe's case (alternating split, no or int protection) the reference builds no mask tensors
+    and does not synchronise with the device, as the Triton path: the admissible rows are
+    ``index >= protected`` and r is clamped from the counts (on a CPU those small operations cost
+    more than the matching itself).
     """
     B = metric.shape[0]
-    a_idx, b_idx, a_ok, b_ok, n_a, n_b = _split(metric, protected, a_idx, b_idx)
-    r = _clamp_r(r, a_ok, b_ok, n_a, n_b)
-    if r == 0:
-        return _empty_match(B, metric.device)
+    fast = _fast_alternating(metric, protected, a_idx, b_idx, r)
+    if fast is not None:
+        r, prot = fast
+        if r == 0:
+            return _empty_match(B, metric.device)
+        N = metric.shape[1]
+        a_idx = torch.arange(0, N, 2, device=metric.device).expand(B, -1)
+        b_idx = torch.arange(1, N, 2, device=metric.device).expand(B, -1)
+        a_ok = b_ok = None  # nothing to mask
+        if prot:
+            a_ok, b_ok = a_idx >= prot, b_idx >= prot
+    else:
+        a_idx, b_idx, a_ok, b_ok, n_a, n_b = _split(metric, protected, a_idx, b_idx)
+        r = _clamp_r(r, a_ok, b_ok, n_a, n_b)
+        if r == 0:
+            return _empty_match(B, metric.device)
     C = metric.shape[-1]
     inv = inv_norm(metric)
     xb = metric.gather(1, b_idx[..., None].expand(-1, -1, C)).float()
@@ -76,10 +93,13 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
         ai = a_idx[:, s : s + chunk]
         xa = metric.gather(1, ai[..., None].expand(-1, -1, C)).float()
         scores = torch.bmm(xa, xb.transpose(1, 2)) * inv.gather(1, ai)[..., None] * inv_b[:, None, :]
-        scores = scores.masked_fill(~b_ok[:, None, :], float("-inf"))
+        if b_ok is not None:
+            scores = scores.masked_fill(~b_ok[:, None, :], float("-inf"))
         p = scores.argmax(dim=-1)  # first maximal index -> lowest token index (b_idx is sorted)
         bv = scores.gather(-1, p[..., None]).squeeze(-1)
-        best[:, s : s + chunk] = bv.masked_fill(~a_ok[:, s : s + chunk], float("-inf"))
+        if a_ok is not None:
+            bv = bv.masked_fill(~a_ok[:, s : s + chunk], float("-inf"))
+        best[:, s : s + chunk] = bv
         part[:, s : s + chunk] = p
     return _top_r(best, part, a_idx, b_idx, r)
 

@@ -11,7 +11,7 @@ import torch
 
 from . import tuning
 from ._common import HAS_TRITON, jit, launchable, tl, triton
-from .indexing import _check_merge_args, _kept_indices, _nearest_pairs
+from .indexing import _check_merge_args, _check_order, _kept_indices, _nearest_pairs
 from .match import bipartite_match_torch, bipartite_match_triton
 
 __all__ = ["merge_weighted_torch", "merge_weighted_triton", "nearest_merge_torch", "nearest_merge_triton"]
@@ -22,20 +22,24 @@ __all__ = ["merge_weighted_torch", "merge_weighted_triton", "nearest_merge_torch
 # --------------------------------------------------------------------------------------------
 
 
-def merge_weighted_torch(x, sizes, src_idx, dst_idx):
+def merge_weighted_torch(x, sizes, src_idx, dst_idx, order=None):
     """Torch reference of :func:`vtok.kernels.merge_weighted`; the contract of both backends.
 
-    ``merge_weighted(x, sizes, src_idx, dst_idx) -> (x_kept, sizes_kept, kept_idx)``
+    ``merge_weighted(x, sizes, src_idx, dst_idx, *, order=None) -> (x_kept, sizes_kept, kept_idx)``
 
     Destinations receive ``sum(x * size)`` and ``sum(size)`` of their sources and are divided
     (the size-weighted average over the original patches, ToMe's ``merge_wavg``). Sources are
     removed, survivors keep their original order; ``kept_idx [B, N - r]`` lists their original
-    indices. ``sizes`` is ``[B, N]`` float (``None`` = ones). Accumulation is fp32; outputs come
-    back in the input dtypes. Sources must be distinct and must not be destinations themselves.
+    indices. ``order [B, N - r]`` (a permutation of the survivors' indices) returns them in that
+    order instead, and ``kept_idx`` is ``order``: ToMe's [prefix, unmerged A, B] in one gather (the
+    reference then skips the complement sort). ``sizes`` is ``[B, N]`` float (``None`` = ones).
+    Accumulation is fp32; outputs come back in the input dtypes. Sources must be distinct and must
+    not be destinations themselves.
     """
     sizes, src_idx, dst_idx = _check_merge_args(x, sizes, src_idx, dst_idx)
     B, N, C = x.shape
-    kept = _kept_indices(src_idx, B, N)
+    order = _check_order(order, B, N - src_idx.shape[1])
+    kept = _kept_indices(src_idx, B, N) if order is None else order
     s = sizes.float()
     xs = x.float() * s[..., None]
     acc = xs.scatter_add(1, dst_idx[..., None].expand(-1, -1, C), xs.gather(1, src_idx[..., None].expand(-1, -1, C)))
@@ -194,12 +198,13 @@ def _sorted_pairs(src_idx, dst_idx, N, tile_n):
     return buf[0], buf[1], buf[2], tb
 
 
-def merge_weighted_triton(x, sizes, src_idx, dst_idx):
+def merge_weighted_triton(x, sizes, src_idx, dst_idx, order=None):
     """Triton implementation of :func:`vtok.kernels.merge_weighted` (gather-based, fp32 sums).
 
     Two launches: the index bookkeeping by counting (``_merge_prep_kernel``), then the merge over
-    all tokens. Forward only: the outputs carry no autograd graph (the dispatcher picks the torch
-    reference when gradients are needed).
+    all tokens; with ``order``, then a ``searchsorted`` and one gather of the survivors (the kernel
+    writes them in index order). Forward only: the outputs carry no autograd graph (the dispatcher
+    picks the torch reference when gradients are needed).
 
     1. ``_merge_prep_kernel``: by counting, the sources in increasing order, the destinations in
        increasing order (stable) with their sources, and where each token tile of the merge starts
@@ -210,6 +215,17 @@ def merge_weighted_triton(x, sizes, src_idx, dst_idx):
        so every input row is read once per use and every output row written once, with no atomics
        and a fixed summation order (deterministic).
     """
+    out, s_out, kept = _merge_weighted_triton(x, sizes, src_idx, dst_idx)
+    order = _check_order(order, *kept.shape)
+    if order is None or not kept.shape[1]:
+        return out, s_out, kept
+    pos = torch.searchsorted(kept.contiguous(), order.contiguous())  # where each survivor sits in ``kept``
+    out = out.gather(1, pos.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+    return out, s_out.gather(1, pos), order
+
+
+def _merge_weighted_triton(x, sizes, src_idx, dst_idx):
+    """:func:`merge_weighted_triton` without ``order``: survivors in index order."""
     sizes, src_idx, dst_idx = _check_merge_args(x, sizes, src_idx, dst_idx, ones_if_none=False)
     has_sizes = sizes is not None
     B, N, C = x.shape

@@ -134,6 +134,29 @@ def test_bipartite_torch_matches_bruteforce():
         assert torch.allclose(sc[b].double(), torch.tensor([cos[b, i, best[i]] for i in order]), atol=1e-6)
 
 
+def test_torch_match_alternating_fast_path_equals_the_general_path():
+    """The reference's mask-free path (alternating split, no or int protection) picks what the
+    general path (masks from ``_split``, r clamped with a host sync) picks, ties included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    g = _gen(3)
+    for n, prot, r in ((9, 0, 3), (17, 1, 8), (16, 2, 5), (5, 4, 2), (1, 0, 1), (12, None, 4)):
+        metric = torch.randn(3, n, 8, generator=g)
+        if n > 5:
+            metric[:, 3] = metric[:, 5]  # ties
+        general = K.bipartite_match_torch(metric, r=r, protected=prot, a_idx=torch.arange(0, n, 2))
+        seen = set()
+        with Ops():
+            fast = K.bipartite_match_torch(metric, r=r, protected=prot)
+        assert all(torch.equal(a, b) for a, b in zip(fast, general)), (n, prot, r)
+        assert torch.ops.aten._local_scalar_dense not in seen, (n, prot, r)  # no host sync
+        assert (torch.ops.aten.masked_fill in seen) == bool(prot and general[0].numel()), (n, prot, r)
+
 def test_merge_weighted_torch_hand_case():
     x = torch.tensor([1.0, 2, 3, 4, 5]).view(1, 5, 1)
     sizes = torch.tensor([[1.0, 1, 2, 1, 1]])
@@ -413,6 +436,26 @@ def test_merge_weighted_triton_many_sources_one_destination():
     for a, b in zip(ref, tri):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_merge_weighted_order_returns_survivors_in_that_order(backend):
+    """``order=``: the survivors in that order (ToMe's), the same values as a gather of the
+    index-ordered result, ``kept_idx = order``; a wrong shape is refused."""
+    g = _gen(4)
+    x, sizes = torch.randn(2, 9, 16, generator=g), torch.rand(2, 9, generator=g) + 0.5
+    src, dst = torch.tensor([[0, 4, 6], [1, 2, 8]]), torch.tensor([[3, 5, 5], [7, 7, 0]])
+    fn = K.merge_weighted_torch if backend == "torch" else K.merge_weighted_triton
+    xk, sk, kept = fn(x, sizes, src, dst)
+    perm = torch.stack([torch.randperm(6, generator=g) for _ in range(2)])
+    order = kept.gather(1, perm)
+    xo, so, ko = fn(x, sizes, src, dst, order)
+    assert torch.equal(ko, order) and torch.equal(so, sk.gather(1, perm))
+    assert torch.equal(xo, xk.gather(1, perm.unsqueeze(-1).expand(-1, -1, 16)))
+    with pytest.raises(ValueError, match="order"):
+        fn(x, sizes, src, dst, order[:, :3])
+    with pytest.raises(ValueError, match="order"):
+        fn(x, sizes, src, dst, order.float())
 
 @HYP
 @given(

@@ -1,42 +1,7 @@
-"""Video input: sample frames of a clip with their timestamps (decord).
+"""Video input: frames of a clip and their timestamps, sampled uniformly or at a frame rate (decord).
 
-    from vtok import video
-    frames, times = video.load("clip.mp4", num_frames=16)   # uint8 numpy (T, H, W, 3) RGB; seconds
-    frames, times = video.load("clip.mp4", sampling="fps", fps=1.0, num_frames=64)
-
-``frames`` is a C-contiguous ``numpy.uint8`` array of shape ``(T, H, W, 3)`` in RGB order
-(``torch.from_numpy(frames)`` shares its memory); ``times`` is a ``float64`` array of the ``T`` frames'
-presentation times in seconds, as decord reads them from the container (the start of each frame).
-
-Sampling (frames are indexed in presentation order; N frames in the clip, K = ``num_frames``):
-
-* ``"uniform"``: the frame at the centre of each of K equal segments of the frame sequence,
-  index ``floor((2k + 1) * N / (2K))`` for ``k = 0..K-1``. On a constant-frame-rate clip these are evenly
-  spaced in time and the first and last are half a segment from the ends.
-* ``"fps"``: target times ``t0 + j / fps`` (``t0`` the first frame's time, ``j = 0, 1, ...`` while the target
-  lies before the end of the last frame); for each target the frame on screen at that time (the last one that
-  starts at or before it). A frame is never returned twice, so asking for more than the clip's frame rate
-  returns each frame once. If more than K targets remain, K of them are kept, spread over the whole clip by
-  the ``"uniform"`` rule applied to the candidate list (the spacing then grows beyond ``1 / fps``; this is what
-  LLaVA-Video- and Qwen2-VL-style pipelines do with a frame cap).
-* A clip with fewer frames than asked for returns the frames it has, each once, in order: never duplicates and
-  never padding. ``len(frames)`` can therefore be smaller than ``num_frames``.
-
-Timestamps: decord's per-frame timestamps are used where they are valid (finite and strictly increasing).
-Some AVI files carry no timestamps for part of their frames (OpenCV's ``Megamind.avi``: decord reports
--3.8e17 s for 182 of its 270 frames) and decord then also seeks to wrong frames; for such files ``load`` warns,
-uses ``index / average fps`` as the timestamps and decodes sequentially from the first frame, which returns the
-right frames. Variable frame rate is kept: OpenCV's ``tree.avi`` has 68 frames over 29.6 s (15 fps nominal),
-and its timestamps say so where ``index / fps`` would say 4.5 s.
-
-Errors name the file and what is wrong: a missing path raises ``FileNotFoundError``; an empty file, a file
-decord cannot open (not a video), a truncated MP4/MOV or AVI, a clip without video frames, frames that fail to
-decode, and bad argument values raise ``ValueError`` (arguments of the wrong type: ``TypeError``). Truncation
-is found from the container's own sizes (MP4/MOV boxes, the AVI RIFF header), because decord opens an MP4 whose
-index comes first even when its data is cut short and reports only the frames that survived.
-
-decord is needed only here: it is a dependency of vtok on x86_64 (decord publishes no wheels for other CPUs);
-without it ``load`` raises ``ImportError`` saying how to install it. Frames are decoded on the CPU.
+``frames, times = vtok.video.load("clip.mp4", num_frames=16)``: uint8 ``(T, H, W, 3)`` RGB, seconds.
+Output, timestamps and errors: ``load``'s docstring; the sampling rules: ``sample_indices``'.
 """
 
 from __future__ import annotations
@@ -301,8 +266,23 @@ _EPS = 1e-4
 
 
 def sample_indices(starts, duration: float, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0) -> np.ndarray:
-    """Indices of the frames ``load`` returns, given every frame's start time and the clip's end (see the module
-    docstring for the rules). ``starts`` must be strictly increasing."""
+    """Indices of the frames ``load`` returns, given every frame's start time and the clip's end.
+
+    ``starts`` must be strictly increasing. Frames are indexed in presentation order; N frames in the clip,
+    K = ``num_frames``:
+
+    * ``"uniform"``: the frame at the centre of each of K equal segments of the frame sequence,
+      index ``floor((2k + 1) * N / (2K))`` for ``k = 0..K-1``. On a constant-frame-rate clip these are evenly
+      spaced in time and the first and last are half a segment from the ends.
+    * ``"fps"``: target times ``t0 + j / fps`` (``t0`` the first frame's time, ``j = 0, 1, ...`` while the target
+      lies before the end of the last frame); for each target the frame on screen at that time (the last one that
+      starts at or before it). A frame is never returned twice, so asking for more than the clip's frame rate
+      returns each frame once. If more than K targets remain, K of them are kept, spread over the whole clip by
+      the ``"uniform"`` rule applied to the candidate list (the spacing then grows beyond ``1 / fps``; this is what
+      LLaVA-Video- and Qwen2-VL-style pipelines do with a frame cap).
+    * A clip with fewer frames than asked for returns the frames it has, each once, in order: never duplicates and
+      never padding. ``len(frames)`` can therefore be smaller than ``num_frames``.
+    """
     _check_args(num_frames, sampling, fps, "sample_indices")
     starts = np.asarray(starts, dtype=np.float64)
     n = len(starts)
@@ -343,9 +323,32 @@ def _decode(path: Path, vr, indices: np.ndarray, sequential: bool) -> np.ndarray
 def load(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0) -> Frames:
     """Frames of a video file and their timestamps: ``frames, times = load(path)``.
 
-    ``frames``: ``numpy.uint8`` ``(T, H, W, 3)`` RGB; ``times``: ``float64`` ``(T,)`` seconds, increasing.
-    ``T <= num_frames``; fewer when the clip (or, with ``sampling="fps"``, its duration times ``fps``) has
-    fewer frames: frames are never repeated. Rules and errors: see the module docstring.
+        from vtok import video
+        frames, times = video.load("clip.mp4", num_frames=16)   # uint8 numpy (T, H, W, 3) RGB; seconds
+        frames, times = video.load("clip.mp4", sampling="fps", fps=1.0, num_frames=64)
+
+    ``frames`` is a C-contiguous ``numpy.uint8`` array of shape ``(T, H, W, 3)`` in RGB order
+    (``torch.from_numpy(frames)`` shares its memory); ``times`` is a ``float64`` array of the ``T`` frames'
+    presentation times in seconds, increasing, as decord reads them from the container (the start of each
+    frame). ``T <= num_frames``; fewer when the clip (or, with ``sampling="fps"``, its duration times ``fps``)
+    has fewer frames: frames are never repeated. The sampling rules: :func:`sample_indices`.
+
+    Timestamps: decord's per-frame timestamps are used where they are valid (finite and strictly increasing).
+    Some AVI files carry no timestamps for part of their frames (OpenCV's ``Megamind.avi``: decord reports
+    -3.8e17 s for 182 of its 270 frames) and decord then also seeks to wrong frames; for such files ``load``
+    warns, uses ``index / average fps`` as the timestamps and decodes sequentially from the first frame, which
+    returns the right frames. Variable frame rate is kept: OpenCV's ``tree.avi`` has 68 frames over 29.6 s
+    (15 fps nominal), and its timestamps say so where ``index / fps`` would say 4.5 s.
+
+    Errors name the file and what is wrong: a missing path raises ``FileNotFoundError``; an empty file, a file
+    decord cannot open (not a video), a truncated MP4/MOV or AVI, a clip without video frames, frames that fail
+    to decode, and bad argument values raise ``ValueError`` (arguments of the wrong type: ``TypeError``).
+    Truncation is found from the container's own sizes (MP4/MOV boxes, the AVI RIFF header), because decord
+    opens an MP4 whose index comes first even when its data is cut short and reports only the frames that
+    survived.
+
+    decord is needed only here: it is a dependency of vtok on x86_64 (decord publishes no wheels for other
+    CPUs); without it ``load`` raises ``ImportError`` saying how to install it. Frames are decoded on the CPU.
     """
     _check_args(num_frames, sampling, fps, f"video.load({os.fspath(path)!r})")
     path = _check_path(path)

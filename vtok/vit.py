@@ -117,7 +117,7 @@ def merge_tokens(x: torch.Tensor, sizes: torch.Tensor, plan: ViTMerge):
     x [B, N, C], sizes [B, N] float. A destination becomes ``sum(x_i * s_i) / sum(s_i)`` over
     itself and its sources; its size becomes ``sum(s_i)``. Accumulates in fp32. The merge is
     :func:`vtok.kernels.merge_weighted` (Triton on CUDA, deterministic; the torch reference
-    elsewhere and whenever gradients are needed); the survivors then follow ``plan.order``.
+    elsewhere and whenever gradients are needed), which returns the survivors in ``plan.order``.
     """
     n = x.shape[1]
     if not plan.r:
@@ -125,10 +125,8 @@ def merge_tokens(x: torch.Tensor, sizes: torch.Tensor, plan: ViTMerge):
         s_out = sizes.gather(1, order)
         x_out = _gather_rows(x.float() * sizes.unsqueeze(-1), order) / s_out.unsqueeze(-1)
         return x_out.to(x.dtype), s_out
-    x_out, s_out, kept = kernels.merge_weighted(x, sizes, plan.src, plan.dst)
-    if plan.order is not None:  # a permutation of the survivors: its positions among the sorted kept
-        pos = torch.searchsorted(kept.contiguous(), plan.order.to(kept.device).contiguous())
-        x_out, s_out = _gather_rows(x_out, pos), s_out.gather(1, pos)
+    order = None if plan.order is None else plan.order.to(x.device)
+    x_out, s_out, _ = kernels.merge_weighted(x, sizes, plan.src, plan.dst, order=order)
     return x_out, s_out
 
 

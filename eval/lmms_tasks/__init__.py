@@ -1,15 +1,7 @@
-"""A local lmms-eval task shipped by vtok: ``vtok_easy_vqa``, easy-VQA on the offline demo VLM.
+"""A local lmms-eval task shipped by vtok: ``vtok_easy_vqa``, easy-VQA on the offline demo VLM (``vtok demo --export``).
 
-This folder is what ``--include_path`` names (``TASK_DIR``; from a clone: ``eval/lmms_tasks``). The task reads
-``easy_vqa_test.jsonl`` (200 test questions in the order ``vtok eval --dataset easy-vqa`` draws them: seed 0, so
-``--limit n`` asks the same questions as ``vtok eval --n n``), opens each image from the ``easy-vqa`` package and
-asks ``<image>`` + the question; the exported checkpoint's chat template (``vtok.eval.offline.CHAT_TEMPLATE``)
-turns it into the training prompt ``<image> x 256 Question: {q} Answer:``. The model's greedy answer is scored by
-exact match (first word, lower case) against the 13 easy-VQA answers.
-
-    vtok demo --export vlm
-    lmms-eval --model vtok --model_args pretrained=vlm,vtok_method=fastv,vtok_retain=0.5 \\
-        --tasks vtok_easy_vqa --include_path eval/lmms_tasks --device cpu --batch_size 1 --limit 8
+This folder is what ``--include_path`` names (``TASK_DIR``; from a clone: ``eval/lmms_tasks``); the command is in
+the README's lmms-eval section. The functions are the YAML's ``!function`` hooks (questions, image, prompt, score).
 """
 
 from __future__ import annotations
@@ -18,7 +10,9 @@ import json
 from pathlib import Path
 
 TASK_DIR = str(Path(__file__).resolve().parent)
-#: the task's questions (``dataset_kwargs.data_files`` of the YAML, read through ``!function``)
+#: the task's questions (``dataset_kwargs.data_files`` of the YAML, read through ``!function``): 200 test questions
+#: in the order ``vtok eval --dataset easy-vqa`` draws them (seed 0), so ``--limit n`` asks the same questions as
+#: ``vtok eval --n n`` (``write_data_file``)
 DATA_FILE = str(Path(TASK_DIR) / "easy_vqa_test.jsonl")
 
 _PATHS: dict = {}
@@ -34,12 +28,16 @@ def _image_paths() -> dict:
 
 
 def doc_to_visual(doc) -> list:
+    """The question's image, opened from the ``easy-vqa`` package."""
     from PIL import Image
 
     return [Image.open(_image_paths()[int(doc["image_id"])]).convert("RGB")]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None) -> str:
+    """The question alone: lmms-eval asks ``<image>`` + it, and the exported checkpoint's chat template
+    (``vtok.eval.offline.CHAT_TEMPLATE``) turns that into the training prompt
+    ``<image> x 256 Question: {q} Answer:``."""
     return doc["question"]
 
 
@@ -54,6 +52,8 @@ def normalize_answer(text: str) -> str:
 
 
 def process_results(doc, results) -> dict:
+    """Exact match of the greedy answer's first word, lower case (``normalize_answer``), with the question's
+    answer (one of easy-VQA's 13)."""
     return {"exact_match": float(normalize_answer(results[0]) == doc["answer"])}
 
 

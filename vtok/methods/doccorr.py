@@ -1,10 +1,8 @@
 """`doccorr`: token-level correlation-guided compression of document images, per AnyRes crop (before the LLM).
 
-Steps, each a small function below: per crop, pattern repetitiveness from patch-patch key correlation
-(``ViTKeyCorrelation``) -> information density -> the crop's share of the image's budget
-(``allocate``); inside a crop, the CLS-attention outliers (``iqr_outliers``), then sampling without
-replacement by a shallow layer's attention (``gumbel_top``); the dropped tokens are folded into their
-most similar kept token of the same crop (``fold_into_kept``).
+Per crop: pattern repetitiveness from key correlation (``ViTKeyCorrelation``) -> information density
+(``crop_density``) -> its share of the budget (``allocate``); inside it, CLS-attention outliers (``iqr_outliers``),
+then sampling by attention (``gumbel_top``); dropped tokens fold into their nearest kept one (``fold_into_kept``).
 """
 
 from __future__ import annotations

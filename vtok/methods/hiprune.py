@@ -1,9 +1,8 @@
 """`hiprune`: HiPrune (arXiv 2508.00553) -- anchor, buffer and register tokens from two ViT layers (before the LLM).
 
-Small pure functions over one image's tokens: ``object_layer_default`` (the object layer scaled to the
-tower's depth), ``split_budget`` (an image's budget over its crops), ``grid_coords`` (row/col/crop of each
-token), ``neighbours`` (grid-aware 4-neighbours) and ``select_group`` (anchors + buffers + registers);
-the method (``HiPrune``) wires them to ``VisualTokens`` and the ViT attention probes.
+Pure functions over one image's tokens (``object_layer_default``, ``split_budget``, ``grid_coords``,
+``neighbours``, ``select_group``: each says what it computes) and the method (``HiPrune``), which wires them
+to ``VisualTokens`` and the ViT attention probes.
 """
 
 from __future__ import annotations
