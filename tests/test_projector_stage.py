@@ -99,6 +99,8 @@ def test_tokenflex_trains_through_the_hooks_saves_reloads_and_leaves_the_model_u
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with vtok.apply(model, "tokenflex", n=[2, 1], train_n=(1, 2), weights=path):
         assert torch.equal(_logits(model, batch), trained)
+    with vtok.apply(model, "tokenflex", n=2, weights=path) as h:  # what the weights were trained on comes back
+        assert h.methods[0].train_n == (1, 2)
 
 
 @pytest.mark.weights_guard

@@ -177,6 +177,12 @@ class Handle:
                 f"{list(unexpected)[:4]}); were they saved with other settings? saved: {meta.get('vtok_methods')}"
             )
         self.weights_loaded = True
+        import ast
+
+        for m, (_, cfg) in zip(self.methods, json.loads(meta.get("vtok_methods", "[]"))):
+            for k in m.trained_settings:  # facts about the weights (what they were trained on)
+                if k in cfg:
+                    setattr(m, k, ast.literal_eval(cfg[k]))
 
     def check_trained(self) -> None:
         """Refuse to run a method whose modules mean nothing untrained (``needs_weights``) in eval mode

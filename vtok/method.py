@@ -199,6 +199,9 @@ class Method:
     #: whether the projector stage runs the method's own projector instead of the model's (the FLOP count
     #: then has the method's ``overhead_flops`` in place of the model's projector)
     replaces_projector: ClassVar[bool] = False
+    #: settings that describe the trained weights (e.g. the sizes trained on): loading weights restores
+    #: them from the file's metadata
+    trained_settings: ClassVar[tuple] = ()
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -48,6 +48,7 @@ class Matryoshka(Method):
     example = {"scale": 4}
     paper = "scales 576/144/36/9/1 tokens per 24x24 grid, chosen per request; all five losses averaged in training"
     kept_meaningful = False  # pooled tokens are new tokens
+    trained_settings = ("train_scales", "train_draw")
 
     scale: object = hparam(
         None, "tokens per image: one of the nested counts of the model's grid (e.g. 576/144/36/9/1), 'full', "

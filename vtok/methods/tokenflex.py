@@ -52,6 +52,7 @@ class TokenFlex(Method):
     kept_meaningful = False
     needs_weights = True
     replaces_projector = True
+    trained_settings = ("train_n", "train_weights")
 
     n: object = hparam(
         None, "pooled grid side (n*n tokens per image; at most the tower's grid side), or a list per sample; None: "
