@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vtok.method import LLM_PROBES, Question, TextQuery
+from vtok.method import LLM_PROBES, CallVideos, Question, TextQuery
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
@@ -59,11 +59,13 @@ class BeforeLLMStage:
         fw.probes.update(self._captured)
         res = {}
         for p in method.probes():
-            kind = "text" if isinstance(p, (TextQuery, Question)) else "llm" if isinstance(p, LLM_PROBES) else "vit"
+            kind = "text" if isinstance(p, (TextQuery, Question, CallVideos)) else "llm" if isinstance(p, LLM_PROBES) else "vit"
             if kind not in kinds or (kind == "llm" and before_layer is not None and p.layer >= before_layer):
                 continue
             if isinstance(p, Question):
                 res[p] = self._question()
+            elif isinstance(p, CallVideos):
+                res[p] = self._call_videos(method)
             elif kind == "text":
                 res[p] = self._text_query()
             elif p in fw.probes:
@@ -74,6 +76,18 @@ class BeforeLLMStage:
                     "(were the visual features passed in pre-computed, without running the vision tower?)"
                 )
         return res
+
+    def _call_videos(self, method) -> list:
+        videos = self.handle.call_context().get("videos")
+        b = int(self._fw.input_ids.shape[0])
+        if videos is None or len(videos) != b:
+            given = "none" if videos is None else f"{len(videos)}"
+            raise ValueError(
+                f"{method.name} reads the raw video of each sample; wrap the call in "
+                f"`with handle.context(videos=[...]):` with one vtok.video.Frames (or None) per sample ({b} here, "
+                f"{given} given)"
+            )
+        return list(videos)
 
     def _question(self) -> list[str]:
         """Per sample, the text after its last visual token, decoded (special tokens skipped)."""

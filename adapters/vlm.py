@@ -18,6 +18,7 @@ from vtok.hf_compat import (
     replace_precomputed_visual_features,
 )
 from vtok.method import (
+    CallVideos,
     LLMAttention,
     Question,
     TextQuery,
@@ -90,7 +91,7 @@ class _Generation:
 
 class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
     stages = ("before_llm", "in_llm")
-    probe_types = (ViTAttention, LLMAttention, Transition, TextQuery, Question)
+    probe_types = (ViTAttention, LLMAttention, Transition, TextQuery, Question, CallVideos)
 
     # per-call state, one per thread (a model may serve several threads at once)
     _fw = per_thread()  # the forward in flight

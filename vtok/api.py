@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 
 from torch import nn
@@ -79,6 +81,7 @@ class Handle:
         #: why the last prefill ran the untouched model (a call vtok cannot reduce but HF serves), or None
         self.passthrough: str | None = None
         self._warned: set = set()
+        self._context = threading.local()
         by_stage: dict[str, list[Method]] = {}  # stage -> the chain of methods run there, in list order
         for m in methods:
             for stage in m.stages:
@@ -198,6 +201,21 @@ class Handle:
                     "(timing, mechanics)"
                 )
 
+    @contextlib.contextmanager
+    def context(self, *, videos=None):
+        """What the calls inside the block are about, for methods that read it (``CallVideos``): ``videos``, one
+        ``vtok.video.Frames`` (or None) per sample. Per thread; nested blocks restore the outer one."""
+        outer = getattr(self._context, "value", {})
+        self._context.value = {**outer, "videos": videos}
+        try:
+            yield self
+        finally:
+            self._context.value = outer
+
+    def call_context(self) -> dict:
+        """The innermost ``context`` of this thread ({} outside one)."""
+        return getattr(self._context, "value", {})
+
     def note_passthrough(self, reason: str | None) -> None:
         """Record (and warn once per reason) that a prefill runs untouched."""
         self.passthrough = reason
@@ -283,7 +301,10 @@ def _check_not_compiled(model: nn.Module) -> None:
     import warnings
 
     try:
-        from torch._dynamo.eval_frame import OptimizedModule, _debug_get_cache_entry_list
+        from torch._dynamo.eval_frame import (
+            OptimizedModule,
+            _debug_get_cache_entry_list,
+        )
     except ImportError:  # pragma: no cover - torch without dynamo
         return
     if isinstance(model, OptimizedModule):

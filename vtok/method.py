@@ -15,6 +15,7 @@ from .probes import (  # noqa: F401  (re-exported: methods import them from here
     LLM_PROBES,
     QUERY_SETS,
     AttentionScores,
+    CallVideos,
     LLMAttention,
     LLMStep,
     LLMView,

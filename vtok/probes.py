@@ -9,7 +9,7 @@ import torch
 
 __all__ = [
     "Probe", "ViTAttention", "ViTKeyCorrelation", "LLMAttention", "Transition", "AttentionScores", "Transitions",
-    "TransitionStats", "Question", "TextQuery", "LLMView", "LLMStep", "LLM_PROBES", "QUERY_SETS",
+    "TransitionStats", "Question", "CallVideos", "TextQuery", "LLMView", "LLMStep", "LLM_PROBES", "QUERY_SETS",
 ]
 
 #: query rows of an LLM attention probe: the last prompt token, every valid row, the text tokens,
@@ -179,6 +179,13 @@ LLM_PROBES = (LLMAttention, Transition)
 class Question(Probe):
     """The call's question per sample: its text after the visual span (the instruction), decoded with the
     tokenizer of the processor given to ``vtok.apply(..., processor=...)``. Result: a list of str."""
+
+
+@dataclass(frozen=True)
+class CallVideos(Probe):
+    """Per sample, the raw video the call is about -- ``vtok.video.Frames`` (uint8 ``(T, H, W, 3)`` frames and
+    their timestamps in seconds, as ``vtok.video.load`` returns them) -- handed over by the caller with
+    ``with handle.context(videos=[...]):`` around the call (None for a sample without one). Result: a list."""
 
 
 @dataclass(frozen=True)
