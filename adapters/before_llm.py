@@ -37,20 +37,108 @@ class BeforeLLMStage:
 
     @staticmethod
     def _check_counts(method, units: VisualTokens, out: VisualTokens) -> None:
-        """One rule for every adapter: a unit gets at most as many tokens as it has placeholders (the
-        prompt is never grown or cut silently)."""
+        """One rule for every adapter: one unit out per unit in, and a declared grid layout that holds
+        exactly the unit's tokens."""
         if out.num_units != units.num_units:
             raise ValueError(
                 f"{method.name}.before_llm returned {out.num_units} units for {units.num_units}; return one per unit "
                 "(VisualTokens.select / select_indices keep the units)"
             )
-        over = [(u, int(o), int(i)) for u, (o, i) in enumerate(zip(out.counts().tolist(), units.counts().tolist())) if o > i]
-        if over:
-            u, o, i = over[0]
-            raise ValueError(
-                f"{method.name}.before_llm returned {o} tokens for unit {u}, which has {i} placeholder slots; a "
-                "before_llm method returns at most one token per placeholder (vtok does not grow the prompt)"
-            )
+        for u, k in enumerate(out.counts().tolist()):
+            lay = out.unit_layout(u)
+            if lay is None or lay == "sequence":
+                continue
+            if not isinstance(lay, list) or sum(h * w for h, w in lay) != k:
+                raise ValueError(
+                    f"{method.name}.before_llm declared the layout {lay!r} for unit {u}, which does not hold its {k} "
+                    "tokens; declare None, 'sequence', or (h, w) grids whose sizes add up to the token count"
+                )
+
+    def needs_relayout(self, out: VisualTokens, units: VisualTokens) -> bool:
+        """Whether the prompt must be laid out again (a declared layout, or more tokens than a unit had)."""
+        if out.layout is not None:
+            return True
+        return bool((out.counts() > units.counts()).any())
+
+    def layout_newline(self, u: int, b: int, span: torch.Tensor, embeds: torch.Tensor):
+        """The embedding of a newline token for unit ``u`` of sample ``b`` (None: the family has none)."""
+        return None
+
+    def relayout(self, out: VisualTokens, spans: list, embeds: torch.Tensor, state, policy: str):
+        """The prompt with every unit's span replaced by its tokens in output order, laid out as declared
+        (``VisualTokens.layout``): ``(SeqState, embeddings)``. Text keeps its order. Positions: 'compact'
+        numbers the new sequence contiguously; 'keep' keeps the text's and gives a token its unit's first
+        position plus its ``position``. A token maps back to the caller's sequence in order over the span's
+        placeholders (those beyond the span have no caller row); what the caller gets back is as for any
+        reduction."""
+        from .hf_llm import SeqState
+
+        b, s0, _ = embeds.shape
+        dev = embeds.device
+        counts = out.counts().tolist()
+        starts = {}
+        covered = torch.zeros(b, s0, dtype=torch.bool)
+        for u, span in enumerate(spans):
+            starts[(int(out.owner[u]), int(span[0]))] = u
+            covered[int(out.owner[u]), span.cpu()] = True
+        valid, pos0 = state.valid.cpu(), state.positions.cpu()
+        rows = []  # per sample: (src index, unit or -1, token j or -1 (newline), orig index, position)
+        for bi in range(b):
+            row = []
+            for i in valid[bi].nonzero().squeeze(1).tolist():
+                u = starts.get((bi, i))
+                if u is None:
+                    if not covered[bi, i]:
+                        row.append((i, -1, -1, i, int(pos0[bi, i])))
+                    continue
+                span = spans[u].cpu()
+                lay = out.unit_layout(u)
+                grids = lay if isinstance(lay, list) else None
+                seq = []
+                if grids is None:
+                    seq = list(range(counts[u]))
+                else:
+                    j = 0
+                    for h, w in grids:
+                        for _ in range(h):
+                            seq += list(range(j, j + w)) + [-1]
+                            j += w
+                    if self.layout_newline(u, bi, spans[u], embeds) is None:
+                        seq = [t for t in seq if t >= 0]
+                first = int(pos0[bi, i])
+                tok_pos = out.positions[u, : counts[u]].cpu().tolist()
+                for n_, t in enumerate(seq):
+                    orig = int(span[n_]) if n_ < span.numel() else s0
+                    p = first + (tok_pos[t] if t >= 0 else (tok_pos[seq[n_ - 1]] if n_ and seq[n_ - 1] >= 0 else 0))
+                    row.append((int(span[0]), u, t, orig, p))
+            rows.append(row)
+        length = max((len(r) for r in rows), default=0)
+        index = torch.zeros(b, length, dtype=torch.long)
+        orig = torch.full((b, length), s0, dtype=torch.long)
+        positions = torch.zeros(b, length, dtype=torch.long)
+        new_valid = torch.zeros(b, length, dtype=torch.bool)
+        visual = torch.zeros(b, length, dtype=torch.bool)
+        new = embeds.new_zeros(b, length, embeds.shape[-1])
+        for bi, row in enumerate(rows):
+            off = length - len(row)  # left padding
+            for n_, (src, u, t, o, p) in enumerate(row):
+                c = off + n_
+                index[bi, c], orig[bi, c], new_valid[bi, c] = src, o, True
+                positions[bi, c] = p
+                if u < 0:
+                    new[bi, c] = embeds[bi, src]
+                else:
+                    visual[bi, c] = True
+                    new[bi, c] = out.features[u, t].to(embeds.dtype) if t >= 0 else self.layout_newline(u, bi, spans[u], embeds)
+            if policy == "compact" and row:
+                positions[bi, off:] = row[0][4] + torch.arange(len(row))
+        kept = new_valid.sum(1)
+        step = (valid.sum(1) - kept) if policy == "compact" else torch.zeros(b, dtype=torch.long)
+        st = SeqState(
+            valid=new_valid.to(dev), positions=positions.to(dev), visual=visual.to(dev), orig_index=orig.to(dev),
+            index=index.to(dev), prev_len=s0, shift=(state.shift.cpu() + step).to(dev), step_shift=step.to(dev),
+        )
+        return st, new
 
     def _collect_probes(self, method, kinds=("vit", "text", "llm"), before_layer=None):
         """The method's probes of the given kinds; LLM probes only those of layers before ``before_layer``

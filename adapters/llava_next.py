@@ -325,6 +325,13 @@ class LlavaNextAdapter(VLMAdapter):
             self._captured[p] = v
         return units
 
+    def layout_newline(self, u, b, span, embeds):
+        """The unit's own newline embedding (the model's ``image_newline``, as the prompt holds it)."""
+        lay = self._fw.unit_layouts[u]
+        if lay.newline_slot.numel():
+            return embeds[b, span[int(lay.newline_slot[0])]]
+        return self.core.image_newline.to(embeds.dtype)
+
     # splice with newline re-insertion ---------------------------------------------------
     def place_reduced(self, out: VisualTokens, spans: list, keep: torch.Tensor, embeds: torch.Tensor) -> None:
         """Surviving tokens go to their original slots (unique positions) or, in output order, to the

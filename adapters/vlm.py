@@ -418,9 +418,6 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
             or not torch.equal(out.features, fw.units.features)
         )
         if changed:
-            keep = valid & ~visual
-            embeds = embeds.clone()
-            self.place_reduced(out, fw.spans, keep, embeds)
             # the policy of the method that produced the final tokens (the chain's last, else the projector
             # stage's or in_vit's)
             if chain:
@@ -428,8 +425,15 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
             else:
                 stage = "projector" if self.method("projector") is not None else "in_vit"
                 policy = self.method(stage).position_policy_at(stage)
-            state = state.compact(keep, policy)
-            kwargs["inputs_embeds"] = state.gather(embeds)
+            if self.needs_relayout(out, fw.units):
+                state, embeds = self.relayout(out, fw.spans, embeds, state, policy)
+                kwargs["inputs_embeds"] = embeds
+            else:
+                keep = valid & ~visual
+                embeds = embeds.clone()
+                self.place_reduced(out, fw.spans, keep, embeds)
+                state = state.compact(keep, policy)
+                kwargs["inputs_embeds"] = state.gather(embeds)
             kwargs["attention_mask"] = state.valid.long()
             kwargs["position_ids"] = state.positions
         fw.states = [state]

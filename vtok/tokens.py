@@ -50,6 +50,14 @@ class VisualTokens:
             (raster order inside each), e.g. ``[(h, w), (rows, cols)]`` for an AnyRes image (base image,
             then the unpadded high-resolution grid) or ``[(h, w)] * T`` for a video; None when every
             unit is one ``grid`` (one per frame when ``frames`` is set). See ``unit_grids``.
+        layout: how a before_llm method's output goes into the prompt, per unit (a list) or for all
+            (one value). None (default): each token at the placeholder of its ``position`` (unique
+            positions; else in output order), layout tokens (LLaVA-NeXT's image newlines) kept after every
+            row that keeps a token -- at most one token per placeholder. ``"sequence"``: the tokens in
+            output order, as many as the method returns (more than came in too), no layout tokens. A list
+            of ``(h, w)`` grids: the tokens in output order laid out as those grids, a newline token after
+            every row where the model family has newlines. A unit that returns more tokens than it had
+            placeholders is laid out as ``"sequence"`` unless it declares grids.
     """
 
     features: torch.Tensor
@@ -61,6 +69,7 @@ class VisualTokens:
     frames: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
     grids: list | None = None
+    layout: object = None
 
     @classmethod
     def from_features(cls, features: torch.Tensor, owner: torch.Tensor, grid=None, frames=None):
@@ -93,6 +102,13 @@ class VisualTokens:
             out.append(seen.get(o, 0))
             seen[o] = out[-1] + 1
         return out
+
+    def unit_layout(self, u: int):
+        """The declared ``layout`` of unit ``u`` (None, "sequence" or a list of (h, w) grids)."""
+        lay = self.layout
+        if isinstance(lay, list) and lay and not isinstance(lay[0], tuple):  # one entry per unit
+            return lay[u]
+        return lay
 
     def unit_grids(self) -> list[list[tuple[int, int]]]:
         """Per unit, the list of (h, w) grids of its original token layout (see ``grids``)."""
