@@ -3,6 +3,7 @@ returned layouts, multi-turn caches, removal mid-generation. Each either works o
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -268,6 +269,9 @@ def test_calls_vtok_cannot_reduce_run_untouched_and_say_so(call):
     assert torch.equal(got, want)
 
 
+# ------------------------------------------------------------------ torch.compile
+
+
 def test_compiled_models_are_not_silently_unreduced():
     """torch.compile'd code does not see hooks added later: a compiled wrapper is refused, and compile ->
     run -> apply warns; apply -> compile reduces."""
@@ -288,6 +292,78 @@ def test_compiled_models_are_not_silently_unreduced():
         assert h.stats and sum(h.stats[0].tokens_out) < sum(h.stats[0].tokens_in)
     torch._dynamo.reset()
     assert out.logits.shape[1] == batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("case_name,method", [("llava", "random"), ("llava", "tome"), ("llava", "fastv")])
+def test_apply_then_compile_gives_the_uncompiled_results(case_name, method):
+    """apply -> torch.compile(model) (no fullgraph): the model's modules are compiled, vtok's hooks run
+    eagerly between the graphs, and the logits and stats are exactly the uncompiled attached model's."""
+    import torch._dynamo
+
+    model = tiny_llava_fresh()
+    _, batch = _batch(case_name, seed=8)
+    torch._dynamo.reset()
+    try:
+        with vtok.apply(model, _method(method)) as h, torch.no_grad():
+            want, want_stats = model(**batch).logits, list(h.stats)
+            got = torch.compile(model, backend="eager")(**batch).logits
+            assert [(r.tokens_in, r.tokens_out) for r in h.stats] == [(r.tokens_in, r.tokens_out) for r in want_stats]
+            assert sum(h.stats[0].tokens_out) < sum(h.stats[0].tokens_in)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on CPU")
+def test_apply_then_compile_with_inductor_gives_the_uncompiled_results():
+    """The same with torch.compile's default backend (inductor, ~50 s here): the merges are the uncompiled
+    ones and the logits equal them up to inductor's float reordering."""
+    import torch._dynamo
+
+    model = tiny_llava_fresh()
+    _, batch = _batch("llava", seed=8)
+    torch._dynamo.reset()
+    try:
+        with vtok.apply(model, _method("tome")) as h, torch.no_grad():
+            want, want_kept = model(**batch).logits, [r.kept for r in h.stats]
+            got = torch.compile(model)(**batch).logits
+            assert len(h.stats) == len(want_kept) > 0
+            assert all(torch.equal(a, b) for r, k in zip(h.stats, want_kept) for a, b in zip(r.kept, k))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case_name,method", [("llava", "random"), ("llava", "tome"), ("timm_vit", "tome")])
+def test_compile_fullgraph_of_an_attached_model_is_refused_with_the_way_out(case_name, method):
+    """vtok's hooks choose tokens from the data and run outside the compiled graph, so
+    torch.compile(model, fullgraph=True) cannot capture an attached model: compilation stops at the first
+    hook with vtok's reason (the problem and the way out), not at an arbitrary data-dependent line."""
+    import inspect
+
+    import torch._dynamo
+
+    if "reason" not in inspect.signature(torch.compiler.disable).parameters:
+        pytest.skip("torch < 2.8 shows no reason for a torch.compiler.disable'd function")
+    model = tiny_llava_fresh() if case_name == "llava" else TINY_CASES[case_name].build()
+    case = TINY_CASES[case_name]
+    batch = case.batch(case.make_samples(model, case.specs, 8))
+    batch.pop("position_ids", None)
+    torch._dynamo.reset()
+    try:
+        with vtok.apply(model, _method(method)), torch.no_grad():
+            with pytest.raises(RuntimeError, match=r"(?s)fullgraph=True.*Compile without fullgraph \(torch.compile\(model\)\)"):
+                torch.compile(model, backend="eager", fullgraph=True)(**batch)
+    finally:
+        torch._dynamo.reset()
+    torch._dynamo.reset()
+    with torch.no_grad():  # removed: the untouched model compiles in one graph again
+        want = model(**batch)
+        got = torch.compile(model, backend="eager", fullgraph=True)(**batch)
+    torch._dynamo.reset()
+    want, got = (o if isinstance(o, torch.Tensor) else o[0] for o in (want, got))
+    assert torch.equal(got, want)
 
 
 def tiny_llava_fresh():
