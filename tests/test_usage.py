@@ -372,6 +372,86 @@ def tiny_llava_fresh():
     return tiny_llava(seed=0)
 
 
+# ------------------------------------------------------------------ NaN inputs
+
+
+def _kernel_backend(monkeypatch, backend):
+    """Run vtok's kernels on ``backend``: the torch references, or the Triton kernels (what a GPU runs)
+    under Triton's interpreter."""
+    from vtok.kernels import _common
+
+    if backend == "triton":
+        if not _common.HAS_TRITON:
+            pytest.skip("triton is not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VTOK_KERNELS", backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_nan_pixel_gives_nan_in_its_sample_and_leaves_the_others_alone(backend, monkeypatch):
+    """tome on LLaVA, a batch of two prompts whose second image has one NaN pixel: as in the untouched
+    model, the NaN reaches that sample's prediction (every row of its reduced sequence is NaN; rows of
+    tokens it dropped hold zeros, as always); the other sample's logits and merges are bit-identical to
+    the same batch without the NaN, and equal its own unbatched run. The match ranks NaN similarities
+    below every number on both kernel backends, so the merge stays a valid one (no protected token, no
+    index out of range) whatever the NaN does."""
+    _kernel_backend(monkeypatch, backend)
+    model = tiny_llava_fresh()
+    case = TINY_CASES["llava"]
+    clean = case.make_samples(model, case.specs[:2], 8)
+    bad = [dict(s) for s in clean]
+    bad[1]["pixel_values"] = bad[1]["pixel_values"].clone()
+    bad[1]["pixel_values"][0, 0, 5, 7] = float("nan")
+
+    def run(samples):
+        b = case.batch(samples)
+        b.pop("position_ids", None)
+        return model(**b).logits
+
+    with torch.no_grad():
+        untouched = run(bad)
+        with vtok.apply(model, _method("tome")) as h:
+            want, want_kept = run(clean), [r.kept[0] for r in h.stats]
+            got, got_kept = run(bad), [r.kept[0] for r in h.stats]
+            solo = run(clean[:1])
+    n0 = clean[0]["input_ids"].numel()
+    assert torch.equal(got[0], want[0])  # the clean sample: as if the NaN were not there
+    assert all(torch.equal(a, b) for a, b in zip(got_kept, want_kept))
+    torch.testing.assert_close(got[0, -n0:], solo[0], rtol=1e-4, atol=1e-5)  # batch invariance
+    assert torch.isnan(untouched[1, -1]).all() and torch.isnan(got[1, -1]).all()  # NaN in -> NaN out
+    nan_rows = torch.isnan(got[1]).all(-1)
+    assert bool((got[1][~nan_rows] == 0).all())  # the other rows: tokens the reduced sequence did not have
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case_name", ["clip_vision", "timm_vit", "open_clip_vit"])
+def test_a_nan_image_in_a_vit_batch_gives_nan_in_its_row_only(case_name, backend, monkeypatch):
+    """tome on a standalone ViT, a batch of three images, the middle one with a NaN pixel: its output is
+    NaN, as the untouched encoder's; the other images' outputs and merges are bit-identical to the batch
+    without the NaN."""
+    _kernel_backend(monkeypatch, backend)
+    case = TINY_CASES[case_name]
+    model = case.build()
+    batch = case.batch(case.make_samples(model, case.specs, 3))
+    key = next(iter(batch))
+    bad = dict(batch)
+    bad[key] = batch[key].clone()
+    bad[key][1, 0, 5, 7] = float("nan")
+
+    def out(o):
+        return o if isinstance(o, torch.Tensor) else o[0]
+
+    with torch.no_grad():
+        untouched = out(model(**bad))
+        with vtok.apply(model, _method("tome", r=3)) as h:
+            want, want_kept = out(model(**batch)), [r.kept for r in h.stats]
+            got, got_kept = out(model(**bad)), [r.kept for r in h.stats]
+    assert torch.isnan(untouched[1]).all() and torch.isnan(got[1]).all()
+    keep = [0, 2]
+    assert torch.equal(got[keep], want[keep])
+    assert all(torch.equal(a[i], b[i]) for a, b in zip(got_kept, want_kept) for i in keep)
+
+
 # ------------------------------------------------------------------ copies
 
 
