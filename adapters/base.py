@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import threading
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from vtok.method import LLM_PROBES, Method, Probe
@@ -34,6 +36,30 @@ class per_thread:
 
     def __set__(self, obj, value):
         setattr(obj._local, self.name, value)
+
+
+#: Why vtok's hooks run outside a torch.compile'd graph; torch puts it into the error that
+#: ``torch.compile(model, fullgraph=True)`` raises when it reaches the first hook.
+COMPILE_REASON = (
+    "vtok: a method is attached to this model, and its hooks choose tokens from the data (values read on the host, "
+    "shapes that depend on them), so they run eagerly between compiled graphs and torch.compile(model, "
+    "fullgraph=True) cannot capture the model in one graph. Compile without fullgraph (torch.compile(model)): the "
+    "model's modules are compiled and vtok's hooks run between them with the same results; or handle.remove() "
+    "the method to compile the untouched model in one graph"
+)
+
+
+#: torch.compiler.disable shows a reason in its graph-break error in recent torch releases only
+_DISABLE_TAKES_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
+
+
+def outside_compiled_graph(fn):
+    """``fn`` as torch.compile sees it: never traced (its data-dependent work would break the graph at an
+    arbitrary line, or be specialised on values), run eagerly where a compiled model calls it; with
+    ``fullgraph=True`` compilation stops there, with ``COMPILE_REASON`` where torch shows a reason."""
+    if _DISABLE_TAKES_REASON:
+        return torch.compiler.disable(fn, reason=COMPILE_REASON)
+    return torch.compiler.disable(fn)  # pragma: no cover - older torch: the error names the hook only
 
 
 class InstanceWrap:
@@ -198,8 +224,9 @@ class Adapter:
         return run
 
     def hook(self, module: nn.Module, fn, *, pre: bool, prepend: bool = False) -> None:
-        """Register ``fn`` (kwargs-style) as a forward pre- or post-hook of ``module``, guarded for nesting."""
-        fn = self.guarded(fn)
+        """Register ``fn`` (kwargs-style) as a forward pre- or post-hook of ``module``, guarded for nesting and
+        run outside any torch.compile'd graph of the model (``outside_compiled_graph``)."""
+        fn = outside_compiled_graph(self.guarded(fn))
         if pre:
             h = module.register_forward_pre_hook(fn, with_kwargs=True, prepend=prepend)
         else:

@@ -28,6 +28,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 #: Squared-norm floor: ``1 / max(||x||, EPS)`` with ``EPS = 1e-12`` (as ``F.normalize``).
 NORM_EPS = 1e-12
 
+#: Where a NaN cosine similarity (a NaN or infinite token) ranks in matching: below every cosine
+#: (>= -1), above an inadmissible partner (-inf). Both backends rank with it and report NaN, so a NaN
+#: token is never preferred, an all-NaN row still gets a partner, and no order depends on how a
+#: max or a sort treats NaN.
+NAN_SCORE = -2.0
+
 
 def jit(fn):
     """``triton.jit`` when Triton is importable, else the plain function (never launched)."""

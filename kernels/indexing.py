@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import NAN_SCORE
 
 
 def _check_protected_count(protected: int) -> None:
@@ -103,7 +104,12 @@ def _top_r(best: torch.Tensor, part: torch.Tensor, a_idx, b_idx, r: int):
     order = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
     src = a_idx.gather(1, order)
     dst = b_idx.gather(1, part.long().gather(1, order))
-    return src, dst, best.gather(1, order)
+    return src, dst, nan_scores(best.gather(1, order))
+
+
+def nan_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as reported: the ``NAN_SCORE`` rank of a NaN similarity back to NaN."""
+    return torch.where(scores == NAN_SCORE, float("nan"), scores)
 
 
 def _empty_match(B, device):

@@ -12,6 +12,7 @@ import torch
 from . import tuning
 from ._common import (
     HAS_TRITON,
+    NAN_SCORE,
     NORM_EPS,
     dot_flags,
     interpret_enabled,
@@ -22,7 +23,14 @@ from ._common import (
     tl,
     triton,
 )
-from .indexing import _clamp_r, _empty_match, _fast_alternating, _split, _top_r
+from .indexing import (
+    _clamp_r,
+    _empty_match,
+    _fast_alternating,
+    _split,
+    _top_r,
+    nan_scores,
+)
 
 __all__ = ["bipartite_match_torch", "bipartite_match_triton"]
 
@@ -50,6 +58,11 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
     ToMe's CLS sits in A at index 0 and gets the same guarantee). ``r`` is clamped to the number
     of mergeable A tokens (the minimum over the batch, so shapes stay rectangular), and to 0 when
     a sample has no admissible destination.
+
+    *NaN*: a NaN or infinite token has NaN similarities; they rank below every number (and above an
+    inadmissible partner). An A token takes a NaN partner only when all its similarities are NaN (then
+    its lowest admissible B token) and such a token comes after every A token with a number; its score
+    is NaN. The merge stays valid for any r, and a sample's result never depends on another sample.
 
     ``a_idx`` / ``b_idx``: optional index sets ``[N_A]`` / ``[N_B]`` (shared) or ``[B, N_A]`` /
     ``[B, N_B]`` (per sample). They must be disjoint; they are sorted internally, so "lowest
@@ -93,6 +106,7 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
         ai = a_idx[:, s : s + chunk]
         xa = metric.gather(1, ai[..., None].expand(-1, -1, C)).float()
         scores = torch.bmm(xa, xb.transpose(1, 2)) * inv.gather(1, ai)[..., None] * inv_b[:, None, :]
+        scores = torch.where(scores.isnan(), NAN_SCORE, scores)  # NaN ranks below every number (see NAN_SCORE)
         if b_ok is not None:
             scores = scores.masked_fill(~b_ok[:, None, :], float("-inf"))
         p = scores.argmax(dim=-1)  # first maximal index -> lowest token index (b_idx is sorted)
@@ -113,6 +127,7 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
 NO_KEY = -(2**63)
 _NO_KEY = tl.constexpr(NO_KEY)  # the same, as the kernels see it
 _EPS = tl.constexpr(NORM_EPS)  # the norm floor of ``inv_norm``, for the kernels that compute norms
+_NAN_SCORE = tl.constexpr(NAN_SCORE)  # the rank of a NaN similarity (see ``NAN_SCORE``)
 
 
 @jit
@@ -229,6 +244,7 @@ def _match_kernel(
         else:
             inv_b = tl.load(invb_ptr + pid_b * stride_ib + offs_b * step_ib, mask=in_b, other=0.0)
         s = acc * inv_a[:, None] * inv_b[None, :]
+        s = tl.where(s != s, _NAN_SCORE, s)  # NaN ranks as NAN_SCORE: no max below sees a NaN
         s = tl.where(b_ok[None, :], s, float("-inf"))
         tile_best, tile_arg = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
         take = tile_best > best  # strict: an earlier tile (lower index) keeps a tie
@@ -372,6 +388,7 @@ def _rank_kernel(
         rank += tl.sum(beats.to(tl.int32), axis=1)
     sel = in_i & (rank < R)
     score = (si ^ ((si >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    score = tl.where(score == _NAN_SCORE, float("nan"), score)
     pos = 0xFFFFFFFF - (ki & 0xFFFFFFFF)
     if GATHER:
         src = tl.load(aidx_ptr + pid_b * stride_ab + offs_i, mask=sel, other=0)
@@ -391,7 +408,7 @@ def _top_r_sorted(key, r, a_idx=None, b_idx=None):
     order = torch.sort(key >> 32, dim=1, descending=True, stable=True).indices[:, :r]
     k = key.gather(1, order)
     sb = (k >> 32).to(torch.int32)
-    scores = (sb ^ ((sb >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    scores = nan_scores((sb ^ ((sb >> 31) & 0x7FFFFFFF)).view(torch.float32))
     pos = 0xFFFFFFFF - (k & 0xFFFFFFFF)
     if a_idx is None:  # alternating split: A row i is token 2i, B position p is token 2p + 1
         return order * 2, pos * 2 + 1, scores

@@ -347,6 +347,55 @@ def test_bipartite_match_triton_multi_tile_ties():
         assert 63 not in tri[1].flatten().tolist() and 45 not in tri[1].flatten().tolist()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize(
+    "kw",
+    [dict(protected=1), dict(protected="mask"), dict(a_idx=torch.tensor([0, 2, 4, 5, 8, 10, 12]))],
+    ids=["alternating", "mask", "given"],
+)
+def test_bipartite_match_nan_tokens_rank_last_on_both_backends(kw, monkeypatch):
+    """A NaN (or infinite) token has NaN cosine similarities. They rank below every number: an A token
+    never takes a NaN partner while it has another, an A token whose similarities are all NaN takes its
+    lowest admissible B token and comes after every A token with a number (score NaN), so asking for every
+    A token (as tome does) still gives a valid merge -- no protected token, no index out of range. Both
+    backends agree exactly, and other samples match as if the NaN were not there."""
+    clean = _tokens(3, 13, 6, torch.float32, "int", 3)
+    x = clean.clone()
+    x[1, 4, 2] = float("nan")  # an A token: all its similarities NaN
+    x[1, 7, 0] = float("nan")  # a B token: a NaN column
+    x[2, 2, 1] = float("inf")  # inf / ||inf||: NaN as well
+    kw = dict(kw)
+    if kw.get("protected") == "mask":
+        kw["protected"] = torch.zeros(3, 13, dtype=torch.bool)
+        kw["protected"][:, [0, 3]] = True
+    r = 13
+    ref = K.bipartite_match_torch(x, r=r, **kw)
+    ref_clean = K.bipartite_match_torch(clean, r=r, **kw)
+    assert all(torch.equal(t[0], c[0]) for t, c in zip(ref, ref_clean))  # sample 0 untouched by the others
+    src, dst, sc = ref
+    pm = indexing._protected_mask(kw.get("protected"), 3, 13, x.device)
+    b_set = set(range(1, 13, 2)) if "a_idx" not in kw else set(range(13)) - set(kw["a_idx"].tolist())
+    for b, bad_a, bad_b in ((1, 4, 7), (2, 2, None)):
+        s, d, v = src[b].tolist(), dst[b].tolist(), sc[b]
+        assert len(set(s)) == len(s) and all(t in b_set for t in d)
+        assert pm is None or not any(pm[b, t] for t in s + d)
+        if bad_a in s:  # the all-NaN row: last, with its lowest admissible B token
+            i = s.index(bad_a)
+            assert i == len(s) - 1 and torch.isnan(v[i])
+            assert d[i] == min(t for t in b_set if pm is None or not pm[b, t])
+        finite = [j for j, t in enumerate(s) if t != bad_a]
+        assert not torch.isnan(v[finite]).any() and bad_b not in [d[j] for j in finite]
+        assert torch.equal(v[finite], v[finite].sort(descending=True).values)
+    for split in (1, 2):
+        tri = match._bipartite_match_triton(x, r=r, **kw, split=split)
+        assert torch.equal(tri[0], src) and torch.equal(tri[1], dst)
+        torch.testing.assert_close(tri[2], sc, rtol=0, atol=0, equal_nan=True)
+    monkeypatch.setattr(tuning, "_COUNT_MAX", 0)  # the sorted top r of long sequences
+    tri = match._bipartite_match_triton(x, r=r, **kw)
+    assert torch.equal(tri[0], src) and torch.equal(tri[1], dst)
+    torch.testing.assert_close(tri[2], sc, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sort_paths_equal_counting_kernels(dtype, monkeypatch):
     """Long sequences take the top r by a torch sort of the keys, and the merge bookkeeping by

@@ -11,7 +11,12 @@ import torch
 from conftest import tiny_model
 
 import vtok
-from vtok.testing import LLAVA_ONEVISION_VIDEO, TINY_CASES, left_pad_batch, llava_samples
+from vtok.testing import (
+    LLAVA_ONEVISION_VIDEO,
+    TINY_CASES,
+    left_pad_batch,
+    llava_samples,
+)
 
 
 def _cat(tokens, idx):

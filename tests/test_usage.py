@@ -3,6 +3,7 @@ returned layouts, multi-turn caches, removal mid-generation. Each either works o
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -268,6 +269,9 @@ def test_calls_vtok_cannot_reduce_run_untouched_and_say_so(call):
     assert torch.equal(got, want)
 
 
+# ------------------------------------------------------------------ torch.compile
+
+
 def test_compiled_models_are_not_silently_unreduced():
     """torch.compile'd code does not see hooks added later: a compiled wrapper is refused, and compile ->
     run -> apply warns; apply -> compile reduces."""
@@ -290,10 +294,162 @@ def test_compiled_models_are_not_silently_unreduced():
     assert out.logits.shape[1] == batch["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("case_name,method", [("llava", "random"), ("llava", "tome"), ("llava", "fastv")])
+def test_apply_then_compile_gives_the_uncompiled_results(case_name, method):
+    """apply -> torch.compile(model) (no fullgraph): the model's modules are compiled, vtok's hooks run
+    eagerly between the graphs, and the logits and stats are exactly the uncompiled attached model's."""
+    import torch._dynamo
+
+    model = tiny_llava_fresh()
+    _, batch = _batch(case_name, seed=8)
+    torch._dynamo.reset()
+    try:
+        with vtok.apply(model, _method(method)) as h, torch.no_grad():
+            want, want_stats = model(**batch).logits, list(h.stats)
+            got = torch.compile(model, backend="eager")(**batch).logits
+            assert [(r.tokens_in, r.tokens_out) for r in h.stats] == [(r.tokens_in, r.tokens_out) for r in want_stats]
+            assert sum(h.stats[0].tokens_out) < sum(h.stats[0].tokens_in)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on CPU")
+def test_apply_then_compile_with_inductor_gives_the_uncompiled_results():
+    """The same with torch.compile's default backend (inductor, ~50 s here): the merges are the uncompiled
+    ones and the logits equal them up to inductor's float reordering."""
+    import torch._dynamo
+
+    model = tiny_llava_fresh()
+    _, batch = _batch("llava", seed=8)
+    torch._dynamo.reset()
+    try:
+        with vtok.apply(model, _method("tome")) as h, torch.no_grad():
+            want, want_kept = model(**batch).logits, [r.kept for r in h.stats]
+            got = torch.compile(model)(**batch).logits
+            assert len(h.stats) == len(want_kept) > 0
+            assert all(torch.equal(a, b) for r, k in zip(h.stats, want_kept) for a, b in zip(r.kept, k))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case_name,method", [("llava", "random"), ("llava", "tome"), ("timm_vit", "tome")])
+def test_compile_fullgraph_of_an_attached_model_is_refused_with_the_way_out(case_name, method):
+    """vtok's hooks choose tokens from the data and run outside the compiled graph, so
+    torch.compile(model, fullgraph=True) cannot capture an attached model: compilation stops at the first
+    hook with vtok's reason (the problem and the way out), not at an arbitrary data-dependent line."""
+    import inspect
+
+    import torch._dynamo
+
+    if "reason" not in inspect.signature(torch.compiler.disable).parameters:
+        pytest.skip("torch < 2.8 shows no reason for a torch.compiler.disable'd function")
+    model = tiny_llava_fresh() if case_name == "llava" else TINY_CASES[case_name].build()
+    case = TINY_CASES[case_name]
+    batch = case.batch(case.make_samples(model, case.specs, 8))
+    batch.pop("position_ids", None)
+    torch._dynamo.reset()
+    try:
+        with vtok.apply(model, _method(method)), torch.no_grad():
+            with pytest.raises(RuntimeError, match=r"(?s)fullgraph=True.*Compile without fullgraph \(torch.compile\(model\)\)"):
+                torch.compile(model, backend="eager", fullgraph=True)(**batch)
+    finally:
+        torch._dynamo.reset()
+    torch._dynamo.reset()
+    with torch.no_grad():  # removed: the untouched model compiles in one graph again
+        want = model(**batch)
+        got = torch.compile(model, backend="eager", fullgraph=True)(**batch)
+    torch._dynamo.reset()
+    want, got = (o if isinstance(o, torch.Tensor) else o[0] for o in (want, got))
+    assert torch.equal(got, want)
+
+
 def tiny_llava_fresh():
     from vtok.testing import tiny_llava
 
     return tiny_llava(seed=0)
+
+
+# ------------------------------------------------------------------ NaN inputs
+
+
+def _kernel_backend(monkeypatch, backend):
+    """Run vtok's kernels on ``backend``: the torch references, or the Triton kernels (what a GPU runs)
+    under Triton's interpreter."""
+    from vtok.kernels import _common
+
+    if backend == "triton":
+        if not _common.HAS_TRITON:
+            pytest.skip("triton is not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VTOK_KERNELS", backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_nan_pixel_gives_nan_in_its_sample_and_leaves_the_others_alone(backend, monkeypatch):
+    """tome on LLaVA, a batch of two prompts whose second image has one NaN pixel: as in the untouched
+    model, the NaN reaches that sample's prediction (every row of its reduced sequence is NaN; rows of
+    tokens it dropped hold zeros, as always); the other sample's logits and merges are bit-identical to
+    the same batch without the NaN, and equal its own unbatched run. The match ranks NaN similarities
+    below every number on both kernel backends, so the merge stays a valid one (no protected token, no
+    index out of range) whatever the NaN does."""
+    _kernel_backend(monkeypatch, backend)
+    model = tiny_llava_fresh()
+    case = TINY_CASES["llava"]
+    clean = case.make_samples(model, case.specs[:2], 8)
+    bad = [dict(s) for s in clean]
+    bad[1]["pixel_values"] = bad[1]["pixel_values"].clone()
+    bad[1]["pixel_values"][0, 0, 5, 7] = float("nan")
+
+    def run(samples):
+        b = case.batch(samples)
+        b.pop("position_ids", None)
+        return model(**b).logits
+
+    with torch.no_grad():
+        untouched = run(bad)
+        with vtok.apply(model, _method("tome")) as h:
+            want, want_kept = run(clean), [r.kept[0] for r in h.stats]
+            got, got_kept = run(bad), [r.kept[0] for r in h.stats]
+            solo = run(clean[:1])
+    n0 = clean[0]["input_ids"].numel()
+    assert torch.equal(got[0], want[0])  # the clean sample: as if the NaN were not there
+    assert all(torch.equal(a, b) for a, b in zip(got_kept, want_kept))
+    torch.testing.assert_close(got[0, -n0:], solo[0], rtol=1e-4, atol=1e-5)  # batch invariance
+    assert torch.isnan(untouched[1, -1]).all() and torch.isnan(got[1, -1]).all()  # NaN in -> NaN out
+    nan_rows = torch.isnan(got[1]).all(-1)
+    assert bool((got[1][~nan_rows] == 0).all())  # the other rows: tokens the reduced sequence did not have
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case_name", ["clip_vision", "timm_vit", "open_clip_vit"])
+def test_a_nan_image_in_a_vit_batch_gives_nan_in_its_row_only(case_name, backend, monkeypatch):
+    """tome on a standalone ViT, a batch of three images, the middle one with a NaN pixel: its output is
+    NaN, as the untouched encoder's; the other images' outputs and merges are bit-identical to the batch
+    without the NaN."""
+    _kernel_backend(monkeypatch, backend)
+    case = TINY_CASES[case_name]
+    model = case.build()
+    batch = case.batch(case.make_samples(model, case.specs, 3))
+    key = next(iter(batch))
+    bad = dict(batch)
+    bad[key] = batch[key].clone()
+    bad[key][1, 0, 5, 7] = float("nan")
+
+    def out(o):
+        return o if isinstance(o, torch.Tensor) else o[0]
+
+    with torch.no_grad():
+        untouched = out(model(**bad))
+        with vtok.apply(model, _method("tome", r=3)) as h:
+            want, want_kept = out(model(**batch)), [r.kept for r in h.stats]
+            got, got_kept = out(model(**bad)), [r.kept for r in h.stats]
+    assert torch.isnan(untouched[1]).all() and torch.isnan(got[1]).all()
+    keep = [0, 2]
+    assert torch.equal(got[keep], want[keep])
+    assert all(torch.equal(a[i], b[i]) for a, b in zip(got_kept, want_kept) for i in keep)
 
 
 # ------------------------------------------------------------------ copies
