@@ -47,7 +47,7 @@ class TokenFlex(Method):
 
     name = "tokenflex"
     stages = ("projector",)
-    example = {"n": 2}
+    example = {"n": 2, "train_n": (2, 4)}
     paper = "n x n tokens per image, n in {8, 12, 16} (64/144/256) chosen per request; n drawn per sample in training"
     kept_meaningful = False
     needs_weights = True
