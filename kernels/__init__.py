@@ -125,7 +125,7 @@ def greedy_select(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Greedy diverse selection (``mode="kcenter"`` or ``"maxsum"``) of k tokens from a pivot.
 
     Returns ``idx [B, k]`` int64 in selection order (``idx[:, 0]`` is the pivot), ``-1`` where a
-    sample has fewer than k valid tokens. Used by: no method yet (planned: ToDRE).
+    sample has fewer than k valid tokens. Used by: ToDRE (stage 1).
 
     Tokens are compared by cosine similarity ``sim(i, c) = (x_i . x_c) / (|x_i| |x_c|)``, computed
     as ``(dot * inv_i) * inv_c`` in fp32 by both backends. The selection starts from the pivot and

@@ -71,8 +71,7 @@ def _prepare(x, k, mode, pivot, mask):
 def greedy_select_torch(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (its docstring is the contract).
 
-    Used by: no method yet; kept for the planned ToDRE method (stage 1: max-sum, its v2 default,
-    or k-center, its v1)."""
+    Used by ToDRE's stage 1 (max-sum, its v2 default, or k-center, its v1)."""
     k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
     if k == 0:
         return out
@@ -250,7 +249,7 @@ def gram_triton(x: torch.Tensor, inv: torch.Tensor, *, blocks=None) -> torch.Ten
 def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Triton implementation of :func:`vtok.kernels.greedy_select` (one program per sample).
 
-    Used by: no method yet; kept for the planned ToDRE method.
+    Used by: ToDRE (stage 1).
 
     One persistent program per sample runs all ``k - 1`` steps; the per-token state (running max
     similarity, or cumulative similarity) never leaves the chip between steps when it fits:
