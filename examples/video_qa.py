@@ -19,18 +19,17 @@ import random
 import time
 
 import torch
-
-import vtok
-from vtok import video
 from vtok.eval.flops import Tracker
 from vtok.eval.latency import Timer
 from vtok.eval.runner import parse_method
+
+import vtok
+from vtok import video
 
 
 def offline_inputs(frames, needle: int, seed: int = 0):
     """The demo VLM, its inputs (each frame an image, an easy-VQA test image inserted) and the gold answer."""
     from PIL import Image
-
     from vtok.eval import offline
 
     model, tok, helper = offline.load_vlm()
