@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from pathlib import Path
 
 __all__ = ["add_parser", "run"]
 
@@ -75,12 +76,15 @@ def run(args) -> int:
         return 0
     if args.flops:
         return _flops_table(args)
-    from .runner import BASELINES, _state, compare, parse_method
-
     from vtok.method import get_method_class
+
+    from .runner import BASELINES, _state, compare, parse_method
 
     for spec in args.methods or []:  # a bad name or setting fails now, not after the model and the full row ran
         name, hp = parse_method(spec)
+        weights = hp.pop("weights", None)  # vtok.apply's, not a hyper-parameter
+        if weights is not None and weights != "untrained" and not Path(str(weights)).is_file():
+            raise FileNotFoundError(f"{spec}: weights file {weights} does not exist")
         get_method_class(name)(**hp)
     datasets.lookup("model", args.model)
     datasets.lookup("dataset", args.dataset)
