@@ -34,7 +34,10 @@ class Setting:
         return dict(self.settings)
 
     def settings_str(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.settings) or "-"
+        """``k=v, ...``; a weights file by its name (tables carry no machine's folders)."""
+        from pathlib import Path
+
+        return ", ".join(f"{k}={Path(str(v)).name if k == 'weights' else v}" for k, v in self.settings) or "-"
 
 
 @dataclass
