@@ -40,6 +40,15 @@ __all__ = ["bipartite_match_torch", "bipartite_match_triton"]
 # --------------------------------------------------------------------------------------------
 
 
+def _tome_case(metric, protected, a_idx, b_idx, r):
+    """``(fast, empty)``: ToMe's case as ``_fast_alternating`` finds it ((r, prot) or None), and the empty
+    match to return at once when it leaves nothing to merge (else None). Both backends start here."""
+    fast = _fast_alternating(metric, protected, a_idx, b_idx, r)
+    if fast is not None and fast[0] == 0:
+        return fast, _empty_match(metric.shape[0], metric.device)
+    return fast, None
+
+
 @torch.no_grad()
 def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
     """Torch reference of :func:`vtok.kernels.bipartite_match`; the contract of both backends.
@@ -76,12 +85,12 @@ def bipartite_match_torch(metric, *, r, protected=None, a_idx=None, b_idx=None):
     ``index >= protected`` and r is clamped from the counts (on a CPU those small operations cost
     more than the matching itself).
     """
+    fast, empty = _tome_case(metric, protected, a_idx, b_idx, r)
+    if empty is not None:
+        return empty
     B = metric.shape[0]
-    fast = _fast_alternating(metric, protected, a_idx, b_idx, r)
     if fast is not None:
         r, prot = fast
-        if r == 0:
-            return _empty_match(B, metric.device)
         N = metric.shape[1]
         a_idx = torch.arange(0, N, 2, device=metric.device).expand(B, -1)
         b_idx = torch.arange(1, N, 2, device=metric.device).expand(B, -1)
@@ -469,14 +478,14 @@ def _bipartite_match_triton(metric, *, r, protected=None, a_idx=None, b_idx=None
     """:func:`bipartite_match_triton` with the knobs tests use: ``split`` forces how many programs
     share the B tiles of one A tile; ``autotune=True`` takes the autotuned path even under the
     interpreter (see ``_match_keys_triton``)."""
-    B = metric.shape[0]
-    fast = _fast_alternating(metric, protected, a_idx, b_idx, r)
+    fast, empty = _tome_case(metric, protected, a_idx, b_idx, r)
+    if empty is not None:
+        return empty
     if fast is not None:
         r, prot = fast
-        if r == 0:
-            return _empty_match(B, metric.device)
         key = _match_keys_triton(metric, None, None, None, None, True, prot=prot, split=split, autotune=autotune)
         return _top_r_triton(key, r)
+    B = metric.shape[0]
     alternating = a_idx is None and b_idx is None
     a_idx, b_idx, a_ok, b_ok, n_a, n_b = _split(metric, protected, a_idx, b_idx)
     r = _clamp_r(r, a_ok, b_ok, n_a, n_b)

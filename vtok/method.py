@@ -28,35 +28,15 @@ from .probes import (  # noqa: F401  (re-exported: methods import them from here
     ViTAttention,
     ViTKeyCorrelation,
 )
+from .probes import __all__ as _probes_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tokens import VisualTokens
 
-__all__ = [
-    "STAGES",
-    "Method",
-    "Probe",
-    "ViTAttention",
-    "ViTKeyCorrelation",
-    "LLMAttention",
-    "TextQuery",
-    "Question",
-    "register",
-    "get_method_class",
-    "list_methods",
-    "describe",
-    "hparam",
-    "LLMView",
-    "LLMStep",
-    "Transition",
-    "AttentionScores",
-    "Transitions",
-    "TransitionStats",
-    "QUERY_SETS",
-    "BudgetContext",
-    "keep_count",
-    "allocate",
-]
+__all__ = [  # and, re-exported, every name of vtok.probes.__all__ (the probes and the in-LLM view)
+    "STAGES", "Method", "register", "get_method_class", "list_methods", "describe", "hparam",
+    "BudgetContext", "keep_count", "allocate",
+] + list(_probes_all)
 
 STAGES = ("in_vit", "before_llm", "in_llm", "projector")
 POSITION_POLICIES = ("keep", "compact")
