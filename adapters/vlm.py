@@ -362,10 +362,10 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
         reason = None
         if input_ids is None and visual_inputs:
             reason = "the call gave inputs_embeds without input_ids (vtok finds visual spans from input_ids)"
-        elif has_visual and mask is not None and mask.dim() != 2:
+        elif has_visual and mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             reason = (
-                "the call gave a prepared 4-D attention mask (a static cache or compiled generate builds one); "
-                "vtok shortens sequences from a 2-D [batch, seq] mask"
+                "the call gave a prepared attention mask (4-D, or a dict of masks per attention type: a static "
+                "cache or compiled generate builds one); vtok shortens sequences from a 2-D [batch, seq] mask"
             )
         elif has_visual and not visual_inputs:
             reason = "input_ids hold image/video placeholders but the call gave no pixel values (the model embeds them as text)"
@@ -451,8 +451,11 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
         cache = cache_from_kwargs(kwargs)
         decoded = cache.get_seq_length() - entry.length
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise ValueError("vtok needs a 2-D attention_mask [batch, seq] during decoding (got a 4-D mask)")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError(
+                "vtok needs a 2-D attention_mask [batch, seq] during decoding (got a prepared mask); decode a "
+                "reduced prefill with a dynamic cache"
+            )
         # How long the caller's sequence is now: its 2-D mask, else the positions it computed (HF numbers a
         # cache-continuing call from the cache's length, which is the pruned one). A one-token step cannot
         # re-feed anything, so the positions are read (a host sync) only for longer calls.

@@ -269,6 +269,20 @@ def test_calls_vtok_cannot_reduce_run_untouched_and_say_so(call):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("case_name", VLMS)
+def test_a_static_cache_runs_untouched_on_every_vlm(case_name):
+    """generate(cache_implementation="static") prepares the mask itself: 4-D on LLaVA, a dict of masks per
+    attention type on LLaVA-NeXT/OneVision (which used to fail with "'dict' object has no attribute 'dim'")."""
+    model, batch = _batch(case_name, seed=3)
+    with torch.no_grad():
+        want = model.generate(**batch, max_new_tokens=3, do_sample=False, cache_implementation="static")
+        with vtok.apply(model, _method("random")) as h:
+            with pytest.warns(UserWarning, match="prepared attention mask"):
+                got = model.generate(**batch, max_new_tokens=3, do_sample=False, cache_implementation="static")
+            assert "prepared attention mask" in h.passthrough
+    assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------ torch.compile
 
 
