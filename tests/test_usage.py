@@ -584,5 +584,5 @@ def test_a_custom_4d_attention_mask_runs_untouched_and_says_so(case_name):
         want = model(**{**batch, "attention_mask": mask4}).logits
         with vtok.apply(model, _method("random")) as h, pytest.warns(UserWarning, match="untouched model"):
             got = model(**{**batch, "attention_mask": mask4}).logits
-            assert "4-D attention mask" in h.passthrough and not h.stats
+            assert "prepared attention mask (4-D" in h.passthrough and not h.stats
     assert torch.equal(got, want)
