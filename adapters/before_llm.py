@@ -30,7 +30,7 @@ class BeforeLLMStage:
             out = method.before_llm(units, probes)
             if not isinstance(out, VisualTokens):
                 raise TypeError(f"{method.name}.before_llm must return VisualTokens, got {type(out).__name__}")
-            self._check_counts(method, fw.units, out)
+            self._check_counts(method, units, out)
             self._record_units(method, "before_llm", units, out)
             units = out
         fw.reduced = units
@@ -82,6 +82,7 @@ class BeforeLLMStage:
             starts[(int(out.owner[u]), int(span[0]))] = u
             covered[int(out.owner[u]), span.cpu()] = True
         valid, pos0 = state.valid.cpu(), state.positions.cpu()
+        newline = {}  # unit -> the newline embedding its layout uses (None: the family has none)
         rows = []  # per sample: (src index, unit or -1, token j or -1 (newline), orig index, position)
         for bi in range(b):
             row = []
@@ -91,47 +92,44 @@ class BeforeLLMStage:
                     if not covered[bi, i]:
                         row.append((i, -1, -1, i, int(pos0[bi, i])))
                     continue
-                span = spans[u].cpu()
+                span = spans[u].cpu().tolist()
                 lay = out.unit_layout(u)
-                grids = lay if isinstance(lay, list) else None
-                seq = []
-                if grids is None:
-                    seq = list(range(counts[u]))
-                else:
-                    j = 0
-                    for h, w in grids:
+                seq = list(range(counts[u]))
+                if isinstance(lay, list):  # declared grids: a newline after each row where the family has them
+                    newline[u] = self.layout_newline(u, bi, spans[u], embeds)
+                    seq, j = [], 0
+                    for h, w in lay:
                         for _ in range(h):
-                            seq += list(range(j, j + w)) + [-1]
+                            seq += list(range(j, j + w)) + ([-1] if newline[u] is not None and w else [])
                             j += w
-                    if self.layout_newline(u, bi, spans[u], embeds) is None:
-                        seq = [t for t in seq if t >= 0]
                 first = int(pos0[bi, i])
                 tok_pos = out.positions[u, : counts[u]].cpu().tolist()
                 for n_, t in enumerate(seq):
-                    orig = int(span[n_]) if n_ < span.numel() else s0
-                    p = first + (tok_pos[t] if t >= 0 else (tok_pos[seq[n_ - 1]] if n_ and seq[n_ - 1] >= 0 else 0))
-                    row.append((int(span[0]), u, t, orig, p))
+                    orig = span[n_] if n_ < len(span) else s0
+                    p = first + (tok_pos[t] if t >= 0 else tok_pos[seq[n_ - 1]])  # a newline: its row's last token
+                    row.append((span[0], u, t, orig, p))
             rows.append(row)
         length = max((len(r) for r in rows), default=0)
-        index = torch.zeros(b, length, dtype=torch.long)
-        orig = torch.full((b, length), s0, dtype=torch.long)
-        positions = torch.zeros(b, length, dtype=torch.long)
-        new_valid = torch.zeros(b, length, dtype=torch.bool)
-        visual = torch.zeros(b, length, dtype=torch.bool)
-        new = embeds.new_zeros(b, length, embeds.shape[-1])
+        table = torch.full((b, length, 5), -1, dtype=torch.long)  # left-padded rows of the tuples above
         for bi, row in enumerate(rows):
-            off = length - len(row)  # left padding
-            for n_, (src, u, t, o, p) in enumerate(row):
-                c = off + n_
-                index[bi, c], orig[bi, c], new_valid[bi, c] = src, o, True
-                positions[bi, c] = p
-                if u < 0:
-                    new[bi, c] = embeds[bi, src]
-                else:
-                    visual[bi, c] = True
-                    new[bi, c] = out.features[u, t].to(embeds.dtype) if t >= 0 else self.layout_newline(u, bi, spans[u], embeds)
-            if policy == "compact" and row:
-                positions[bi, off:] = row[0][4] + torch.arange(len(row))
+            if row:
+                table[bi, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+        src, unit, tok, orig, positions = table.unbind(-1)
+        new_valid = src >= 0
+        visual = unit >= 0
+        index = src.clamp_min(0)
+        orig = torch.where(new_valid, orig, s0)
+        positions = positions.masked_fill(~new_valid, 0)
+        if policy == "compact":
+            start = positions.gather(1, (~new_valid).sum(1, keepdim=True).clamp_max(max(length - 1, 0)))
+            positions = torch.where(new_valid, start + new_valid.long().cumsum(1) - 1, 0)  # from the first entry
+        new = embeds.gather(1, index.to(dev).unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        new = new * new_valid.to(dev).unsqueeze(-1).to(new.dtype)
+        bi, ci = (visual & (tok >= 0)).nonzero(as_tuple=True)
+        new[bi.to(dev), ci.to(dev)] = out.features[unit[bi, ci].to(out.features.device), tok[bi, ci].to(out.features.device)].to(new.dtype)
+        bi, ci = (visual & (tok < 0)).nonzero(as_tuple=True)
+        if bi.numel():
+            new[bi.to(dev), ci.to(dev)] = torch.stack([newline[int(u)] for u in unit[bi, ci].tolist()]).to(new.dtype)
         kept = new_valid.sum(1)
         step = (valid.sum(1) - kept) if policy == "compact" else torch.zeros(b, dtype=torch.long)
         st = SeqState(
