@@ -9,7 +9,29 @@ import torch.nn.functional as F
 
 from ..tokens import VisualTokens
 
-__all__ = ["pool_to_sides", "window_starts"]
+__all__ = ["pool_to_sides", "window_starts", "as_list", "per_unit", "square_side"]
+
+
+def as_list(value) -> list:
+    """A setting given once or per sample, as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def per_unit(name: str, key: str, value, owner: torch.Tensor) -> list:
+    """The setting ``value`` (one, or a list with one per sample of the batch) for each unit (image)."""
+    per, rows = as_list(value), owner.tolist()
+    if len(per) == 1:
+        return per * len(rows)
+    if len(per) <= max(rows, default=0):
+        raise ValueError(f"{name}: {key} has {len(per)} entries but the batch has {max(rows) + 1} samples")
+    return [per[o] for o in rows]
+
+
+def square_side(name: str, grid) -> int:
+    """The side of a square token grid (what the tower produced), or a clear error."""
+    if grid is None or grid[0] != grid[1]:
+        raise ValueError(f"{name} needs a square patch grid per image; these tokens come in {grid}")
+    return grid[0]
 
 
 def window_starts(n: int, out: int) -> list[int]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..method import Method, hparam, register
 from ..tokens import VisualTokens
-from .grid_pool import pool_to_sides
+from .grid_pool import as_list, per_unit, pool_to_sides, square_side
 
 
 def nested_sides(side: int) -> list[int]:
@@ -20,10 +20,6 @@ def nested_sides(side: int) -> list[int]:
     if out[-1] != 1:
         out.append(1)
     return out
-
-
-def _counts(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @register
@@ -61,7 +57,7 @@ class Matryoshka(Method):
     )
 
     def validate(self) -> None:
-        for v in _counts(self.scale) + _counts(self.train_scales or []):
+        for v in as_list(self.scale) + as_list(self.train_scales or []):
             if v is None and self.scale is None:
                 continue
             if v != "full" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -70,12 +66,6 @@ class Matryoshka(Method):
             raise ValueError("matryoshka: scale=[] gives no scale; pass one count or one per sample")
 
     # the grid (from the tokens: a tower's config may describe another input size than the one it runs at)
-    @staticmethod
-    def _side(grid) -> int:
-        if grid is None or grid[0] != grid[1]:
-            raise ValueError(f"matryoshka needs a square patch grid per image; these tokens come in {grid}")
-        return grid[0]
-
     @staticmethod
     def scales(side: int) -> list[int]:
         """The nested token counts of a ``side x side`` grid, largest first."""
@@ -102,12 +92,8 @@ class Matryoshka(Method):
         return {"projector": copy.deepcopy(parts["projector"]).requires_grad_(True)}
 
     def projector(self, tokens: VisualTokens, project) -> VisualTokens:
-        per = _counts(self.scale)
-        owner = tokens.owner.tolist()
-        if len(per) > 1 and len(per) <= max(owner, default=0):
-            raise ValueError(f"matryoshka: scale has {len(per)} entries but the batch has {max(owner) + 1} samples")
-        full = self._side(tokens.grid)
-        sides = [self._side_of(per[o] if len(per) > 1 else per[0], full) for o in owner]
+        full = square_side(self.name, tokens.grid)
+        sides = [self._side_of(c, full) for c in per_unit(self.name, "scale", self.scale, tokens.owner)]
         proj = self.modules["projector"] if getattr(self, "modules", None) is not None else project
         y = proj(tokens.features)
         out = VisualTokens.from_features(y, tokens.owner, grid=tokens.grid)
@@ -132,7 +118,7 @@ class Matryoshka(Method):
     def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
         from ..stats import Reduction
 
-        per = _counts(self.scale)
+        per = as_list(self.scale)
         if len(per) > 1:
             raise ValueError("matryoshka: per-sample scales have no single schedule; pass reductions=")
         out = 0

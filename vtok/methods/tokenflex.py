@@ -6,12 +6,11 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..method import Method, hparam, register
 from ..tokens import VisualTokens
-from .grid_pool import pool_to_sides
+from .grid_pool import as_list, per_unit, pool_to_sides, square_side
 
 
 class SwiGLU(nn.Module):
@@ -25,10 +24,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
-
-
-def _per(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @register
@@ -62,21 +57,15 @@ class TokenFlex(Method):
     train_weights: tuple | None = hparam(None, "probabilities of train_n (None: uniform)")
 
     def validate(self) -> None:
-        for v in [x for x in _per(self.n) if x is not None] + list(self.train_n):
+        for v in [x for x in as_list(self.n) if x is not None] + list(self.train_n):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"tokenflex: n={v!r} must be a positive int (the pooled grid side)")
-        if not _per(self.n) or not self.train_n:
+        if not as_list(self.n) or not self.train_n:
             raise ValueError("tokenflex: n and train_n need at least one value")
         if self.train_weights is not None and (
             len(self.train_weights) != len(self.train_n) or any(w < 0 for w in self.train_weights) or sum(self.train_weights) <= 0
         ):
             raise ValueError(f"tokenflex: train_weights={self.train_weights!r} must give one weight >= 0 per train_n")
-
-    @staticmethod
-    def _side(grid) -> int:
-        if grid is None or grid[0] != grid[1]:
-            raise ValueError(f"tokenflex needs a square patch grid per image; these tokens come in {grid}")
-        return grid[0]
 
     def build(self, dims: dict, parts: dict) -> dict:
         return {"projector": SwiGLU(dims["vision_hidden"], dims["llm_hidden"], dims["llm_hidden"])}
@@ -85,14 +74,10 @@ class TokenFlex(Method):
         return sorted({min(v, side) for v in self.train_n})
 
     def projector(self, tokens: VisualTokens, project) -> VisualTokens:
-        full = self._side(tokens.grid)
-        per = [min(8, full) if v is None else v for v in _per(self.n)]
-        owner = tokens.owner.tolist()
-        if len(per) > 1 and len(per) <= max(owner, default=0):
-            raise ValueError(f"tokenflex: n has {len(per)} entries but the batch has {max(owner) + 1} samples")
-        if max(per) > full:
-            raise ValueError(f"tokenflex: n={max(per)} is larger than the tower's {full}x{full} grid")
-        sides = [per[o] if len(per) > 1 else per[0] for o in owner]
+        full = square_side(self.name, tokens.grid)
+        sides = [min(8, full) if v is None else v for v in per_unit(self.name, "n", self.n, tokens.owner)]
+        if max(sides) > full:
+            raise ValueError(f"tokenflex: n={max(sides)} is larger than the tower's {full}x{full} grid")
         off = sorted(set(sides) - set(self.trained_sides(full)))
         if off and not self.modules.training:
             warnings.warn(f"tokenflex: n={off} is outside the set it was trained on ({self.trained_sides(full)})", stacklevel=2)
@@ -118,7 +103,7 @@ class TokenFlex(Method):
     def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
         from ..stats import Reduction
 
-        per = _per(self.n)
+        per = as_list(self.n)
         if len(per) > 1:
             raise ValueError("tokenflex: per-sample n has no single schedule; pass reductions=")
         out = sum(min(u, (per[0] or 8) ** 2) for u in units)
