@@ -105,18 +105,13 @@ class _ViTShape:
 
 
 def _budget_hparams(cls, budget: float, vit: _ViTShape | None):
-    """(hparams or None, note) that reach ``budget`` with method class ``cls``."""
-    from vtok.method import keep_count
-
-    from vtok.method import BudgetContext, Method
+    """(hparams or None, note) that reach ``budget`` with method class ``cls``: ``retain``, a per-block ToMe
+    ``r``, or whatever the method's own ``settings_for_budget`` gives (M3's nested scales, TokenFLEX's n)."""
+    from vtok.method import BudgetContext, keep_count
 
     names = {f.name for f in dataclasses.fields(cls)}
     if "retain" in names:
         return {"retain": budget}, ""
-    if cls.settings_for_budget.__func__ is not Method.settings_for_budget.__func__:  # the method knows its budgets
-        if vit is None:
-            return None, f"{cls.name}: no patch grid known on this model for budget {budget:g}"
-        return cls.settings_for_budget(budget, BudgetContext(vit.visual, vit.blocks)), ""
     if "r" in names and callable(getattr(cls, "vit_schedule", None)):
         if vit is None or not vit.blocks:
             return None, f"{cls.name}: no vision tower schedule on this model for budget {budget:g}"
@@ -124,7 +119,10 @@ def _budget_hparams(cls, budget: float, vit: _ViTShape | None):
         r, reached = per_block_r(vit.blocks, vit.tokens, vit.visual, target)
         note = "" if reached == target else f"per-block r reaches {reached} visual tokens, not {target}"
         return {"r": r}, note
-    return None, f"{cls.name} has no budget setting (retain, or a per-block r): reported at its default only"
+    hp = None if vit is None else cls.settings_for_budget(budget, BudgetContext(vit.visual, vit.blocks))
+    if hp is None:
+        return None, f"{cls.name} has no budget setting on this model: reported at its default only"
+    return hp, ""
 
 
 def case_settings(case: Case, names, vit: _ViTShape | None) -> list[Setting]:
