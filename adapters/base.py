@@ -13,7 +13,7 @@ from torch import nn
 
 from vtok.method import LLM_PROBES, Method, Probe
 
-__all__ = ["Adapter", "per_thread", "InstanceWrap"]
+__all__ = ["Adapter", "InstanceWrap", "per_thread"]
 
 
 class per_thread:
@@ -165,7 +165,7 @@ class Adapter:
                         f"support (it supports: {', '.join(self.stages)})"
                     )
                 if stage == "in_llm":
-                    if not method.llm_layers():
+                    if not method.llm_layers() and method.stages == ("in_llm",):  # several stages: this one may be off
                         raise ValueError(f"{method.name}: an in_llm method must name its layers (llm_layers())")
                     for layer in method.llm_layers():
                         self._check_llm_layer(layer, f"{method.name} layer")
