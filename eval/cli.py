@@ -19,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="tiny-llava", help="model name (see --list)")
-    p.add_argument("--dataset", default="synthetic", help="dataset name (see --list)")
+    p.add_argument("--dataset", default="synthetic", help="dataset name (see --list), with settings as NAME:K=V,... "
+                   "(e.g. video-needle:frames=16)")
     p.add_argument("--methods", nargs="*", default=[], metavar="NAME:K=V,...",
                    help="methods with settings, e.g. fastv:layer=2,retain=0.5 pool:factor=2")  # fmt: skip
     p.add_argument("--n", type=int, default=16, help="samples (datasets that take a size)")
@@ -87,13 +88,14 @@ def run(args) -> int:
             raise FileNotFoundError(f"{spec}: weights file {weights} does not exist")
         get_method_class(name)(**hp)
     datasets.lookup("model", args.model)
-    datasets.lookup("dataset", args.dataset)
+    dataset_name, dataset_kw = parse_method(args.dataset)  # NAME:K=V,... as for methods (video-needle:frames=16)
+    datasets.lookup("dataset", dataset_name)
     state = _state()
     model = datasets.load_model(args.model)
     device = args.device or (str(state.device) if hasattr(state, "device") else None)
     if device is not None:
         model.to(device)
-    dataset = datasets.load_dataset(args.dataset, model, model_name=args.model, n=args.n, seed=args.seed)
+    dataset = datasets.load_dataset(dataset_name, model, model_name=args.model, n=args.n, seed=args.seed, **dataset_kw)
     result = compare(
         model,
         dataset,

@@ -290,8 +290,8 @@ def _mosaic(model, *, n: int = 100, seed: int = 0, **kw):
 
 
 @register_dataset("video-needle")
-def _needle(model, *, n: int = 50, seed: int = 0, **kw):
-    return VideoNeedleQA(helper_for(model), n=n, seed=seed)
+def _needle(model, *, n: int = 50, seed: int = 0, frames: int = 8, **kw):
+    return VideoNeedleQA(helper_for(model), n=n, seed=seed, frames=frames)
 
 
 @register_dataset("digits-probe")
