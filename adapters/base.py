@@ -100,6 +100,9 @@ class Adapter:
 
     name: ClassVar[str] = ""
     stages: ClassVar[tuple[str, ...]] = ()
+    #: whether an in_vit merge can be undone for a before_llm method that needs full grids (each patch then
+    #: takes its merged token's value: the tower ran on fewer tokens, the method decides what the LLM gets)
+    unmerges_for_grids: ClassVar[bool] = False
     probe_types: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, model: nn.Module, methods: dict[str, list[Method]], handle):
@@ -175,7 +178,7 @@ class Adapter:
             self._check_probe_order(method)
         vit = self.method("in_vit")
         grid = [m.name for m in self.methods.get("before_llm", []) if m.needs_full_grids]
-        if vit is not None and grid:
+        if vit is not None and grid and not self.unmerges_for_grids:
             raise ValueError(
                 f"{grid[0]} needs every image's full token grid, but {vit.name} merges tokens inside the vision tower "
                 f"before it; use {grid[0]} without {vit.name}, or a before_llm method that takes any token set"

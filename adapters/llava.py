@@ -38,6 +38,8 @@ class _ViTFeatures:
     # the rows of it that generate pre-computed (recognised by identity, see _rows_of)
     padded: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # [images, n] real tokens (None: all; a projector stage may be ragged)
+    #: in_vit: [images, n_full] for every patch the index of the merged token holding it (among ``positions``)
+    patch_token: torch.Tensor | None = None
     stage: str = "in_vit"
     method: str = ""
 
@@ -53,6 +55,7 @@ class _ViTFeatures:
             features=self.features[idx.to(self.features.device)],
             padded=padded,
             mask=None if self.mask is None else self.mask[idx.to(self.mask.device)],
+            patch_token=None if self.patch_token is None else self.patch_token[idx.to(self.patch_token.device)],
         )
 
 
@@ -91,6 +94,7 @@ class LlavaAdapter(VLMAdapter):
     _vit_run = per_thread()  # the last in_vit run of this thread (pre-computed features are its rows)
     model_classes = ("LlavaForConditionalGeneration",)
     stages = ("in_vit", "projector", "before_llm", "in_llm")
+    unmerges_for_grids = True
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -161,8 +165,9 @@ class LlavaAdapter(VLMAdapter):
                 "'default'), so token 0 must stay unmerged; use protect_cls=True"
             )
         check_vit_method(method, hf_attn_implementation(self.vision_tower), self._feature_layer_blocks())
+        full = any(m.needs_full_grids for m in self.methods.get("before_llm", []))
         for m in self.all_methods():
-            if any(isinstance(p, ViTAttention) for p in m.probes()):
+            if any(isinstance(p, ViTAttention) for p in m.probes()) and not (full and m.needs_full_grids):
                 raise ValueError(
                     f"{m.name} needs ViT attention probes, which are not aligned with the tokens once {method.name} "
                     "merged them inside the tower; use these methods separately"
@@ -201,8 +206,11 @@ class LlavaAdapter(VLMAdapter):
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             prefix = int(has_cls_token(self.vision_tower))
+            assign = self._vit.assign if self._vit is not None else None  # merges before this block, if any
             for p in probes:
                 stats = vit_probe_stats(module, hidden, p, prefix)
+                if assign is not None:  # every patch gets the statistic of the token holding it (full-grid methods)
+                    stats = stats.gather(1, assign.to(stats.device))
                 self.capture_probe(p, stats[:, 1:] if self._drops_cls() and has_cls_token(self.vision_tower) else stats)
             return None
 
@@ -291,12 +299,14 @@ class LlavaAdapter(VLMAdapter):
         first, sizes = first[:, drop:] - drop, src.sizes[:, drop:]
         order = torch.argsort(first, dim=1)
         feats = feats.gather(1, order.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         self._vit_last = _ViTFeatures(
             positions=first.gather(1, order),
             sizes=sizes.gather(1, order),
             n_full=runner.n0 - drop,
             records=list(runner.records),
             method=self.method("in_vit").name,
+            patch_token=rank.gather(1, src.assign[:, drop:] - drop),  # the projector input drops the prefix token
         )
         if args:
             return (feats,) + tuple(args[1:]), kwargs
@@ -395,10 +405,18 @@ class LlavaAdapter(VLMAdapter):
         units, spans = self._grid_units(features, input_ids)
         if vit is None:
             return units, spans
+        dev = units.features.device
+        self._record_vit(vit, units.owner, int(input_ids.shape[0]))
+        if vit.patch_token is not None and any(m.needs_full_grids for m in self.methods.get("before_llm", [])):
+            # a before_llm method needs the full grid: every patch takes the value of the merged token holding it
+            # (ToMe's unmerge); the tower ran on fewer tokens, the method decides what the LLM gets
+            full = vit.features.to(dev, features.dtype).gather(
+                1, vit.patch_token.to(dev).unsqueeze(-1).expand(-1, -1, vit.features.shape[-1])
+            )
+            return replace(units, features=full), spans
         # in_vit merged inside the tower (the merged tokens, in raster order of their first patch, with their
         # sizes) or the projector stage reduced: placeholders still count the unreduced tokens
         n = vit.positions.shape[1]
-        dev = units.features.device
         units = replace(
             units,
             features=vit.features.to(dev, features.dtype),
@@ -407,7 +425,6 @@ class LlavaAdapter(VLMAdapter):
             sizes=vit.sizes.to(dev),
         )
         self._fw.vit_reduced = True
-        self._record_vit(vit, units.owner, int(input_ids.shape[0]))
         return units, spans
 
     def _grid_units(self, features, input_ids):

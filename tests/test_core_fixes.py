@@ -196,10 +196,23 @@ def test_one_validator_for_every_method():
     assert "[a number in (0, 1]]" in vtok.describe("random") and "[an int >= 1]" in vtok.describe("fastv")
 
 
-def test_a_grid_method_after_an_in_vit_merge_is_refused_at_apply():
+def test_a_grid_method_after_an_in_vit_merge_gets_the_unmerged_grid():
+    """LLaVA unmerges the tower's merged tokens for a method that needs full grids (each patch takes its merged
+    token's value); an adapter that cannot is refused at apply (checked on a stand-in)."""
     model = tiny_model("llava")
-    with pytest.raises(ValueError, match="pool needs every image's full token grid, but tome merges"):
-        vtok.apply(model, ["tome", "pool", "fastv"], tome={"r": 2}, pool={"factor": 2}, fastv={"retain": 0.5})
+    case = TINY_CASES["llava"]
+    batch = case.batch(case.make_samples(model, case.specs, 0))
+    with vtok.apply(model, ["tome", "pool"], tome={"r": 2}, pool={"factor": 2}) as h, torch.no_grad():
+        model(**batch)
+    vit, pool = [r for r in h.stats if r.stage == "in_vit"], [r for r in h.stats if r.stage == "before_llm"]
+    assert vit and sum(vit[-1].tokens_out) < sum(vit[0].tokens_in)
+    assert pool[0].tokens_in == [16, 16, 32] and pool[0].tokens_out == [4, 4, 8]  # 4x4 grids, pooled 2x2
+    from vtok.adapters.llava import LlavaAdapter
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LlavaAdapter, "unmerges_for_grids", False)
+        with pytest.raises(ValueError, match="pool needs every image's full token grid, but tome merges"):
+            vtok.apply(model, ["tome", "pool", "fastv"], tome={"r": 2}, pool={"factor": 2}, fastv={"retain": 0.5})
     assert not hasattr(model, "_vtok_handle")
 
 

@@ -174,3 +174,48 @@ def test_bad_settings_are_refused():
     model = tiny_model("llava")
     with pytest.raises(ValueError, match="inner_layer=9 must be in 1..3"):
         vtok.apply(model, HoliTom(inner_layer=9))
+
+
+class Seeing(HoliTom):
+    """HoliTom that keeps the tokens and the ViT probe its before_llm stage was handed."""
+
+    def before_llm(self, tokens, probes):
+        self.handed = (tokens, probes[self._vit_probe()])
+        return super().before_llm(tokens, probes)
+
+
+def test_tome_then_holitom_on_llava():
+    """ToMe merges in the tower; HoliTom gets every image's full grid back (each patch = its merged token) with
+    the ViT probe unmerged the same way; batch == one by one, generate included, and remove() is exact."""
+    case = TINY_CASES["llava"]
+    model = tiny_model("llava")
+    samples = case.make_samples(model, [(1, 3, 4), (2, 2, 3)], 0)
+    batch = case.batch(samples)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    m = Seeing(retain=0.5, tau=0.3, inner_layer=2)
+    gen_kw = dict(max_new_tokens=4, do_sample=False)
+    with vtok.apply(model, ["tome", m], tome={"r": 2}) as h, torch.no_grad():
+        out = model(**batch).logits
+        vit = [r for r in h.stats if r.stage == "in_vit"]
+        tokens, probe = m.handed
+        assert tokens.counts().tolist() == [16] * 5  # full 4x4 grids
+        merged = vit[-1].tokens_out  # per sample, CLS included per image
+        assert [r.layer for r in vit] == [0, 1]  # r=2 in each of the 2 blocks
+        for u in range(tokens.num_units):  # as many distinct values as the tower left tokens (CLS dropped)
+            assert torch.unique(tokens.features[u], dim=0).shape[0] == 16 - 2 - 2
+            # the probe of the feature block (1) holds the tokens entering it: block 0's merge only
+            assert torch.unique(probe[u]).numel() == 16 - 2
+        assert sum(merged) < sum(vit[0].tokens_in)
+        for i, s in enumerate(samples):
+            one = model(**case.batch([s])).logits
+            torch.testing.assert_close(out[i, -one.shape[1] :], one[0], atol=2e-5, rtol=1e-4)
+        gen = model.generate(**{k: v for k, v in batch.items() if k != "position_ids"}, **gen_kw)
+        s_len = batch["input_ids"].shape[1]
+        for i, s in enumerate(samples):
+            single = case.batch([s])
+            one = model.generate(**{k: v for k, v in single.items() if k != "position_ids"}, **gen_kw)
+            new = one[0, single["input_ids"].shape[1] :]
+            assert torch.equal(gen[i, s_len : s_len + new.numel()], new)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref)
