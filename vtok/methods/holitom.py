@@ -251,7 +251,8 @@ class HoliTom(Method):
             p, split = self._clip(tokens, c, attn) if c.temporal else (self._still(tokens, c, attn), None)
             pieces.append(p)
             splits.append(split)
-        #: per clip of the last call: frames, segments, static tokens, rescaled retain (None: no time)
+        #: per clip of the last call: frames, segments, share of its tokens in static regions, static tokens kept,
+        #: rescaled retain (None: a clip without time)
         self.last_split = splits
         own = {i for i, c in enumerate(found) if c.temporal and c.one_unit}
         return assemble(tokens, found, pieces, own_order=own)
@@ -271,7 +272,7 @@ class HoliTom(Method):
         static = adjacent_similarity(x) > self.tau
         segs, saved = segment_frames(window_gain(static), self.max_window)
         r = min(1.0, self.retain / ((t * n - saved) / (t * n)))
-        out, n_static = [], 0
+        out, n_static, covered = [], 0, 0
         for i, j in segs:
             s_mask = static[i:j].all(0) if j > i else torch.zeros(n, dtype=torch.bool, device=x.device)
             if bool(s_mask.any()):
@@ -280,9 +281,11 @@ class HoliTom(Method):
                 centres, merged, members = dpc_knn_merge(x[i : j + 1, pos].float().mean(0), c, self.knn, self.beta)
                 out.append(Piece(i, pos[centres], merged, (members + 1) * (j - i + 1)))
                 n_static += c
+                covered += pos.numel() * (j - i + 1)
             for f in range(i, j + 1):
                 out.append(self._dynamic(f, x[f], a[f], ~s_mask, r))
-        return out, {"frames": t, "segments": segs, "static_tokens": n_static, "rescaled_retain": r}
+        split = {"frames": t, "segments": segs, "static_share": covered / (t * n), "static_tokens": n_static}
+        return out, {**split, "rescaled_retain": r}
 
     def _dynamic(self, f: int, x: torch.Tensor, a: torch.Tensor, dyn: torch.Tensor, r: float) -> Piece:
         """Frame ``f``'s dynamic tokens: ceil(|dyn| r) kept, the dominant share by attention, the contextual
