@@ -174,6 +174,14 @@ class QuoTA(Method):
     def probes(self):
         return [AskModel(), Question()]
 
+    def overhead_flops(self, event, spec, units=None) -> int:
+        """The scorer's own forwards through the language model, as the adapter recorded them
+        (``Reduction.nested``: rows, query length, key length, LM-head rows per forward)."""
+        if event.stage != "before_llm" or spec.llm is None or not event.nested:
+            return 0
+        s, head = spec.llm, 2 * spec.llm.hidden * spec.vocab
+        return sum(b * (s.layers * (s.linear(q) + s.attention(q, kv)) + rows * head) for b, q, kv, rows in event.nested)
+
     # scores ----------------------------------------------------------------------------------------
     def ask_scores(self, frames: list, questions: list, ask) -> list:
         """The default scorer: the attached model's P(``answer``) per frame (all frames in batched calls)."""
