@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from vtok.hf_compat import cache_kwarg, output_cache
+
 __all__ = ["ModelAsk"]
 
 #: where the visual tokens go in the rendered chat template (split out before tokenizing)
@@ -43,10 +45,10 @@ class ModelAsk:
         processor-style list content (an image entry, rendered as the processor's image token)."""
         try:
             text = self._chat(f"{MARK}\n{prompt}")
-            if text.count(MARK) == 1:
-                return tuple(text.split(MARK))
         except Exception:  # noqa: BLE001 - a template that takes only list content; tried below
-            pass
+            text = ""
+        if text.count(MARK) == 1:
+            return tuple(text.split(MARK))
         image = getattr(self.processor, "image_token", None) or "<image>"
         text = self._chat([{"type": "image"}, {"type": "text", "text": prompt}])
         if text.count(image) != 1:
@@ -123,6 +125,7 @@ class ModelAsk:
         x, mask, pos = self._batch(seqs)
         lm, emb, eos = self.adapter.lm, self.adapter.lm.get_input_embeddings(), self.tok.eos_token_id
         res = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        key = cache_kwarg(lm)  # past_key_values before transformers 5.24, cache from it on
         self.forwards.append((x.shape[0], x.shape[1], x.shape[1], 1))
         new, done = [], torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for step in range(steps):
@@ -133,8 +136,8 @@ class ModelAsk:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos[:, -1:] + 1
-            res = lm(inputs_embeds=emb(nxt[:, None]), attention_mask=mask, position_ids=pos,
-                     past_key_values=res.past_key_values, use_cache=True)  # fmt: skip
+            res = lm(inputs_embeds=emb(nxt[:, None]), attention_mask=mask, position_ids=pos, use_cache=True,
+                     **{key: output_cache(res)})  # fmt: skip
             self.forwards.append((x.shape[0], 1, mask.shape[1], 1))
         rows = torch.stack(new, 1).tolist() if new else [[] for _ in seqs]
         return [[t for t in r if t >= 0 and t != eos] for r in rows]

@@ -16,8 +16,8 @@ from ..method import POSITION_POLICIES, AskModel, Method, Question, allocate, hp
 from ..tokens import VisualTokens
 from .clips import Clip, Piece, assemble, clips
 
-__all__ = ["QuoTA", "frame_weights", "frame_budgets", "v1_grid", "scaled_grid", "centre_index", "resize_grid",
-           "parse_objects", "DEFAULT_PROMPT", "OBJECTS_PROMPT", "DECOUPLE_PROMPT"]  # fmt: skip
+__all__ = ["DECOUPLE_PROMPT", "DEFAULT_PROMPT", "OBJECTS_PROMPT", "QuoTA", "centre_index", "frame_budgets",
+           "frame_weights", "parse_objects", "resize_grid", "scaled_grid", "v1_grid"]  # fmt: skip
 
 DEFAULT_PROMPT = (
     "Question: {question}\nDoes this frame show something that helps to answer the question? Answer Yes or No."
@@ -48,8 +48,17 @@ def frame_weights(scores, power: float = 2.0) -> list[float]:
 
 def frame_budgets(total: int, sizes: list[int], weights: list[float]) -> list[int]:
     """Tokens per frame: ``total`` split in proportion to ``weights``, each frame capped at its ``sizes``
-    (native grid) with the excess passed on (water-filling), summing to ``min(total, sum(sizes))``."""
-    return allocate(total, sizes, weights, floor=0)
+    (native grid) with the excess passed on (water-filling), summing to ``min(total, sum(sizes))``; what the
+    frames of weight > 0 cannot hold goes to the others in equal shares."""
+    pos = [i for i, w in enumerate(weights) if w > 0] or list(range(len(sizes)))
+    rest = [i for i in range(len(sizes)) if i not in pos]
+    out = [0] * len(sizes)
+    for i, k in zip(pos, allocate(total, [sizes[i] for i in pos], [weights[i] for i in pos], floor=0)):
+        out[i] = k
+    left = min(int(total), sum(sizes)) - sum(out)
+    for i, k in zip(rest, allocate(left, [sizes[i] for i in rest], [1.0] * len(rest), floor=0) if left > 0 else []):
+        out[i] = k
+    return out
 
 
 def v1_grid(count: int, h: int, w: int) -> tuple[int, int]:
@@ -169,7 +178,7 @@ class QuoTA(Method):
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"quota: prompt={self.prompt!r} must be a str.format template with only {{question}} ({e})") from None
         if not self.answer.strip():
-            raise ValueError("quota: answer='' is empty; give the word whose probability is a frame's score, e.g. 'Yes'")
+            raise ValueError(f"quota: answer={self.answer!r} is empty; give the word whose probability is a frame's score, e.g. 'Yes'")
 
     def probes(self):
         return [AskModel(), Question()]
