@@ -40,30 +40,29 @@ class ModelAsk:
         msgs = [{"role": "user", "content": content}]
         return self.tok.apply_chat_template(msgs, chat_template=self.template, tokenize=False, add_generation_prompt=True)
 
-    def _split(self, prompt: str) -> tuple[str, str]:
-        """The rendered prompt around the visual tokens: string content with a marker first, then a
+    def _rendered(self, prompt: str, visual: bool) -> str:
+        """The chat template around ``prompt``, ``MARK`` where the visual tokens go: string content first, then
         processor-style list content (an image entry, rendered as the processor's image token)."""
         try:
-            text = self._chat(f"{MARK}\n{prompt}")
+            text = self._chat(f"{MARK}\n{prompt}" if visual else prompt)
         except Exception:  # noqa: BLE001 - a template that takes only list content; tried below
             text = ""
-        if text.count(MARK) == 1:
-            return tuple(text.split(MARK))
+        if prompt.strip() in text and (not visual or text.count(MARK) == 1):
+            return text
         image = getattr(self.processor, "image_token", None) or "<image>"
-        text = self._chat([{"type": "image"}, {"type": "text", "text": prompt}])
-        if text.count(image) != 1:
+        text = self._chat([{"type": "image"}] * visual + [{"type": "text", "text": prompt}])
+        if prompt.strip() not in text or (visual and text.count(image) != 1):
             raise ValueError(
-                f"AskModel: the chat template of {type(self.processor).__name__} has no single place for the visual "
-                f"tokens (neither a string user turn nor an image entry rendered as {image!r}); pass a tokenizer "
-                "with a plain chat template, or none"
+                f"AskModel: the chat template of {type(self.processor).__name__} renders neither a string user turn nor "
+                f"a list of an image (as {image!r}) and a text entry; pass a tokenizer with a plain chat template, or none"
             )
-        return tuple(text.split(image))
+        return text.replace(image, MARK) if visual else text
 
     def pieces(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the visual tokens of an item asked with ``prompt``."""
         if prompt not in self._pieces:
             if self.template:
-                before, after = self._split(prompt)
+                before, after = self._rendered(prompt, True).split(MARK)
                 self._pieces[prompt] = (self.ids(before), self.ids(after))
             else:
                 bos = self.tok.bos_token_id
@@ -71,9 +70,9 @@ class ModelAsk:
         return self._pieces[prompt]
 
     def text_ids(self, prompt: str) -> list[int]:
-        """A text-only prompt's ids (chat template with string content, else BOS and the text)."""
+        """A text-only prompt's ids (chat template, else BOS and the text)."""
         if self.template:
-            return self.ids(self._chat(prompt))
+            return self.ids(self._rendered(prompt, False))
         bos = self.tok.bos_token_id
         return ([bos] if bos is not None else []) + self.ids(prompt)
 

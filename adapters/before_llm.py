@@ -33,7 +33,7 @@ class BeforeLLMStage:
             if not isinstance(out, VisualTokens):
                 raise TypeError(f"{method.name}.before_llm must return VisualTokens, got {type(out).__name__}")
             self._check_counts(method, units, out)
-            asked = [v.forwards for p, v in probes.items() if isinstance(p, AskModel)]
+            asked = [v.forwards for p, v in probes.items() if isinstance(p, AskModel) and v is not None]
             self._record_units(method, "before_llm", units, out, nested=[f for a in asked for f in a] if asked else None)
             units = out
         fw.reduced = units
@@ -152,7 +152,10 @@ class BeforeLLMStage:
             kind = "text" if text else "llm" if isinstance(p, LLM_PROBES) else "vit"
             if kind not in kinds or (kind == "llm" and before_layer is not None and p.layer >= before_layer):
                 continue
-            if isinstance(p, Question):
+            tok = getattr(self.handle.processor, "tokenizer", self.handle.processor)
+            if isinstance(p, (Question, AskModel)) and p.optional and not callable(tok):
+                res[p] = None  # no processor: an optional probe is served as None
+            elif isinstance(p, Question):
                 res[p] = self._question()
             elif isinstance(p, CallVideos):
                 res[p] = self._call_videos(method)

@@ -183,13 +183,14 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
 
     def check_probe(self, probe, method) -> None:
         super().check_probe(probe, method)
-        if isinstance(probe, AskModel) and not callable(getattr(self.handle.processor, "tokenizer", self.handle.processor)):
+        tok = getattr(self.handle.processor, "tokenizer", self.handle.processor)
+        if isinstance(probe, AskModel) and not probe.optional and not callable(tok):
             raise ValueError(
                 f"{method.name} asks the attached model about the visual tokens, which needs the model's tokenizer to "
                 f"write the question and read the answer; pass vtok.apply(model, {method.name!r}, processor=processor) "
                 "(the processor or tokenizer you prepare inputs with)"
             )
-        if isinstance(probe, Question) and not hasattr(getattr(self.handle.processor, "tokenizer", self.handle.processor), "decode"):
+        if isinstance(probe, Question) and not probe.optional and not hasattr(tok, "decode"):
             raise ValueError(
                 f"{method.name} reads the call's question, which vtok decodes with the model's tokenizer; pass "
                 "vtok.apply(model, ..., processor=processor) (the processor or tokenizer you prepare inputs with)"

@@ -269,6 +269,27 @@ def test_without_a_chat_template_the_prompt_is_bos_visual_text():
     assert ask.pieces("w5 w6") == ([1], [5, 6]) and ask.text_ids("w5") == [1, 5]
 
 
+def test_a_processor_template_with_list_content_places_the_visual_tokens_at_its_image_entry():
+    """LLaVA-style processor templates take list content ({"type": "image"}, {"type": "text"}): the visual
+    tokens go where the image entry is rendered; a text-only prompt keeps its text."""
+    from types import SimpleNamespace
+
+    from vtok.adapters.ask import ModelAsk
+    from vtok.testing import tiny_tokenizer
+
+    template = (
+        "{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+        "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+        "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    tok = tiny_tokenizer(tiny_model("llava"), chat_template=None)
+    ask = ModelAsk(None, SimpleNamespace(tokenizer=tok, chat_template=template, image_token="<image>"))
+    assert ask.pieces("w5 w6") == (tok.encode("USER: ", add_special_tokens=False),
+                                   tok.encode("\nw5 w6 ASSISTANT:", add_special_tokens=False))  # fmt: skip
+    assert ask.text_ids("w5") == tok.encode("USER: w5 ASSISTANT:", add_special_tokens=False)
+
+
 def test_the_nested_scorer_leaves_the_outer_call_as_a_constant_scorer_does():
     """The default scorer calls the model inside the call; the call's logits and generated tokens equal those
     of a run whose scorer returns the same scores without calling anything."""
@@ -324,10 +345,24 @@ def test_ask_generate_equals_the_models_greedy_generate_and_decoupling_runs():
 # ------------------------------------------------------------------ errors
 
 
+def test_without_a_processor_images_run_and_videos_are_refused_clearly():
+    model, batch, proc = _llava()
+    one_image = TINY_CASES["llava"].batch(TINY_CASES["llava"].make_samples(model, [(3, 1, 4)]))
+    with vtok.apply(model, "quota") as h, torch.no_grad():
+        model(**one_image)  # no time, nothing to score: each grid scaled by sqrt(retain)
+        assert h.stats[0].tokens_out == [4]
+        with pytest.raises(ValueError, match=r"asking the attached model.*vtok.apply\(model, 'quota', processor=processor\)"):
+            model(**batch)  # a sample's two images are two frames to score
+    seen = []
+    custom = QuoTA(scorer=lambda f, q, a: seen.append((q, a)) or [torch.ones(x.shape[0]) for x in f])
+    _run(model, batch, custom, None)
+    assert seen == [([None], None)]  # a custom scorer runs without a processor
+
+
 def test_clear_errors():
     model, batch, proc = _llava()
-    with pytest.raises(ValueError, match=r"vtok.apply\(model, 'quota', processor=processor\)"):
-        vtok.apply(model, "quota")
+    with pytest.raises(ValueError, match=r"quota_spy asks the attached model.*vtok.apply\(model, 'quota_spy', processor="):
+        vtok.apply(model, Spy(wanted=(AskModel(),)))  # a probe that is not optional is refused at apply
     for bad, match in (({"retain": 0.0}, "retain=0.0 is out of range"), ({"retain": 1.5}, "out of range"),
                        ({"power": -1.0}, "power=-1.0 is out of range"), ({"scorer": "clip"}, "scorer='clip' must be"),
                        ({"prompt": "is {thing} here?"}, "only {question}"), ({"answer": " "}, "answer=' ' is empty"),

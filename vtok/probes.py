@@ -179,7 +179,11 @@ LLM_PROBES = (LLMAttention, Transition)
 @dataclass(frozen=True)
 class Question(Probe):
     """The call's question per sample: its text after the visual span (the instruction), decoded with the
-    tokenizer of the processor given to ``vtok.apply(..., processor=...)``. Result: a list of str."""
+    tokenizer of the processor given to ``vtok.apply(..., processor=...)``. Result: a list of str.
+    Without a processor the method is refused at apply, unless ``optional=True`` (the result is then None:
+    for methods that need the question only for some inputs, e.g. QuoTA for videos)."""
+
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,10 +213,12 @@ class AskModel(Probe):
 
     Both run the untouched language model (every vtok hook passes through, the call's state is kept) under
     ``torch.no_grad``; ``ask.forwards`` lists what they ran, (rows, query length, key length, LM-head rows)
-    per forward, for the FLOPs count.
+    per forward, for the FLOPs count. Without a processor the method is refused at apply, unless
+    ``optional=True`` (the result is then None).
     """
 
     chunk: int = 16
+    optional: bool = False
 
     def __post_init__(self):
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:

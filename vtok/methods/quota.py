@@ -27,6 +27,8 @@ DECOUPLE_PROMPT = (
     "Question: {question}\nWhich physical objects must one look for in a video to answer this question? "
     "Answer only with a Python list of short names, e.g. ['dog', 'red car'], or [] if none."
 )
+#: the probes quota reads: served as None without a processor (then only clips without time can run)
+ASK, QUESTION = AskModel(optional=True), Question(optional=True)
 #: scores at or below this (all frames of a clip) carry no preference: the frames share the budget equally
 ZERO = 1e-12
 
@@ -141,8 +143,10 @@ class QuoTA(Method):
     budget is the vanilla model's token count with upsampling allowed; here frames never exceed their native
     grid, so retain=1.0 is the no-op whatever the scores. Custom ``scorer(frames, questions, ask)``:
     ``frames`` one [T, n, D] tensor per temporal clip of the batch (LLM width), ``questions`` the question
-    of each clip's sample, ``ask`` the ``AskModel`` callable; returns one sequence of T scores (finite,
-    >= 0) per clip. Needs ``vtok.apply(model, "quota", processor=processor)`` (question and prompts).
+    of each clip's sample, ``ask`` the ``AskModel`` callable (both None without a processor); returns one
+    sequence of T scores (finite, >= 0) per clip. The default scorer needs
+    ``vtok.apply(model, "quota", processor=processor)``; without it, a call with a video is refused (images
+    need no scores).
     """
 
     name = "quota"
@@ -181,7 +185,8 @@ class QuoTA(Method):
             raise ValueError(f"quota: answer={self.answer!r} is empty; give the word whose probability is a frame's score, e.g. 'Yes'")
 
     def probes(self):
-        return [AskModel(), Question()]
+        """Optional: without a processor, images still work (nothing to score); videos need the scorer."""
+        return [ASK, QUESTION]
 
     def overhead_flops(self, event, spec, units=None) -> int:
         """The scorer's own forwards through the language model, as the adapter recorded them
@@ -194,6 +199,12 @@ class QuoTA(Method):
     # scores ----------------------------------------------------------------------------------------
     def ask_scores(self, frames: list, questions: list, ask) -> list:
         """The default scorer: the attached model's P(``answer``) per frame (all frames in batched calls)."""
+        if ask is None:
+            raise ValueError(
+                "quota scores the frames of a video by asking the attached model whether each frame helps to answer "
+                "the question, which needs the model's tokenizer; pass vtok.apply(model, 'quota', "
+                "processor=processor) (the processor or tokenizer you prepare inputs with), or a scorer="
+            )
         prompts = self._prompts(questions, ask)
         visual = [f[t] for f in frames for t in range(f.shape[0])]
         texts = [p for p, f in zip(prompts, frames) for _ in range(f.shape[0])]
@@ -210,7 +221,7 @@ class QuoTA(Method):
                 for q in questions]  # fmt: skip
 
     def _scores(self, frames: list, questions: list, ask) -> list[list[float]]:
-        out = (self.scorer or self.ask_scores)(frames, questions, ask)
+        out = (self.scorer if self.scorer is not None else self.ask_scores)(frames, questions, ask)
         out = list(out) if out is not None else []
         lens = [f.shape[0] for f in frames]
         got = [len(s) if hasattr(s, "__len__") else None for s in out]
@@ -227,9 +238,9 @@ class QuoTA(Method):
         scores = {}
         if temporal:
             frames = [c.stack(tokens.features) for c in temporal]
-            asked = probes.get(Question()) or [""] * (int(tokens.owner.max()) + 1)
+            asked = probes.get(QUESTION) or [None] * (int(tokens.owner.max()) + 1)
             questions = [asked[int(tokens.owner[c.units[0]])] for c in temporal]
-            scores = dict(zip(map(id, temporal), self._scores(frames, questions, probes.get(AskModel()))))
+            scores = dict(zip(map(id, temporal), self._scores(frames, questions, probes.get(ASK))))
         pieces = [self._clip_pieces(tokens, c, scores.get(id(c))) for c in clip_list]
         return assemble(tokens, clip_list, pieces)
 
