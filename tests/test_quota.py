@@ -346,7 +346,7 @@ def test_ask_generate_equals_the_models_greedy_generate_and_decoupling_runs():
 
 
 def test_without_a_processor_images_run_and_videos_are_refused_clearly():
-    model, batch, proc = _llava()
+    model, batch, _ = _llava()
     one_image = TINY_CASES["llava"].batch(TINY_CASES["llava"].make_samples(model, [(3, 1, 4)]))
     with vtok.apply(model, "quota") as h, torch.no_grad():
         model(**one_image)  # no time, nothing to score: each grid scaled by sqrt(retain)
