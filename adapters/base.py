@@ -210,6 +210,17 @@ class Adapter:
         """True while one of this adapter's hooks runs in this thread (a model call now is nested)."""
         return getattr(self._local, "depth", 0) > 0
 
+    @contextlib.contextmanager
+    def nested(self):
+        """Inside: this thread counts as inside a hook, so a model call runs untouched (every hook of this
+        adapter passes through); after: the flag as it was (works inside a hook and outside one)."""
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+
     def guarded(self, fn):
         """``fn`` as a hook that passes through (returns None) when called from inside another hook
         of this adapter, and marks the thread as inside a hook while it runs."""

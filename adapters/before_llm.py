@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from vtok.method import LLM_PROBES, CallVideos, Question, TextQuery
+from vtok.method import LLM_PROBES, AskModel, CallVideos, Question, TextQuery
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
+
+from .ask import ModelAsk
 
 __all__ = ["BeforeLLMStage"]
 
@@ -31,7 +33,8 @@ class BeforeLLMStage:
             if not isinstance(out, VisualTokens):
                 raise TypeError(f"{method.name}.before_llm must return VisualTokens, got {type(out).__name__}")
             self._check_counts(method, units, out)
-            self._record_units(method, "before_llm", units, out)
+            asked = [v.forwards for p, v in probes.items() if isinstance(p, AskModel) and v is not None]
+            self._record_units(method, "before_llm", units, out, nested=[f for a in asked for f in a] if asked else None)
             units = out
         fw.reduced = units
 
@@ -145,13 +148,19 @@ class BeforeLLMStage:
         fw.probes.update(self._captured)
         res = {}
         for p in method.probes():
-            kind = "text" if isinstance(p, (TextQuery, Question, CallVideos)) else "llm" if isinstance(p, LLM_PROBES) else "vit"
+            text = isinstance(p, (TextQuery, Question, CallVideos, AskModel))
+            kind = "text" if text else "llm" if isinstance(p, LLM_PROBES) else "vit"
             if kind not in kinds or (kind == "llm" and before_layer is not None and p.layer >= before_layer):
                 continue
-            if isinstance(p, Question):
+            tok = getattr(self.handle.processor, "tokenizer", self.handle.processor)
+            if isinstance(p, (Question, AskModel)) and p.optional and not callable(tok):
+                res[p] = None  # no processor: an optional probe is served as None
+            elif isinstance(p, Question):
                 res[p] = self._question()
             elif isinstance(p, CallVideos):
                 res[p] = self._call_videos(method)
+            elif isinstance(p, AskModel):
+                res[p] = ModelAsk(self, self.handle.processor, p.chunk)
             elif kind == "text":
                 res[p] = self._text_query()
             elif p in fw.probes:
@@ -199,7 +208,7 @@ class BeforeLLMStage:
             out.append((t, emb(t)))
         return out
 
-    def _record_units(self, method, stage, units: VisualTokens, out: VisualTokens):
+    def _record_units(self, method, stage, units: VisualTokens, out: VisualTokens, nested=None):
         b = int(self._fw.input_ids.shape[0])
         owner = units.owner.tolist()
         n_in, n_out = units.counts().tolist(), out.counts().tolist()
@@ -221,7 +230,7 @@ class BeforeLLMStage:
         kept_t = None
         if getattr(method, "kept_meaningful", True):
             kept_t = [torch.cat(k).sort().values.cpu() if k else torch.zeros(0, dtype=torch.long) for k in kept]
-        self.handle.stats.append(Reduction(method.name, stage, None, tin, tout, kept_t, list(zip(n_in, n_out))))
+        self.handle.stats.append(Reduction(method.name, stage, None, tin, tout, kept_t, list(zip(n_in, n_out)), nested))
 
     def place_reduced(self, out: VisualTokens, spans: list, keep: torch.Tensor, embeds: torch.Tensor) -> None:
         """Put each unit's surviving tokens into placeholder slots of its span (in place).

@@ -18,6 +18,7 @@ from vtok.hf_compat import (
     replace_precomputed_visual_features,
 )
 from vtok.method import (
+    AskModel,
     CallVideos,
     LLMAttention,
     Question,
@@ -91,7 +92,7 @@ class _Generation:
 
 class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
     stages = ("before_llm", "in_llm")
-    probe_types = (ViTAttention, LLMAttention, Transition, TextQuery, Question, CallVideos)
+    probe_types = (ViTAttention, LLMAttention, Transition, TextQuery, Question, CallVideos, AskModel)
 
     # per-call state, one per thread (a model may serve several threads at once)
     _fw = per_thread()  # the forward in flight
@@ -182,7 +183,14 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
 
     def check_probe(self, probe, method) -> None:
         super().check_probe(probe, method)
-        if isinstance(probe, Question) and not hasattr(getattr(self.handle.processor, "tokenizer", self.handle.processor), "decode"):
+        tok = getattr(self.handle.processor, "tokenizer", self.handle.processor)
+        if isinstance(probe, AskModel) and not probe.optional and not callable(tok):
+            raise ValueError(
+                f"{method.name} asks the attached model about the visual tokens, which needs the model's tokenizer to "
+                f"write the question and read the answer; pass vtok.apply(model, {method.name!r}, processor=processor) "
+                "(the processor or tokenizer you prepare inputs with)"
+            )
+        if isinstance(probe, Question) and not probe.optional and not hasattr(tok, "decode"):
             raise ValueError(
                 f"{method.name} reads the call's question, which vtok decodes with the model's tokenizer; pass "
                 "vtok.apply(model, ..., processor=processor) (the processor or tokenizer you prepare inputs with)"

@@ -33,6 +33,15 @@ def tiny_model(case_name: str):
     return _MODELS[case_name]
 
 
+def tiny_processor(case_name: str):
+    """The processor (or tokenizer) a user of the tiny case would pass as ``vtok.apply(..., processor=...)``
+    (methods that read the question or ask the model need one), or None; built once per session."""
+    key = ("processor", case_name)
+    if key not in _MODELS:
+        _MODELS[key] = TINY_CASES[case_name].make_processor(tiny_model(case_name))
+    return _MODELS[key]
+
+
 def supported_pairs(kind=None, stage=None):
     """(case, method) pairs where the case's adapter runs every stage of the method."""
     pairs = []

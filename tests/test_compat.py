@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import supported_pairs, tiny_model
+from conftest import supported_pairs, tiny_model, tiny_processor
 
 import vtok
 from vtok import hf_compat
@@ -57,7 +57,8 @@ def test_generate_with_a_method_warns_nothing(case_name, method):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
             warnings.simplefilter("error", DeprecationWarning)
-            with vtok.apply(model, get_method_class(method)(**get_method_class(method).example)):
+            method_ = get_method_class(method)(**get_method_class(method).example)
+            with vtok.apply(model, method_, processor=tiny_processor(case_name)):
                 with torch.no_grad():
                     model.generate(**batch, max_new_tokens=2, do_sample=False)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import supported_pairs, tiny_model
+from conftest import supported_pairs, tiny_model, tiny_processor
 
 import vtok
 from vtok.eval import flops
@@ -21,11 +21,11 @@ def _batch(case_name, seed=0):
     return model, case.batch(case.make_samples(model, case.specs, seed))
 
 
-def _attach(model, method):
+def _attach(model, method, case_name):
     if method is None:
         return None
     cls = get_method_class(method)
-    return vtok.apply(model, cls(**cls.example))
+    return vtok.apply(model, cls(**cls.example), processor=tiny_processor(case_name))
 
 
 CASES = [pytest.param(c, None, id=f"{c}-none") for c in TINY_CASES] + supported_pairs()
@@ -34,7 +34,7 @@ CASES = [pytest.param(c, None, id=f"{c}-none") for c in TINY_CASES] + supported_
 @pytest.mark.parametrize("case_name,method", CASES)
 def test_exact_equals_flop_counter(case_name, method):
     model, batch = _batch(case_name)
-    handle = _attach(model, method)
+    handle = _attach(model, method, case_name)
     try:
         try:  # one forward: FlopCounterMode around count's own forward
             report, reference = flops.counted(flops.count, model, handle, **batch)
@@ -54,7 +54,7 @@ def test_generate_decode_steps():
     """Tracker over generate and count(output_tokens=R, logits_to_keep=1) both equal FlopCounterMode's generate
     (per-layer KV lengths after in-LLM pruning)."""
     model, batch = _batch("llava")
-    handle = _attach(model, "fastv")
+    handle = _attach(model, "fastv", "llava")
     r = 3
     try:
         def gen():

@@ -37,7 +37,7 @@ def test_triton_dispatch_matches_torch_on_cuda(case_name, method, monkeypatch):
     results = {}
     for backend in ("torch", "auto"):
         monkeypatch.setenv("VTOK_KERNELS", backend)
-        with vtok.apply(model, cls(**cls.example)) as h:
+        with vtok.apply(model, cls(**cls.example), processor=case.make_processor(model)) as h:
             logits = forward(model, batch)
             kept = [(r.tokens_out, None if r.kept is None else [k.tolist() for k in r.kept]) for r in h.stats]
             gen = model.generate(**batch, max_new_tokens=6, do_sample=False)

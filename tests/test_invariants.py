@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import supported_pairs, tiny_model
+from conftest import supported_pairs, tiny_model, tiny_processor
 
 import vtok
 from vtok.hf_compat import output_cache
@@ -48,6 +48,11 @@ def setup(case_name, seed=0):
     return case, model, samples
 
 
+def attach(case, model, method):
+    """``vtok.apply`` as a user of the case calls it: with the case's processor (methods may read the question)."""
+    return vtok.apply(model, method, processor=tiny_processor(case.name))
+
+
 def example(name, **override):
     cls = get_method_class(name)
     return cls(**{**cls.example, **override})
@@ -62,7 +67,7 @@ def test_remove_is_exact(case_name, method):
     batch = case.batch(samples)
     ref = forward(model, batch)
     hooks_before = hook_counts(model)
-    handle = vtok.apply(model, example(method))
+    handle = attach(case, model, example(method))
     reduced = forward(model, batch)
     assert handle.stats, f"{method} recorded no reduction on {case_name}"
     handle.remove()
@@ -84,7 +89,7 @@ def test_noop_setting_gives_untouched_outputs(case_name, method):
     case, model, samples = setup(case_name)
     batch = case.batch(samples)
     ref = forward(model, batch)
-    with vtok.apply(model, cls(**{**cls.example, **cls.noop})) as h:
+    with attach(case, model, cls(**{**cls.example, **cls.noop})) as h:
         out = forward(model, batch)
     assert all(r.tokens_in == r.tokens_out for r in h.stats)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
@@ -100,7 +105,7 @@ def test_attention_implementation_unchanged(case_name, method):
     assert before, f"{case_name}: no attention implementation marker found"
     if case.kind == "vlm":
         assert "sdpa" in set(before.values())
-    with vtok.apply(model, example(method)):
+    with attach(case, model, example(method)):
         forward(model, case.batch(samples))
         assert attn_impls(model) == before
     assert attn_impls(model) == before
@@ -113,7 +118,7 @@ def test_attention_implementation_unchanged(case_name, method):
 def test_left_padded_batch_equals_one_by_one(case_name, method):
     case, model, samples = setup(case_name, seed=1)
     batch = case.batch(samples)
-    with vtok.apply(model, example(method)) as h:
+    with attach(case, model, example(method)) as h:
         out = forward(model, batch)
         stats = [(r.tokens_in, r.tokens_out) for r in h.stats]
         for i, s in enumerate(samples):
@@ -131,7 +136,7 @@ def test_generate_batch_equals_one_by_one(case_name, method):
     case, model, samples = setup(case_name, seed=2)
     batch = case.batch(samples)
     batch.pop("position_ids")
-    with vtok.apply(model, example(method)) as h:
+    with attach(case, model, example(method)) as h:
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)
         # generate pre-computes the visual features before its prefill: the reduction must still happen
         assert any(sum(r.tokens_out) < sum(r.tokens_in) for r in h.stats), h.stats
@@ -254,7 +259,7 @@ def test_in_llm_drop_equals_mask_and_generate(case_name, method, policy):
     batch = case.batch(samples)
     gen_batch = {k: v for k, v in batch.items() if k != "position_ids"}
     m = in_llm_only(method, position_policy=policy)  # the reference masks the in_llm drops only
-    with vtok.apply(model, m) as h:
+    with attach(case, model, m) as h:
         out = forward(model, batch)
         stages = [r for r in h.stats if r.stage == "in_llm"]
         generated = model.generate(**gen_batch, max_new_tokens=8, do_sample=False)
@@ -276,7 +281,7 @@ def test_in_llm_cache_lengths_per_layer(case_name, method):
     case, model, samples = setup(case_name, seed=4)
     batch = case.batch(samples)
     batch.pop("position_ids")
-    with vtok.apply(model, in_llm_only(method)) as h:
+    with attach(case, model, in_llm_only(method)) as h:
         out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         stages = [r for r in h.stats if r.stage == "in_llm"]
     cache = output_cache(out)
@@ -300,7 +305,7 @@ def test_in_llm_cache_lengths_per_layer(case_name, method):
 def test_deterministic(case_name, method):
     case, model, samples = setup(case_name, seed=5)
     batch = case.batch(samples)
-    with vtok.apply(model, example(method)) as h:
+    with attach(case, model, example(method)) as h:
         a = forward(model, batch)
         ka = [None if r.kept is None else [k.tolist() for k in r.kept] for r in h.stats]
         b = forward(model, batch)
@@ -315,7 +320,7 @@ def test_deterministic(case_name, method):
 @pytest.mark.parametrize("case_name,method", supported_pairs())
 def test_stats_records(case_name, method):
     case, model, samples = setup(case_name)
-    with vtok.apply(model, example(method)) as h:
+    with attach(case, model, example(method)) as h:
         forward(model, case.batch(samples))
     for r in h.stats:
         assert r.method == method and r.stage in vtok.method.STAGES

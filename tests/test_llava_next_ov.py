@@ -360,7 +360,8 @@ def test_ragged_video_batch_invariants(method, video):
     hooks_before = hook_counts(model)
     impl = model.config.text_config._attn_implementation
     gen_batch = {k: v for k, v in batch.items() if k != "position_ids"}
-    with vtok.apply(model, example(method)) as h:
+    proc = LLAVA_ONEVISION_VIDEO.make_processor(model)  # methods may read the question
+    with vtok.apply(model, example(method), processor=proc) as h:
         out = fwd(model, batch)
         stats = [(r.tokens_in, r.tokens_out) for r in h.stats]
         assert any(sum(o) < sum(i) for i, o in stats), h.stats
@@ -383,7 +384,7 @@ def test_ragged_video_batch_invariants(method, video):
         assert torch.equal(fwd(model, s), ref)  # remove() is exact
     cls = get_method_class(method)
     if cls.noop is not None:
-        with vtok.apply(model, cls(**{**cls.example, **cls.noop})):
+        with vtok.apply(model, cls(**{**cls.example, **cls.noop}), processor=proc):
             out = fwd(model, batch)
         for i, ref in enumerate(refs):
             torch.testing.assert_close(out[i, -ref.shape[1] :], ref[0], atol=2e-5, rtol=1e-4)

@@ -14,6 +14,7 @@ import torch
 from .probes import (  # noqa: F401  (re-exported: methods import them from here)
     LLM_PROBES,
     QUERY_SETS,
+    AskModel,
     AttentionScores,
     CallVideos,
     LLMAttention,

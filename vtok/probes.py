@@ -9,7 +9,8 @@ import torch
 
 __all__ = [
     "Probe", "ViTAttention", "ViTKeyCorrelation", "LLMAttention", "Transition", "AttentionScores", "Transitions",
-    "TransitionStats", "Question", "CallVideos", "TextQuery", "LLMView", "LLMStep", "LLM_PROBES", "QUERY_SETS",
+    "TransitionStats", "Question", "CallVideos", "TextQuery", "AskModel", "LLMView", "LLMStep", "LLM_PROBES",
+    "QUERY_SETS",
 ]
 
 #: query rows of an LLM attention probe: the last prompt token, every valid row, the text tokens,
@@ -178,7 +179,11 @@ LLM_PROBES = (LLMAttention, Transition)
 @dataclass(frozen=True)
 class Question(Probe):
     """The call's question per sample: its text after the visual span (the instruction), decoded with the
-    tokenizer of the processor given to ``vtok.apply(..., processor=...)``. Result: a list of str."""
+    tokenizer of the processor given to ``vtok.apply(..., processor=...)``. Result: a list of str.
+    Without a processor the method is refused at apply, unless ``optional=True`` (the result is then None:
+    for methods that need the question only for some inputs, e.g. QuoTA for videos)."""
+
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,33 @@ class CallVideos(Probe):
 @dataclass(frozen=True)
 class TextQuery(Probe):
     """The prompt's text tokens per sample: ids and input embeddings (visual tokens excluded)."""
+
+
+@dataclass(frozen=True)
+class AskModel(Probe):
+    """The attached model as a judge of visual items (QuoTA's frame scorer), through the tokenizer of the
+    processor given to ``vtok.apply(..., processor=...)``. Result: a callable
+
+    ``ask(visual, prompts, answer="Yes") -> Tensor [n] fp32``: for item i, the probability (softmax over the
+    full vocabulary, fp32) that the language model's next token is the first token of ``answer`` after the
+    item's visual tokens ``visual[i]`` ([k_i, D], LLM width: what the before_llm stage holds) followed by
+    ``prompts[i]``, in the tokenizer's chat template (the visual tokens open the user turn; without a
+    template: ``<bos> <visual> prompt``). Items run ``chunk`` at a time, left-padded.
+
+    ``ask.generate(prompts, max_new_tokens=64) -> list[str]``: text-only greedy answers of the same model.
+
+    Both run the untouched language model (every vtok hook passes through, the call's state is kept) under
+    ``torch.no_grad``; ``ask.forwards`` lists what they ran, (rows, query length, key length, LM-head rows)
+    per forward, for the FLOPs count. Without a processor the method is refused at apply, unless
+    ``optional=True`` (the result is then None).
+    """
+
+    chunk: int = 16
+    optional: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"AskModel: chunk={self.chunk!r} must be an int >= 1 (items per forward)")
 
 
 # ---------------------------------------------------------------- in-LLM view

@@ -28,6 +28,9 @@ class Reduction:
     #: before_llm: (tokens in, tokens out) of each unit (image, crop group, video) the stage reduced, in
     #: the order the method saw them batched; None where not recorded
     units: list[tuple[int, int]] | None = None
+    #: the language-model forwards the method ran itself for this step (``AskModel``: QuoTA's frame scorer),
+    #: (rows, query length, key length, LM-head rows) each; a method's ``overhead_flops`` counts them
+    nested: list[tuple[int, int, int, int]] | None = None
 
     def __repr__(self) -> str:
         where = f" layer {self.layer}" if self.layer is not None else ""

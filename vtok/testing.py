@@ -23,6 +23,7 @@ __all__ = [
     "tiny_llava_next",
     "tiny_llava_onevision",
     "anyres_processor",
+    "tiny_tokenizer",
     "anyres_samples",
     "anyres_collate",
     "LLAVA_ONEVISION_VIDEO",
@@ -45,6 +46,13 @@ class TinyCase:
     collate: Callable = None
     #: three prompt specs of different lengths for make_samples (the invariant suite's batch)
     specs: list = None
+    #: model -> the processor (or tokenizer) a user would pass as ``vtok.apply(..., processor=...)``, for
+    #: methods that read the question or ask the model (None: the case has none, e.g. vision encoders)
+    processor: Callable = None
+
+    def make_processor(self, model):
+        """The case's processor for ``model`` (None if it has none)."""
+        return self.processor(model) if self.processor is not None else None
 
     def batch(self, samples, side: str = "left"):
         collate = self.collate or left_pad_batch
@@ -242,6 +250,22 @@ def _word_tokenizer(vocab: int, special: dict):
     )
 
 
+#: a chat template for the tiny tokenizers (a user turn, then the assistant's turn to answer)
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def tiny_tokenizer(model, chat_template: str | None = TINY_CHAT_TEMPLATE):
+    """A word-level tokenizer over a tiny LLaVA's vocabulary ('w<i>', ``<image>`` at its image token id) with
+    a small chat template: what ``vtok.apply(..., processor=...)`` needs to read questions and ask the model."""
+    cfg = model.config
+    tok = _word_tokenizer(cfg.text_config.vocab_size, {"<image>": cfg.image_token_id})
+    tok.chat_template = chat_template
+    return tok
+
+
 def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", image_size: int = 32, patch: int = 8):
     """A LlavaNextForConditionalGeneration: 2-block CLIP tower (4x4 patches per crop, CLS dropped),
     AnyRes pinpoints of 1x2, 2x1 and 2x2 crops, a 4-layer Llama."""
@@ -369,10 +393,13 @@ def anyres_collate(samples, side: str = "left"):
 
 
 TINY_CASES: dict[str, TinyCase] = {
-    "llava": TinyCase("llava", tiny_llava, llava_samples, specs=[(3, 1, 4), (9, 1, 2), (1, 2, 6)]),
-    "llava_siglip": TinyCase(
-        "llava_siglip", lambda: tiny_llava_tower("siglip"), llava_samples, specs=[(3, 1, 4), (9, 1, 2), (1, 2, 6)]
+    "llava": TinyCase(
+        "llava", tiny_llava, llava_samples, specs=[(3, 1, 4), (9, 1, 2), (1, 2, 6)], processor=tiny_tokenizer
     ),
+    "llava_siglip": TinyCase(
+        "llava_siglip", lambda: tiny_llava_tower("siglip"), llava_samples, specs=[(3, 1, 4), (9, 1, 2), (1, 2, 6)],
+        processor=tiny_tokenizer,
+    ),  # fmt: skip
     "clip_vision": _vision_case("clip_vision", lambda: tiny_hf_vision("clip")),
     "siglip_vision": _vision_case("siglip_vision", lambda: tiny_hf_vision("siglip")),
     "dinov2": _vision_case("dinov2", lambda: tiny_hf_vision("dinov2")),
@@ -380,11 +407,11 @@ TINY_CASES: dict[str, TinyCase] = {
     "open_clip_vit": _vision_case("open_clip_vit", tiny_open_clip_vit, key="x"),
     "llava_next": TinyCase(
         "llava_next", tiny_llava_next, anyres_samples, collate=anyres_collate,
-        specs=[(3, [(40, 70)], 4), (9, [(60, 30)], 2), (1, [(50, 50), (30, 80)], 6)],
+        specs=[(3, [(40, 70)], 4), (9, [(60, 30)], 2), (1, [(50, 50), (30, 80)], 6)], processor=anyres_processor,
     ),  # fmt: skip
     "llava_onevision": TinyCase(
         "llava_onevision", tiny_llava_onevision, anyres_samples, collate=anyres_collate,
-        specs=[(3, [(40, 90)], 4), (9, [(90, 85)], 2), (1, [(50, 50), (30, 80)], 6)],
+        specs=[(3, [(40, 90)], 4), (9, [(90, 85)], 2), (1, [(50, 50), (30, 80)], 6)], processor=anyres_processor,
     ),  # fmt: skip
 }
 
@@ -397,4 +424,5 @@ LLAVA_ONEVISION_VIDEO = TinyCase(
     anyres_samples,
     collate=anyres_collate,
     specs=[(3, [(8, 40, 48)], 4), (9, [(12, 40, 48)], 2)],
+    processor=anyres_processor,
 )
