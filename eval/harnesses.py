@@ -263,7 +263,7 @@ def helper_for(model) -> offline.VLMHelper:
 
     tok = AutoTokenizer.from_pretrained(offline.build_cache() / offline.LM_DIR)
     offline.add_image_token(tok)
-    return offline.VLMHelper(tok, image_token_id=model.config.image_token_id)
+    return offline.VLMHelper(tok, image_token_id=model.config.image_token_id, processor=offline.make_processor(tok, model))
 
 
 @register_model("offline-vlm")

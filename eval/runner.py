@@ -277,7 +277,8 @@ def _run(model, dataset, setting: Setting, indices: list, batch_size: int, bar) 
     from .flops import Tracker
     from .latency import prefill_time
 
-    handle = vtok.apply(model, setting.method, **setting.hparams()) if setting.method else None
+    kw = {"processor": dataset_processor(dataset)} if dataset_processor(dataset) is not None else {}
+    handle = vtok.apply(model, setting.method, **setting.hparams(), **kw) if setting.method else None
     records, times = [], []
     device = next(model.parameters()).device
     try:
@@ -336,6 +337,13 @@ def _summarise(setting: Setting, shards: list, full: Row | None) -> Row:
         ttft_ms=statistics.median(times) if times else float("nan"),
         extras=extras,
     )
+
+
+def dataset_processor(dataset):
+    """The processor (or tokenizer) a dataset builds its prompts with, handed to ``vtok.apply`` for methods that
+    read the question or ask the model (QuoTA); None if the dataset has none."""
+    proc = getattr(dataset, "processor", None)
+    return proc if proc is not None else getattr(getattr(dataset, "helper", None), "processor", None)
 
 
 def _can_attach(model, setting: Setting) -> str | None:
