@@ -16,7 +16,7 @@ import torch
 from . import offline
 from .datasets import register_dataset, register_model
 
-__all__ = ["EasyVQA", "EasyVQAMosaic", "VideoNeedleQA", "DigitsProbe", "load_digits"]
+__all__ = ["EasyVQA", "EasyVQAMosaic", "VideoNeedleQA", "DigitsProbe", "load_digits", "frame_inputs"]
 
 
 class _FirstTokenQA:
@@ -142,22 +142,28 @@ class VideoNeedleQA(EasyVQA):
         return frames
 
     def batch(self, indices) -> dict:
-        images, prompts, gold = [], [], []
-        n_tok = offline.num_image_tokens(self.image_size)
-        for i in indices:
-            images += self.sample_frames(i)
-            ids, _ = offline.build_prompt_ids(self.helper.tokenizer, self.items[i][0], n_tok, self.helper.image_token_id)
-            prompts.append([self.helper.image_token_id] * n_tok * (self.frames - 1) + ids)
-            gold.append(offline.EASY_VQA_ANSWERS.index(self.items[i][1]))
-        pad = self.helper.tokenizer.pad_token_id or self.helper.tokenizer.eos_token_id
-        ids, mask = offline.left_pad(prompts, pad)
-        inputs = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": offline.position_ids_from_mask(mask),
-            "pixel_values": offline.preprocess_images(images, self.image_size),
-        }
+        frames = [self.sample_frames(i) for i in indices]
+        inputs = frame_inputs(self.helper, frames, [self.items[i][0] for i in indices], self.image_size)
+        gold = [offline.EASY_VQA_ANSWERS.index(self.items[i][1]) for i in indices]
         return {"inputs": inputs, "gold": gold}
+
+
+def frame_inputs(helper, frames: list, questions: list, image_size: int = offline.IMAGE_SIZE) -> dict:
+    """Inputs of the offline VLM for samples of several images each (a video's frames, one image per frame):
+    per sample its frames' ``<image>`` tokens, then the question; left-padded."""
+    n_tok = offline.num_image_tokens(image_size)
+    prompts = []
+    for fr, q in zip(frames, questions):
+        ids, _ = offline.build_prompt_ids(helper.tokenizer, q, n_tok, helper.image_token_id)
+        prompts.append([helper.image_token_id] * n_tok * (len(fr) - 1) + ids)
+    pad = helper.tokenizer.pad_token_id or helper.tokenizer.eos_token_id
+    ids, mask = offline.left_pad(prompts, pad)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": offline.position_ids_from_mask(mask),
+        "pixel_values": offline.preprocess_images([im for fr in frames for im in fr], image_size),
+    }
 
 
 # ------------------------------------------------------------------ digits probe (ViT only)
