@@ -66,7 +66,7 @@ def register_dataset(name: str):
 def load_registries() -> None:
     """Import the modules that register the built-in real-data entries (the offline VLM, DINOv2 and their
     harnesses), so that ``vtok eval`` finds them by name."""
-    from . import docs, harnesses  # noqa: F401  (registers offline-vlm, offline-dinov2, easy-vqa, docs-pages...)
+    from . import docs, harnesses, video_harness  # noqa: F401  (registers offline-vlm, easy-vqa, docs-pages...)
 
 
 def lookup(kind: str, name: str) -> Callable:

@@ -16,7 +16,7 @@ import torch
 from . import offline
 from .datasets import register_dataset, register_model
 
-__all__ = ["EasyVQA", "EasyVQAMosaic", "VideoNeedleQA", "DigitsProbe", "load_digits", "frame_inputs"]
+__all__ = ["DigitsProbe", "EasyVQA", "EasyVQAMosaic", "VideoNeedleQA", "frame_inputs", "load_digits"]
 
 
 class _FirstTokenQA:
