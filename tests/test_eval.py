@@ -99,7 +99,7 @@ def test_cli_eval(tmp_path, capsys):
     listed = capsys.readouterr().out
     # the real-data entries register themselves in vtok.eval.harnesses; the CLI must load them
     for name in ("tiny-llava", "offline-vlm", "offline-dinov2", "easy-vqa", "easy-vqa-mosaic", "video-needle",
-                 "digits-probe"):
+                 "video-fidelity", "digits-probe"):
         assert name in listed, name
     assert main(["eval", "--flops", "llava-1.5-7b", "--methods", "fastv:layer=2,retain=0.5"]) == 0
     out = capsys.readouterr().out
