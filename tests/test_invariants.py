@@ -254,8 +254,9 @@ def test_in_llm_drop_equals_mask_and_generate(case_name, method, policy):
     if not hasattr(model, "model") or not hasattr(model.model, "language_model"):
         pytest.skip("masked reference is written for HF LLaVA-family models")
     if get_method_class(method).in_llm_merges:
+        where = {"holitom": "test_holitom.py"}.get(method, "test_capabilities.py")
         pytest.skip(f"{method} merges hidden states in the LLM (in_llm_merges): drop == mask does not hold; "
-                    "test_capabilities.py checks its merge against the same merge done by hand")  # fmt: skip
+                    f"{where} checks its merge against the same merge done by hand")  # fmt: skip
     batch = case.batch(samples)
     gen_batch = {k: v for k, v in batch.items() if k != "position_ids"}
     m = in_llm_only(method, position_policy=policy)  # the reference masks the in_llm drops only
