@@ -27,6 +27,7 @@ class BeforeLLMStage:
         if fw.units is None:
             raise RuntimeError("the visual features of this prefill were not captured")
         units = fw.units
+        self.handle.check_trained()  # a method's own modules run here: refused untrained in eval mode
         for method in chain:  # a chain: each method gets what the previous one returned
             probes = self._collect_probes(method, ("vit", "text"))
             out = method.before_llm(units, probes)
@@ -230,7 +231,9 @@ class BeforeLLMStage:
         kept_t = None
         if getattr(method, "kept_meaningful", True):
             kept_t = [torch.cat(k).sort().values.cpu() if k else torch.zeros(0, dtype=torch.long) for k in kept]
-        self.handle.stats.append(Reduction(method.name, stage, None, tin, tout, kept_t, list(zip(n_in, n_out)), nested))
+        self.handle.stats.append(
+            Reduction(method.name, stage, None, tin, tout, kept_t, list(zip(n_in, n_out)), nested, method.step_flops())
+        )
 
     def place_reduced(self, out: VisualTokens, spans: list, keep: torch.Tensor, embeds: torch.Tensor) -> None:
         """Put each unit's surviving tokens into placeholder slots of its span (in place).

@@ -273,6 +273,11 @@ class Method:
         ``vtok.eval.flops.ModelSpec``; ``units``: for in_vit events, (tokens in, tokens out) per image."""
         return 0
 
+    def step_flops(self) -> int | None:
+        """FLOPs of data-dependent work (iterations) the stage that just ran in this thread counted for itself,
+        read once by the adapter into ``Reduction.flops`` (default: None, nothing counted)."""
+        return None
+
     def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
         """The ``Reduction`` events this method would record for one sample with ``visual_tokens`` visual
         tokens in ``units`` (tokens per image), without running it (for ``vtok.eval.flops.estimate``).

@@ -31,6 +31,9 @@ class Reduction:
     #: the language-model forwards the method ran itself for this step (``AskModel``: QuoTA's frame scorer),
     #: (rows, query length, key length, LM-head rows) each; a method's ``overhead_flops`` counts them
     nested: list[tuple[int, int, int, int]] | None = None
+    #: FLOPs of the method's own matrix products in this step that depend on the data (k-means iterations),
+    #: counted by the method as it ran (``Method.step_flops``); its ``overhead_flops`` reports them
+    flops: int | None = None
 
     def __repr__(self) -> str:
         where = f" layer {self.layer}" if self.layer is not None else ""

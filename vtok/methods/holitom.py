@@ -242,6 +242,13 @@ class HoliTom(Method):
             events.append(Reduction(self.name, "in_llm", self.layer(), [out], [inner], None))
         return events
 
+    def overhead_flops(self, event, spec, units=None) -> int:
+        """The inner merge's similarity product (dropped x kept hidden states, per sample); the outer stage's
+        elementwise similarities and DPC distances are not counted (no matrix product)."""
+        if event.stage != "in_llm" or spec.llm is None:
+            return 0
+        return sum(2 * (a - o) * spec.llm.hidden * o for a, o in zip(event.tokens_in, event.tokens_out))
+
     # before the LLM ------------------------------------------------------------------------------
     def before_llm(self, tokens: VisualTokens, probes: dict) -> VisualTokens:
         attn = probes[self._vit_probe()]
