@@ -32,6 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default=None, help="device for the model (default: the process's accelerate device)")
     p.add_argument("--list", action="store_true", help="list the known models and datasets")
+    p.add_argument("--reference", default=None, help="results.json of an earlier run on the same model, dataset, --n "
+                   "and --seed: its full-model row is used instead of running the untouched model again")
     p.add_argument("--flops", metavar="CONFIG", default=None,
                    help="print the FLOPs of a full-size config (e.g. llava-1.5-7b) with and without --methods")  # fmt: skip
     p.add_argument("--text-tokens", type=int, default=64, help="with --flops: text tokens of the prompt")
@@ -106,6 +108,7 @@ def run(args) -> int:
         progress=not args.no_progress,
         limit=args.limit,
         model_name=args.model,
+        reference=args.reference,
     )
     if state.is_main_process:
         print(result.markdown())

@@ -339,6 +339,22 @@ def _summarise(setting: Setting, shards: list, full: Row | None) -> Row:
     )
 
 
+def _reference_row(path, result: "Comparison", n: int) -> Row:
+    """The "full" row of an earlier ``results.json`` (same model, dataset and number of samples; the seed is the
+    caller's to keep), so a later run compares against it without running the untouched model again."""
+    data = json.loads(Path(path).read_text())
+    rows = [r for r in data.get("rows", []) if r.get("role") == "full"]
+    if not rows or data.get("model") != result.model or data.get("dataset") != result.dataset or rows[0]["n"] != n:
+        raise ValueError(
+            f"{path}: no full-model row for {result.model} on {result.dataset} with {n} samples "
+            f"(it has {data.get('model')} on {data.get('dataset')}, n={rows[0]['n'] if rows else '-'}); "
+            "run it once without reference="
+        )
+    row = Row(**rows[0])
+    row.note = (row.note + "; " if row.note else "") + f"from {Path(path).name}"
+    return row
+
+
 def dataset_processor(dataset):
     """The processor (or tokenizer) a dataset builds its prompts with, handed to ``vtok.apply`` for methods that
     read the question or ask the model (QuoTA); None if the dataset has none."""
@@ -358,10 +374,11 @@ def _can_attach(model, setting: Setting) -> str | None:
 
 
 def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES, out_dir=None, progress: bool = True,
-            limit: int | None = None, model_name: str | None = None) -> Comparison:  # fmt: skip
+            limit: int | None = None, model_name: str | None = None, reference=None) -> Comparison:  # fmt: skip
     """Evaluate ``methods`` (a list of (name, settings dict) or ``"name:k=v,..."`` strings) on ``dataset``.
 
-    Adds the full model first and, per method, the ``baselines`` at the same budget. Writes results.md,
+    Adds the full model first (or, with ``reference``, the full row of an earlier results.json on the same
+    model, dataset and samples) and, per method, the ``baselines`` at the same budget. Writes results.md,
     results.json and pareto.png to ``out_dir`` (rank 0) when given. Returns the ``Comparison``
     (``result.markdown()`` is the table).
 
@@ -417,7 +434,12 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
         return row
 
     try:
-        full = run(Setting(None, (), "full"))
+        if reference is not None:  # the untouched model's row of an earlier run on the same questions
+            full = _reference_row(reference, result, n)
+            result.rows.append(full)
+            bar.update(n_batches)
+        else:
+            full = run(Setting(None, (), "full"))
         for name, hp in parsed:
             setting = Setting(name, tuple(sorted(hp.items())), "method", hp.get("retain"))
             if (setting.method, repr(setting.settings)) in seen:

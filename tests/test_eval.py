@@ -112,6 +112,22 @@ def test_cli_eval(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["full", "fastv", "tome"]
     assert rows[2]["settings"] == "r=[2, 2]"  # a list-valued setting is not split at its commas
     assert (tmp_path / "pareto.png").exists() and "| fastv |" in capsys.readouterr().out
+    # --reference: the full row of that run, not run again; the method's row is the same
+    again = tmp_path / "again"
+    assert main(["eval", "--model", "tiny-llava", "--dataset", "synthetic", "--n", "4", "--batch-size", "2",
+                 "--methods", "fastv:layer=2,retain=0.5", "--no-baselines", "--no-progress", "--out", str(again),
+                 "--reference", str(tmp_path / "results.json")]) == 0  # fmt: skip
+    rows2 = json.loads((again / "results.json").read_text())["rows"]
+    assert rows2[0]["note"] == "from results.json" and rows2[0]["ttft_ms"] == rows[0]["ttft_ms"]
+    for k in ("accuracy", "visual_tokens", "tflops", "flops_ratio"):
+        assert rows2[1][k] == rows[1][k], k
+    with pytest.raises(ValueError, match="no full-model row for tiny-llava on synthetic-llava with 3 samples"):
+        from vtok.eval import datasets as ds
+        from vtok.eval.runner import compare
+
+        m = ds.load_model("tiny-llava")
+        compare(m, ds.load_dataset("synthetic", m, n=3, model_name="tiny-llava"), [], model_name="tiny-llava",
+                progress=False, reference=tmp_path / "results.json")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- accelerate
