@@ -141,7 +141,9 @@ class QuoTA(Method):
     (greedy, text only; parsed leniently), and frames are asked whether they contain any of them (the plain
     prompt when the list is empty). The paper's scorer is a separate Qwen2-VL-2B on raw frames and its
     budget is the vanilla model's token count with upsampling allowed; here frames never exceed their native
-    grid, so retain=1.0 is the no-op whatever the scores. Custom ``scorer(frames, questions, ask)``:
+    grid, so retain=1.0 is the no-op whatever the scores. A frame's grid is the one the LLM gets: on OneVision
+    after the model's 2-D pooling (the paper resizes the unpooled 27 x 27 grid; vtok has no stage before the
+    model's pooling yet). Custom ``scorer(frames, questions, ask)``:
     ``frames`` one [T, n, D] tensor per temporal clip of the batch (LLM width), ``questions`` the question
     of each clip's sample, ``ask`` the ``AskModel`` callable (both None without a processor); returns one
     sequence of T scores (finite, >= 0) per clip. The default scorer needs
