@@ -15,7 +15,7 @@ import torch
 
 from ..tokens import VisualTokens
 
-__all__ = ["Clip", "Piece", "clips", "assemble"]
+__all__ = ["Clip", "Piece", "clips", "assemble", "pack_rows"]
 
 
 @dataclass
@@ -115,7 +115,7 @@ def assemble(tokens: VisualTokens, clip_list: list[Clip], pieces: list[list[Piec
     belong), except for one-unit clips whose index is in ``own_order``: these keep the pieces' order and are
     declared as one row (``layout=[(1, k)]``: on OneVision a video's tokens then its single closing
     newline), since the method chose where each token goes."""
-    u_count, _, d = tokens.features.shape
+    u_count = tokens.features.shape[0]
     dev = tokens.features.device
     rows: list[list] = [[] for _ in range(u_count)]  # per unit: (position, features, sizes)
     layout: list = [None] * u_count
@@ -127,6 +127,18 @@ def assemble(tokens: VisualTokens, clip_list: list[Clip], pieces: list[list[Piec
             rows[unit].append((p.index.to(dev) + base, p.features, p.sizes.to(dev)))
         if c in own_order:
             layout[clip.units[0]] = "own"
+    out = pack_rows(tokens, rows, keep_order=[lay is not None for lay in layout])
+    counts = out.counts().tolist()
+    layout = [([(1, m)] if m else "sequence") if lay else None for lay, m in zip(layout, counts)]
+    return replace(out, layout=layout if any(lay is not None for lay in layout) else None)
+
+
+def pack_rows(tokens: VisualTokens, rows: list, keep_order=None) -> VisualTokens:
+    """New units from ``rows[u]``: a list of (positions [k], features [k, D], sizes [k]) per unit, concatenated
+    (sorted by position unless ``keep_order[u]``) and right-padded; a token's per-token data (frame, extra)
+    is that of the input token at its position."""
+    u_count, _, d = tokens.features.shape
+    dev = tokens.features.device
     k = max((sum(r[0].numel() for r in row) for row in rows), default=0)
     feats = tokens.features.new_zeros(u_count, k, d)
     positions = torch.zeros(u_count, k, dtype=torch.long, device=dev)
@@ -135,15 +147,14 @@ def assemble(tokens: VisualTokens, clip_list: list[Clip], pieces: list[list[Piec
     for u, row in enumerate(rows):
         if not row:
             continue
-        pos = torch.cat([r[0] for r in row])
+        pos = torch.cat([r[0].to(dev) for r in row])
         f = torch.cat([r[1].to(feats.dtype) for r in row])
-        s = torch.cat([r[2].float() for r in row])
-        order = torch.arange(pos.numel(), device=dev) if layout[u] else torch.sort(pos, stable=True).indices
+        s = torch.cat([r[2].to(dev).float() for r in row])
+        keep = keep_order is not None and keep_order[u]
+        order = torch.arange(pos.numel(), device=dev) if keep else torch.sort(pos, stable=True).indices
         m = pos.numel()
         feats[u, :m], positions[u, :m], sizes[u, :m] = f[order], pos[order], s[order]
         mask[u, :m] = True
-        if layout[u]:
-            layout[u] = [(1, m)] if m else "sequence"
     src = positions.clamp_max(max(tokens.features.shape[1] - 1, 0))
     g = lambda t: t.gather(1, src) * mask  # noqa: E731  (per-token data of the token whose position it takes)
     return replace(
@@ -154,5 +165,4 @@ def assemble(tokens: VisualTokens, clip_list: list[Clip], pieces: list[list[Piec
         sizes=sizes,
         frames=g(tokens.frames) if tokens.frames is not None else None,
         extra={name: g(v) for name, v in tokens.extra.items()},
-        layout=layout if any(lay is not None for lay in layout) else None,
     )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from ..method import POSITION_POLICIES, Method, hparam, register
-from ..tokens import VisualTokens, gather_tokens
+from ..tokens import VisualTokens
+from .clips import pack_rows
 
 
 @register
@@ -84,7 +85,7 @@ class Pool(Method):
         if tokens.grid is None and tokens.grids is None:
             raise ValueError("pool needs the 2-D token grid, which this adapter did not provide")
         grids = tokens.unit_grids()
-        u, n, d = tokens.features.shape
+        u = tokens.features.shape[0]
         counts = tokens.counts().tolist()
         for i, gs in enumerate(grids):
             full = sum(h * w for h, w in gs)
@@ -106,28 +107,5 @@ class Pool(Method):
             feats, sizes, first = self._pool_grid(x, h, w)
             for r, (i, j, off) in enumerate(items):
                 parts[i][j] = (feats[r], sizes, first + off)
-        dev = tokens.features.device
-        rows = [[parts[i][j] for j in range(len(grids[i]))] for i in range(u)]
-        k = max((sum(p[0].shape[0] for p in r) for r in rows), default=0)
-        feats = tokens.features.new_zeros(u, k, d)
-        sizes = torch.zeros(u, k, dtype=torch.float32, device=dev)
-        first = torch.zeros(u, k, dtype=torch.long, device=dev)
-        mask = torch.zeros(u, k, dtype=torch.bool, device=dev)
-        for i, r in enumerate(rows):
-            if not r:
-                continue
-            m = sum(p[0].shape[0] for p in r)
-            feats[i, :m] = torch.cat([p[0] for p in r]).to(feats.dtype)
-            sizes[i, :m] = torch.cat([p[1] for p in r]).to(dev)
-            first[i, :m] = torch.cat([p[2] for p in r]).to(dev)
-            mask[i, :m] = True
-        g = lambda t: None if t is None else gather_tokens(t, first)  # noqa: E731
-        return replace(
-            tokens,
-            features=feats,
-            mask=mask,
-            positions=first,
-            sizes=sizes,
-            frames=g(tokens.frames),
-            extra={name: g(v) for name, v in tokens.extra.items()},
-        )
+        rows = [[(parts[i][j][2], parts[i][j][0], parts[i][j][1]) for j in range(len(grids[i]))] for i in range(u)]
+        return pack_rows(tokens, rows, keep_order=[True] * u)  # each grid's windows in raster order, grid after grid
