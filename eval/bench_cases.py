@@ -32,7 +32,7 @@ def cpu_cases(names=None, frames: int = 16) -> list:
             model, _, helper = vlm()
             batch = cls(helper, n=1, **kw).batch([0])["inputs"]
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-            return Case(name, "vlm", model, inputs, desc)
+            return Case(name, "vlm", model, inputs, desc, processor=helper.processor)
 
         return name, build
 

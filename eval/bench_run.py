@@ -72,7 +72,7 @@ def _method_run(timer, case: Case, setting: Setting, timed: bool = True):
 
     if setting.method is None:
         return timer.run(timed)
-    with vtok.apply(case.model, setting.method, **setting.kwargs()):
+    with vtok.apply(case.model, setting.method, **setting.kwargs(), **case.apply_kwargs()):
         return timer.run(timed)
 
 
@@ -208,7 +208,7 @@ def run_case(case: Case, opts: Options, bar=None, log=print) -> dict:
             if s.method is None:
                 captured, replayed = base, list(stacks)
             else:
-                with vtok.apply(model, s.method, **s.kwargs()) as handle:
+                with vtok.apply(model, s.method, **s.kwargs(), **case.apply_kwargs()) as handle:
                     captured = _capture(case, stacks, handle)
                 replayed = [n for n in stacks if _lengths(captured.calls[n]) != _lengths(base.calls[n])]
             try:

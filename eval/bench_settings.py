@@ -31,6 +31,11 @@ class Case:
     description: str
     settings: dict = field(default_factory=dict)
     budgets: tuple = BUDGETS
+    processor: object = None  # the model's processor, for methods that read the question or ask the model (QuoTA)
+
+    def apply_kwargs(self) -> dict:
+        """``vtok.apply`` keywords the case adds to a setting's."""
+        return {"processor": self.processor} if self.processor is not None else {}
 
     def forward(self):
         """The prefill as ``generate`` runs it (VLM), or the forward (ViT)."""
