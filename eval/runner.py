@@ -431,6 +431,8 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
         row = _summarise(setting, shards, result.rows[0] if result.rows else None)
         result.rows.append(row)
         seen.add((setting.method, repr(setting.settings)))  # repr: list values are unhashable
+        if out_dir is not None and main:  # after every row: an interrupted long run keeps what it finished
+            result.write(out_dir)
         return row
 
     try:
