@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for the model (default: the process's accelerate device)")
     p.add_argument("--list", action="store_true", help="list the known models and datasets")
     p.add_argument("--reference", default=None, help="results.json of an earlier run on the same model, dataset, --n "
-                   "and --seed: its full-model row is used instead of running the untouched model again")
+                   "and --seed: its full-model row is used instead of running the untouched model again; 'none': no full row "
+                   "(split a sweep over processes; FLOPs ratios then left empty)")
     p.add_argument("--flops", metavar="CONFIG", default=None,
                    help="print the FLOPs of a full-size config (e.g. llava-1.5-7b) with and without --methods")  # fmt: skip
     p.add_argument("--text-tokens", type=int, default=64, help="with --flops: text tokens of the prompt")

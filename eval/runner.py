@@ -92,7 +92,7 @@ class Comparison:
                 f"| {r.method} | {r.settings} | {budget} | {100 * r.accuracy:.1f}% | "
                 + "".join(f"{_fmt(r.extras.get(k))} | " for k in extra)
                 + f"{r.visual_tokens:.1f} | "
-                f"{r.tflops * 1e12 / scale:.4g} | {100 * r.flops_ratio:.1f}% | {r.ttft_ms:.2f} |"
+                f"{r.tflops * 1e12 / scale:.4g} | {_pct(r.flops_ratio)} | {r.ttft_ms:.2f} |"
             )
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
@@ -148,6 +148,10 @@ class Comparison:
         (out / "results.json").write_text(json.dumps(self.to_dict(), indent=2))
         png = self.plot(out / "pareto.png")
         return {"markdown": out / "results.md", "json": out / "results.json", "plot": png}
+
+
+def _pct(v) -> str:
+    return "-" if math.isnan(v) else f"{100 * v:.1f}%"
 
 
 def _fmt(v) -> str:
@@ -333,7 +337,7 @@ def _summarise(setting: Setting, shards: list, full: Row | None) -> Row:
         visual_tokens=final,
         visual_tokens_full=entry,
         tflops=tflops,
-        flops_ratio=tflops / full.tflops if full is not None and full.tflops else 1.0,
+        flops_ratio=(tflops / full.tflops if full.tflops else 1.0) if full is not None else (1.0 if setting.method is None else math.nan),
         ttft_ms=statistics.median(times) if times else float("nan"),
         extras=extras,
     )
@@ -378,7 +382,8 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
     """Evaluate ``methods`` (a list of (name, settings dict) or ``"name:k=v,..."`` strings) on ``dataset``.
 
     Adds the full model first (or, with ``reference``, the full row of an earlier results.json on the same
-    model, dataset and samples) and, per method, the ``baselines`` at the same budget. Writes results.md,
+    model, dataset and samples; ``reference="none"``: no full row and no FLOPs ratio, for a sweep split over
+    processes) and, per method, the ``baselines`` at the same budget. Writes results.md,
     results.json and pareto.png to ``out_dir`` (rank 0) when given. Returns the ``Comparison``
     (``result.markdown()`` is the table).
 
@@ -424,11 +429,12 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
     result = Comparison(dataset=dataset.name, model=model_name or type(model).__name__, processes=state.num_processes,
                         score_name=getattr(dataset, "score_name", "accuracy"))
     seen = set()
+    full_rows: list = []  # the full-model row the others are measured against (none with reference="none")
 
     def run(setting: Setting) -> Row:
         bar.set_postfix_str(f"{setting.label} {setting.settings_str()}")
         shards = _gather(state, [_run(model, dataset, setting, mine, batch_size, bar)])
-        row = _summarise(setting, shards, result.rows[0] if result.rows else None)
+        row = _summarise(setting, shards, full_rows[0] if full_rows else None)
         result.rows.append(row)
         seen.add((setting.method, repr(setting.settings)))  # repr: list values are unhashable
         if out_dir is not None and main:  # after every row: an interrupted long run keeps what it finished
@@ -436,12 +442,17 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
         return row
 
     try:
-        if reference is not None:  # the untouched model's row of an earlier run on the same questions
+        if reference == "none":  # no full-model row (another process computes it): no FLOPs ratio either
+            full = None
+            bar.update(n_batches)
+        elif reference is not None:  # the untouched model's row of an earlier run on the same questions
             full = _reference_row(reference, result, n)
             result.rows.append(full)
+            full_rows.append(full)
             bar.update(n_batches)
         else:
             full = run(Setting(None, (), "full"))
+            full_rows.append(full)
         for name, hp in parsed:
             setting = Setting(name, tuple(sorted(hp.items())), "method", hp.get("retain"))
             if (setting.method, repr(setting.settings)) in seen:
@@ -449,7 +460,9 @@ def compare(model, dataset, methods, *, batch_size: int = 8, baselines=BASELINES
                 continue
             row = run(setting)
             budget = hp.get("retain")
-            if budget is None:
+            if budget is None and full is None and baselines:
+                raise ValueError(f"{name}: without a full-model row (reference='none') a method needs retain= for its baselines")
+            if budget is None and full is not None:
                 budget = row.visual_tokens / full.visual_tokens if full.visual_tokens else 1.0
                 budget = round(budget, 4)
             row.budget = budget

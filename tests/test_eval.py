@@ -121,6 +121,13 @@ def test_cli_eval(tmp_path, capsys):
     assert rows2[0]["note"] == "from results.json" and rows2[0]["ttft_ms"] == rows[0]["ttft_ms"]
     for k in ("accuracy", "visual_tokens", "tflops", "flops_ratio"):
         assert rows2[1][k] == rows[1][k], k
+    split = tmp_path / "split"  # reference "none": no full row, no FLOPs ratio; the method's numbers the same
+    assert main(["eval", "--model", "tiny-llava", "--dataset", "synthetic", "--n", "4", "--batch-size", "2",
+                 "--methods", "fastv:layer=2,retain=0.5", "tome:r=[2,2]", "--no-baselines", "--no-progress",
+                 "--out", str(split), "--reference", "none"]) == 0  # fmt: skip
+    rows3 = json.loads((split / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows3] == ["fastv", "tome"] and all(r["flops_ratio"] != r["flops_ratio"] for r in rows3)
+    assert rows3[0]["tflops"] == rows[1]["tflops"] and rows3[0]["accuracy"] == rows[1]["accuracy"]
     with pytest.raises(ValueError, match="no full-model row for tiny-llava on synthetic-llava with 3 samples"):
         from vtok.eval import datasets as ds
         from vtok.eval.runner import compare
