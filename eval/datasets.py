@@ -87,6 +87,14 @@ def load_dataset(name: str, model, **kw):
     return lookup("dataset", name)(model, **kw)
 
 
+def next_token_fidelity(logp: torch.Tensor, logq: torch.Tensor) -> dict:
+    """A compressed run against the full model's next-token log-probs ``logp``: ``score`` (top-1 agreement) and
+    ``KL`` (KL(full || compressed) in nats, fp32; zero-probability tokens contribute nothing)."""
+    p = logp.exp()
+    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum().clamp_min(0)
+    return {"score": float(int(logp.argmax()) == int(logq.argmax())), "KL": float(kl)}
+
+
 def first_output(out) -> torch.Tensor:
     """The tensor a model's answer is read from: last-position logits (LMs/VLMs), classifier logits,
     pooled features (vision encoders) -- [B, C]."""

@@ -15,7 +15,7 @@ import torch
 
 from vtok.method import Method
 
-from .datasets import register_dataset, register_model
+from .datasets import next_token_fidelity, register_dataset, register_model
 
 __all__ = ["render_page", "Page", "DocFidelity", "KeepAll", "ink_grid"]
 
@@ -226,8 +226,7 @@ class DocFidelity:
         res = []
         for b, i in enumerate(batch["indices"]):
             logp = self.reference[i]
-            kl = float((logp.exp() * (logp - logq[b])).sum().clamp_min(0))
-            row = {"score": float(int(logp.argmax()) == int(logq[b].argmax())), "KL": kl}
+            row = next_token_fidelity(logp, logq[b])
             crop, ink, blank = self.layout[i]
             k = kept[b] if kept is not None else None
             if k is None:

@@ -11,7 +11,7 @@ import random
 import torch
 
 from . import offline
-from .datasets import register_dataset
+from .datasets import next_token_fidelity, register_dataset
 from .harnesses import EasyVQA, frame_inputs, helper_for, read_frames, video_clips
 
 __all__ = ["MAX_FRAMES", "VideoFidelity"]
@@ -94,10 +94,7 @@ class VideoFidelity(EasyVQA):
 
     def _compare(self, i: int, logq: torch.Tensor, answer: int) -> dict:
         """Question ``i``'s scores of a run with next-token log-probs ``logq`` and easy-VQA answer ``answer``."""
-        logp = self.reference[i]
-        p = logp.exp()
-        kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum().clamp_min(0)
-        return {"score": float(int(logp.argmax()) == int(logq.argmax())), "KL": float(kl),
+        return {**next_token_fidelity(self.reference[i], logq),
                 "answer agree": float(answer == int(self.ref_answer[i]))}  # fmt: skip
 
 
