@@ -169,11 +169,11 @@ class VQToken(Method):
         ks = sorted({min(k, m) for k in ks})
         runs = {k: kmeans(x, k, seeded_generator(self.seed, *gen_seed, k), self.iters) for k in ks}
         k = ks[0] if len(ks) == 1 else min(elbow_k([runs[k][2] for k in ks], ks[0]), ks[-1])
-        self._tl.flops += sum(2 * m * x.shape[1] * kk * runs[kk][3] for kk in ks) + 2 * m * x.shape[1] * k  # + placement
+        self._count(sum(2 * m * x.shape[1] * kk * runs[kk][3] for kk in ks) + 2 * m * x.shape[1] * k)  # + placement
         return runs[k][0], runs[k][1], k
 
     def step_flops(self) -> int | None:
-        return getattr(self._tl, "flops", None)
+        return _STEP.__dict__.get("flops", {}).get(id(self))
 
     def overhead_flops(self, event, spec, units=None) -> int:
         """The k-means products of the search and the placement, as counted while it ran (``Reduction.flops``);
@@ -183,14 +183,13 @@ class VQToken(Method):
         d = spec.llm.hidden if spec.llm is not None else 0
         return sum(2 * n * d * (self.k or self.k_max) * (self.iters + 2) for n in event.tokens_in)
 
-    @property
-    def _tl(self):
-        """This method's counters of the step in flight in this thread."""
-        per = _STEP.__dict__.setdefault("by_method", {})
-        return per.setdefault(id(self), threading.local())
+    def _count(self, flops: int | None = None, reset: bool = False) -> None:
+        """Add to (or reset) this method's FLOP count of the step in flight in this thread."""
+        per = _STEP.__dict__.setdefault("flops", {})
+        per[id(self)] = (0 if reset else per.get(id(self), 0)) + (flops or 0)
 
     def before_llm(self, tokens: VisualTokens, probes: dict) -> VisualTokens:
-        self._tl.flops = 0
+        self._count(reset=True)
         found = clips(tokens, self.images_as_frames, self.name)
         index = tokens.image_index()
         pieces, maps = [], []
