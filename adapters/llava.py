@@ -42,6 +42,7 @@ class _ViTFeatures:
     patch_token: torch.Tensor | None = None
     stage: str = "in_vit"
     method: str = ""
+    points: list | None = None  # in_vit: per record, where in its block the merge ran ("attn" / "mlp")
 
     def select(self, rows: list[int], padded: torch.Tensor) -> "_ViTFeatures":
         """These images, in this order (``generate`` repeats groups of images for beams / sequences)."""
@@ -305,6 +306,7 @@ class LlavaAdapter(VLMAdapter):
             sizes=sizes.gather(1, order),
             n_full=runner.n0 - drop,
             records=list(runner.records),
+            points=[p for p, _ in runner.points],
             method=self.method("in_vit").name,
             patch_token=rank.gather(1, src.assign[:, drop:] - drop),  # the projector input drops the prefix token
         )
@@ -346,7 +348,8 @@ class LlavaAdapter(VLMAdapter):
 
     def _record_vit(self, vit: _ViTFeatures, owner: torch.Tensor, batch: int) -> None:
         owner = owner.tolist()
-        for block, n_in, n_out, kept in vit.records:
+        points = vit.points or [None] * len(vit.records)
+        for (block, n_in, n_out, kept), point in zip(vit.records, points):
             tin, tout = [0] * batch, [0] * batch
             ks = [[] for _ in range(batch)]
             for u, o in enumerate(owner):
@@ -355,8 +358,11 @@ class LlavaAdapter(VLMAdapter):
                 tin[o] += n_in
                 tout[o] += n_out[u] if isinstance(n_out, list) else n_out
             kept_t = None if kept is None else [torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in ks]
-            units = None if kept is not None else [(n_in, n_out[u]) for u in range(len(owner))]
-            self.handle.stats.append(Reduction(vit.method, vit.stage, block, tin, tout, kept_t, units))
+            if kept is None:  # the projector stage: (in, out) per image
+                units = [(n_in, n_out[u]) for u in range(len(owner))]
+            else:  # in_vit: (in, out) per tower row (image), with the merge point, for the FLOP count
+                units = [(n_in, n_out)] * len(owner)
+            self.handle.stats.append(Reduction(vit.method, vit.stage, block, tin, tout, kept_t, units, point=point))
 
     def expand_encoder_outputs(self, mm_encoder_outputs: dict) -> dict:
         """Merged tokens a direct ``get_image_features`` call returned (rows of the last merged run's

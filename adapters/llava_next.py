@@ -12,13 +12,17 @@ import inspect
 
 import torch
 
-from vtok.hf_compat import family_module
+from vtok.hf_compat import family_module, precomputed_visual_features
 from vtok.method import ViTAttention
 from vtok.tokens import VisualTokens
 
+from vtok.stats import Reduction
+
 from .anyres import LayoutStore, VisualLayout, parse_image, ramp
-from .hf_vision import has_cls_token, vit_probe_stats
+from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
 from .base import InstanceWrap, per_thread
+from .vit import InViTRunner, check_vit_method
+from .vit_blocks import hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaNextAdapter", "VisualLayout"]
@@ -57,9 +61,18 @@ class LlavaNextAdapter(VLMAdapter):
 
     # per-call state, per thread (see VLMAdapter)
     _vit_raw = per_thread()  # probe -> list of per-tower-call stats, inside a wrapped call
+    _tower_rows = per_thread()  # the video of each row of the coming tower call (None: every row its own)
+    _tower_units = per_thread()  # (modality, [rows] image / video of each row) of the coming tower call
+    _tower_calls = per_thread(list)  # the in_vit tower calls whose features the coming prefill uses
+    _tower_used = per_thread()  # a prefill counted _tower_calls already (the next tower run starts a new set)
+    _tower_unmerge = per_thread()  # the tower run whose merged features the next projector call unmerges
 
     name = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    stages = ("in_vit", "before_llm", "in_llm")
+    #: in_vit merges are undone at the projector's output, so the model's own unpadding, pooling and
+    #: newlines apply to every crop's / frame's full grid (see ``_unmerge_projected``)
+    unmerges_for_grids = True
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -94,7 +107,28 @@ class LlavaNextAdapter(VLMAdapter):
     def attach_vision(self) -> None:
         self._feature_layouts = LayoutStore()  # feature tensor the tower produced -> its layout(s)
         self._vit_raw = None
+        self._tower_rows = self._tower_unmerge = self._tower_units = self._tower_used = None
+        self._tower_calls = []
         self._hooks.append(InstanceWrap(self.core, "get_image_features", self._wrap_image_features))
+        self._vit = None
+        method = self.method("in_vit")
+        if method is not None:
+            tower = self.vision_tower
+            protect = self._strategy() == "default" or (has_cls_token(tower) and getattr(method, "protect_cls", True))
+            self._vit = InViTRunner(
+                self,
+                method,
+                hf_block_parts(tower),
+                protected=int(protect and has_cls_token(tower)),
+                active=self._feature_layer_blocks(),
+                track_source=True,
+                attn_implementation=lambda: hf_attn_implementation(tower),
+                on_reset=self._tower_reset,
+                tower=tower,
+                groups=lambda rows: self._tower_rows,
+            )
+            self._vit.install()
+            self.hook(self.model.model.multi_modal_projector, self._unmerge_projected, pre=False)
         self.hook_vit_probes()
 
     def _make_vit_probe(self, probes):
@@ -103,11 +137,134 @@ class LlavaNextAdapter(VLMAdapter):
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             prefix = int(has_cls_token(self.vision_tower))
+            runner = self._vit
             for p in probes:
-                self._vit_raw[p].append(vit_probe_stats(module, hidden, p, prefix))
+                stats = vit_probe_stats(module, hidden, p, prefix)
+                if runner is not None and runner.reduced:  # every patch: the statistic of the token holding it
+                    stats = runner.unmerge(stats.unsqueeze(-1))[..., 0]
+                self._vit_raw[p].append(stats)
             return None
 
         return pre
+
+    # in_vit in the tower: every crop (NeXT, OneVision images) and frame (OneVision videos) -------------
+    def _feature_layer_blocks(self) -> int:
+        """How many tower blocks feed the hidden state the model takes (vision_feature_layer)."""
+        n = len(vision_blocks(self.vision_tower))
+        return self.model.config.vision_feature_layer % (n + 1)
+
+    def num_vit_blocks(self) -> int | None:
+        return self._feature_layer_blocks() if isinstance(self.model.config.vision_feature_layer, int) else None
+
+    def validate(self) -> None:
+        super().validate()
+        method = self.method("in_vit")
+        if method is None:
+            return
+        hf_block_parts(self.vision_tower)  # raises for block structures vtok does not know
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"{method.name} merges tokens inside the vision tower, so every hidden state has its own token count; "
+                f"this model concatenates several feature layers (vision_feature_layer={layer}), which cannot work. "
+                "Use a before_llm method instead"
+            )
+        if self._feature_layer_blocks() == 0:
+            raise ValueError(
+                f"{method.name}: vision_feature_layer={layer} selects the patch embeddings, before any tower block; "
+                "there is no block to reduce in"
+            )
+        if self._strategy() == "default" and has_cls_token(self.vision_tower) and not getattr(method, "protect_cls", True):
+            raise ValueError(
+                f"{method.name}: this model drops token 0 of the tower output (vision_feature_select_strategy="
+                "'default'), so token 0 must stay unmerged; use protect_cls=True"
+            )
+        check_vit_method(method, hf_attn_implementation(self.vision_tower), self._feature_layer_blocks())
+
+    def _feature_method(self):
+        """Only a projector-stage method shapes what the placeholders get: in_vit merges are undone at the
+        projector's output, so a call vtok does not reduce may run the model's own path on them."""
+        return self.method("projector")
+
+    def _tower_reset(self):
+        self._tower_unmerge = self._vit
+
+    def _unmerge_projected(self, module, args, kwargs, output):
+        """After an in_vit run: the projected tokens [rows, n, D] back to one per patch of every crop / frame
+        ([crops or frames, patches, D]), each patch holding the value of the merged token it went into (ToMe's
+        unmerge), so the model's own unpadding, 2x2 pooling and newlines apply unchanged. The tower ran on
+        fewer tokens; what the LLM gets is decided by before_llm / in_llm methods."""
+        runner, self._tower_unmerge = self._tower_unmerge, None
+        if runner is None:
+            return None
+        self._record_tower(runner)
+        src = runner.source()
+        if src is None:
+            return None
+        drop = int(self._strategy() == "default" and has_cls_token(self.vision_tower))
+        rows_out, n_out = int(src.sizes.shape[0]), int(src.sizes.shape[1])
+        if output.dim() != 3 or output.shape[0] != rows_out or output.shape[1] != n_out - drop:
+            raise ValueError(
+                f"the projector got features of {tuple(output.shape[:2])} tokens, but the merged vision tower produced "
+                f"{rows_out} row(s) x {n_out} tokens; with an in_vit method, take the features from the model config's "
+                "vision_feature_layer and vision_feature_select_strategy (do not override them per call)"
+            )
+        if drop and src.rows is not None:
+            raise ValueError(
+                f"{runner.method.name} concatenated frames inside the tower, but this model drops token 0 of every "
+                "row (vision_feature_select_strategy='default'), which would drop only the first frame's class "
+                "token; merge across frames in a tower whose features are taken in full"
+            )
+        if drop:
+            output = torch.cat([output.new_zeros(output.shape[0], 1, output.shape[2]), output], dim=1)
+        full = src.gather(output)
+        return full[:, drop:]
+
+    def _record_tower(self, runner) -> None:
+        """Keep what this tower call merged, with the image / video each row belongs to; the prefill turns it
+        into per-sample stats (``_tower_stats``)."""
+        if self._tower_used:
+            self._tower_calls, self._tower_used = [], False
+        if runner.records and self._tower_units is not None:
+            modality, units = self._tower_units
+            self._tower_calls.append((modality, units, list(runner.records), list(runner.points)))
+
+    def _tower_stats(self) -> None:
+        """One Reduction per merge point of a block, summed over the tower calls of this prefill: per sample,
+        its crops' / frames' tokens before and after (kept: positions within them, crop after crop), and
+        ``units``: every tower row's (in, out), for the FLOP count."""
+        fw = self._fw
+        owner = {}
+        for modality, token_id in self._modalities():
+            lays = fw.layouts.get(modality)
+            if lays is None:
+                continue
+            slots = (fw.input_ids == token_id).nonzero()
+            lengths = [lay.length for lay in lays]
+            if not lays or sum(lengths) != slots.shape[0]:
+                continue  # build_units names the mismatch when a method needs the units
+            owner[modality] = slots[torch.tensor([0] + lengths[:-1]).cumsum(0), 0].tolist()
+        batch = int(fw.input_ids.shape[0])
+        events: dict = {}
+        for modality, units, records, points in self._tower_calls:
+            if modality not in owner:
+                continue
+            for (block, n_in, n_out, kept), (point, origin) in zip(records, points):
+                ev = events.setdefault((block, point == "mlp"), ([0] * batch, [0] * batch, [[] for _ in range(batch)], []))
+                tin, tout, ks, rows = ev
+                for j, o in enumerate(origin.tolist()):
+                    b = owner[modality][int(units[o])]
+                    ks[b].append(kept[j].cpu() + tin[b])
+                    tin[b] += n_in
+                    tout[b] += n_out
+                    rows.append((n_in, n_out))
+        self._tower_used = True  # kept for later prefills over the same pre-computed features
+        name = self.method("in_vit").name
+        for (block, mlp), (tin, tout, ks, rows) in sorted(events.items()):
+            kept = [torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in ks]
+            self.handle.stats.append(
+                Reduction(name, "in_vit", block, tin, tout, kept, units=rows, point="mlp" if mlp else "attn")
+            )
 
     def _note_layouts(self, modality: str, layouts: list) -> None:
         """The layouts of the features the tower just produced, for the prefill in flight (a tower run
@@ -116,8 +273,9 @@ class LlavaNextAdapter(VLMAdapter):
             self._fw.layouts[modality] = layouts
 
     def _needs_layouts(self) -> bool:
-        """Units (and so layouts) are only built for a before_llm method."""
-        return "before_llm" in self.methods
+        """Units (and so layouts) are only built for a before_llm method; an in_vit method needs to know
+        which sample each tower row belongs to (its stats are per sample)."""
+        return "before_llm" in self.methods or "in_vit" in self.methods
 
     def _vit_probes(self) -> list:
         return [p for m in self.all_methods() for p in m.probes() if isinstance(p, ViTAttention)]
@@ -146,11 +304,17 @@ class LlavaNextAdapter(VLMAdapter):
         def get_image_features(*args, **kwargs):
             if not self._needs_layouts() or self.in_hook():  # in_hook: a nested call runs untouched
                 return orig(*args, **kwargs)
-            out, raw = self._call_tower(orig, *args, **kwargs)
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             a = dict(bound.arguments)
             a.update(a.pop("kwargs", {}) or {})
+            rows = self._patch_rows(**a)
+            units = torch.cat([torch.full((len(r),), i) for i, r in enumerate(rows)]) if rows else None
+            outer, self._tower_units = self._tower_units, ("image", units)
+            try:
+                out, raw = self._call_tower(orig, *args, **kwargs)
+            finally:
+                self._tower_units = outer
             layouts = self.image_layouts(**a)
             for p, stats in raw.items():
                 stats = self._drop_cls(stats, a.get("vision_feature_select_strategy"))
@@ -240,8 +404,18 @@ class LlavaNextAdapter(VLMAdapter):
         return found
 
     # units at the LM entry ------------------------------------------------------------
+    def _core_pre(self, module, args, kwargs):
+        out = super()._core_pre(module, args, kwargs)
+        fw = self._fw
+        if fw is not None and fw.prefill:
+            if not precomputed_visual_features(kwargs):  # else the tower ran before this forward (generate)
+                self._tower_calls, self._tower_used = [], False
+        return out
+
     def _lm_prefill(self, kwargs):
         fw = self._fw
+        if self._tower_calls:
+            self._tower_stats()
         if fw.units is None and "before_llm" in self.methods:
             fw.units, fw.spans = self.build_units(kwargs["inputs_embeds"], fw.input_ids)
         return super()._lm_prefill(kwargs)

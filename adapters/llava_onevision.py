@@ -6,6 +6,7 @@ is one unit of its pooled frames. ``LlavaOnevisionAdapter`` documents the layout
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -101,17 +102,32 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             videos = bound.arguments.get("pixel_values_videos")
             ragged = isinstance(videos, (list, tuple))
             if not ragged and (not self._needs_layouts() or self.in_hook()):  # in_hook: a nested call
-                return orig(*args, **kwargs)
+                with self._video_rows(videos):
+                    return orig(*args, **kwargs)
             if ragged:
                 out, raw, frames = self._ragged_videos(orig, bound, videos)
             else:
-                out, raw = self._call_tower(orig, *args, **kwargs)
+                with self._video_rows(videos):
+                    out, raw = self._call_tower(orig, *args, **kwargs)
                 frames = [videos.shape[1]] * videos.shape[0]
             if self._needs_layouts():
                 self._record_video_layouts(out, raw, frames, bound.arguments.get("vision_feature_select_strategy"))
             return out
 
         return get_video_features
+
+    @contextlib.contextmanager
+    def _video_rows(self, videos, first: int = 0):
+        """Inside: the tower's rows are the frames of these videos (``[videos, frames, C, H, W]``; the first
+        is video ``first`` of the call), so an in_vit method may merge across neighbouring frames of one video."""
+        outer = self._tower_rows, self._tower_units
+        if isinstance(videos, torch.Tensor) and videos.dim() == 5:
+            self._tower_rows = torch.arange(videos.shape[0]).repeat_interleave(videos.shape[1])
+            self._tower_units = ("video", self._tower_rows + first)
+        try:
+            yield
+        finally:
+            self._tower_rows, self._tower_units = outer
 
     def _record_video_layouts(self, out, raw: dict, frames: list, strategy) -> None:
         h, w = self.frame_grid()
@@ -143,7 +159,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             call = {k: val for k, val in bound.arguments.items() if k != "kwargs"}
             call.update(bound.arguments.get("kwargs", {}))
             call["pixel_values_videos"] = v  # keywords only: transformers' decorators fill defaults by name
-            out, raw = self._call_tower(orig, **call)
+            with self._video_rows(v, first=len(frames)):
+                out, raw = self._call_tower(orig, **call)
             outs.append(out.pooler_output)
             raws.append(raw)
             frames.append(v.shape[1])

@@ -18,7 +18,7 @@ from torch import nn
 
 from vtok.method import ViTAttention
 from vtok.stats import Reduction
-from vtok.vit import ViTMerge, ViTSource, ViTView, merge_tokens, remap_assign
+from vtok.vit import ViTMerge, ViTSource, ViTView, check_regroup, merge_tokens, regroup_index, regroup_rows, remap_assign
 
 from .base import Adapter, per_thread
 from .hf_vision import config_patches, has_cls_token
@@ -87,7 +87,7 @@ class InViTRunner:
     current block and the records of what each block merged. ``active``: how many leading
     blocks reach the output that matters (a VLM's feature layer); the schedule covers those.
     ``protected``: prefix tokens handed to the method as protected. ``on_record(block, n_in,
-    n_out, kept)`` is called after every merge; ``on_reset()`` when a forward starts.
+    n_out, kept, point)`` is called after every merge; ``on_reset()`` when a forward starts.
 
     How a block is reduced (ToMe's placement: after the attention residual, before the MLP):
 
@@ -115,6 +115,12 @@ class InViTRunner:
     reduced = per_thread()
     schedule = per_thread()
     _blk = per_thread()
+    rows = per_thread()  # [B0] the current row of each input row (None: no rows were concatenated)
+    groups = per_thread()  # [B] the video of each current row
+    frames_per_row = per_thread()  # [B] input rows (frames) each current row holds
+    protected_now = per_thread()  # prefix tokens per current row (grows when rows are concatenated)
+    origin = per_thread()  # [B] the first input row each current row holds
+    points = per_thread()  # per entry of ``records``: (merge point "attn"/"mlp", origin [rows] of its rows)
 
     def __init__(
         self,
@@ -129,6 +135,7 @@ class InViTRunner:
         on_reset: Callable | None = None,
         on_record: Callable | None = None,
         tower: nn.Module | None = None,
+        groups: Callable[[int], torch.Tensor | None] | None = None,
     ):
         self.adapter = adapter
         self.method = method
@@ -140,8 +147,11 @@ class InViTRunner:
         sched = [int(v) for v in method.vit_schedule(active)] if active > 0 else []
         self._local = threading.local()
         self.installed = sched + [0] * (n - len(sched))  # the schedule the hooks were installed for
+        #: the method's merge point at the blocks' input (before attention), at every block reaching the output
+        self.pre = callable(getattr(method, "in_vit_pre", None)) and active > 0
         merging = [i for i, v in enumerate(self.installed) if v > 0]
-        self.first_merge = merging[0] if merging else None
+        self.first_merge = 0 if self.pre else (merging[0] if merging else None)
+        self.groups_of = groups  # rows -> [rows] video of each row for the coming tower call, or None
         self.prop_attn = bool(getattr(method, "prop_attn", False))
         self.track_source = track_source
         self.attn_implementation = attn_implementation
@@ -170,6 +180,12 @@ class InViTRunner:
         self.reduced = False
         self._blk = _Block()
         self.schedule = list(self.installed)
+        self.rows = None
+        self.groups = None
+        self.frames_per_row = None
+        self.protected_now = self.protected
+        self.origin = None
+        self.points = []
 
     def _schedule_for(self, patches: int) -> None:
         """A schedule given as a budget (tome's ``retain``) follows the tokens this run really has; which
@@ -201,7 +217,14 @@ class InViTRunner:
         """The source map of the last forward (None if nothing merged or tracking is off)."""
         if not self.reduced or self.assign is None:
             return None
-        return ViTSource(self.assign, self.sizes)
+        return ViTSource(self.assign, self.sizes, self.rows)
+
+    def unmerge(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` [B, N, ...], one per current token -> one per input token [B0, N0, ...] (each input
+        token gets the value of the token holding it); unchanged while nothing merged."""
+        if self.assign is None:
+            return values
+        return ViTSource(self.assign, self.sizes, self.rows).gather(values)
 
     # install -------------------------------------------------------------------------------
     def install(self) -> None:
@@ -211,6 +234,8 @@ class InViTRunner:
         a.hook(self.parts[0].block, self._start, pre=True)
         for i, part in enumerate(self.parts):
             r = self.installed[i]
+            if self.pre and i < self.n_active:
+                a.hook(part.block, self._make_pre_merge(i, part), pre=True)
             # sizes matter from the first merging block on, up to the last block that reaches the output
             bias = self.prop_attn and self.first_merge is not None and self.first_merge <= i < self.n_active
             if bias or i in self.probe_layers or (r > 0 and part.key_pre):
@@ -235,6 +260,12 @@ class InViTRunner:
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         self._reset()
         self.n0 = int(x.shape[1])
+        groups = self.groups_of(int(x.shape[0])) if self.groups_of is not None else None
+        self.groups = torch.arange(x.shape[0]) if groups is None else groups.cpu().long()
+        if self.groups.shape[0] != x.shape[0]:
+            raise RuntimeError(f"in_vit: {self.groups.shape[0]} row groups for a tower call of {x.shape[0]} rows")
+        self.frames_per_row = torch.ones_like(self.groups)
+        self.origin = torch.arange(x.shape[0])
         self._schedule_for(self.n0 - self.protected)
         if self.on_reset is not None:
             self.on_reset()
@@ -279,31 +310,119 @@ class InViTRunner:
 
         return post
 
+    def _view(self, index: int, x: torch.Tensor, metric, point: str) -> ViTView:
+        if self.sizes is None:
+            self.sizes = torch.ones(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        return ViTView(
+            index, self.schedule[index], x, metric, self.sizes, self.protected_now, self.probes,
+            self.groups, self.frames_per_row, point,
+        )
+
+    def _apply(self, index: int, plan: ViTMerge | None, x: torch.Tensor, point: str):
+        """Apply the method's plan to the tokens ``x`` [B, N, C] (concatenating rows first if it asks):
+        the new tokens, or None when the plan does nothing."""
+        if plan is None or (plan.r == 0 and plan.regroup == 1 and plan.add is None):
+            return None
+        if not isinstance(plan, ViTMerge):
+            raise TypeError(f"{self.method.name}.in_vit must return a vtok.vit.ViTMerge or None, got {type(plan).__name__}")
+        f = int(plan.regroup)
+        if f != 1:
+            if point != "attn":
+                raise ValueError(
+                    f"{self.method.name}: rows can be concatenated (ViTMerge.regroup) only at a block's input "
+                    "(in_vit_pre), where attention has not run yet"
+                )
+            check_regroup(self.groups, f)
+            x = self._regroup(x, f)
+        b, n, _ = x.shape
+        if plan.add is not None:
+            if tuple(plan.add.shape) != tuple(x.shape):
+                raise ValueError(f"{self.method.name}: ViTMerge.add must be {tuple(x.shape)}, got {tuple(plan.add.shape)}")
+            x = x + plan.add.to(x.dtype)
+        if plan.r == 0 and plan.order is None:
+            return x
+        self._check_plan(plan, b, n)
+        x_new, self.sizes = merge_tokens(x, self.sizes, plan)
+        if self.track_source:
+            self._track(plan, b, n, x.device)
+        self.reduced = True
+        kept = plan.kept(n)
+        self.records.append((index, n, n - plan.r, kept))
+        self.points.append((point, self.origin))
+        if self.on_record is not None:
+            self.on_record(index, n, n - plan.r, kept, point)
+        return x_new
+
+    def _track(self, plan: ViTMerge, b: int, n: int, device) -> None:
+        if self.assign is None:
+            self.assign = torch.arange(n, device=device).expand(b, n).clone()
+        if self.rows is None:
+            self.assign = remap_assign(self.assign, plan, n)
+            return
+        order = plan.output_order(n)
+        new_pos = torch.empty(b, n, dtype=torch.long, device=order.device)
+        new_pos.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand(b, -1))
+        if plan.r:
+            new_pos.scatter_(1, plan.src, new_pos.gather(1, plan.dst))
+        self.assign = new_pos[self.rows.to(new_pos.device)].gather(1, self.assign)
+
+    def _regroup(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        """Concatenate every ``f`` rows of one video: tokens, sizes, the source map and the row groups."""
+        b, n = x.shape[:2]
+        p = self.protected_now
+        if self.sizes is None:
+            self.sizes = torch.ones(b, n, dtype=torch.float32, device=x.device)
+        self.sizes = regroup_rows(self.sizes.unsqueeze(-1), f, p)[..., 0]
+        if self.track_source:
+            if self.assign is None:
+                self.assign = torch.arange(n, device=x.device).expand(b, n).clone()
+            rows = self.rows if self.rows is not None else torch.arange(b, device=x.device)
+            rows = rows.to(x.device)
+            self.assign = regroup_index(n, f, p, x.device)[rows % f].gather(1, self.assign)
+            self.rows = rows // f
+        self.groups = self.groups[::f]
+        self.origin = self.origin[::f]
+        self.frames_per_row = self.frames_per_row.view(-1, f).sum(1)
+        self.protected_now = p * f
+        self.reduced = True
+        return regroup_rows(x, f, p)
+
+    def _make_pre_merge(self, index: int, part: BlockParts):
+        def pre(module, args, kwargs):
+            if args:
+                x = args[0]
+            else:
+                key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+                x = kwargs[key]
+            plan = self.method.in_vit_pre(self._view(index, x, x, "attn"))
+            x_new = self._apply(index, plan, x, "attn")
+            if x_new is None:
+                return None
+            if x_new.shape[0] != x.shape[0]:
+                mask = args[1] if len(args) > 1 else kwargs.get(part.mask_arg, kwargs.get("attention_mask"))
+                if mask is not None:
+                    raise ValueError(
+                        f"{self.method.name}: this tower passes an attention mask to its blocks, which cannot follow "
+                        "rows concatenated across frames"
+                    )
+            if args:
+                return (x_new,) + tuple(args[1:]), kwargs
+            kwargs[key] = x_new
+            return args, kwargs
+
+        return pre
+
     def _make_merge(self, index: int, part: BlockParts):
         def pre(module, args, kwargs):
             x = args[0] if args else kwargs["input"]
-            b, n, _ = x.shape
-            if self.sizes is None:
-                self.sizes = torch.ones(b, n, dtype=torch.float32, device=x.device)
             if self.metric is None:
                 raise RuntimeError(f"in_vit: the keys of block {index} were not captured before its MLP")
-            view = ViTView(index, self.schedule[index], x, self.metric, self.sizes, self.protected, self.probes)
+            view = self._view(index, x, self.metric, "mlp")
             self.metric = None
-            plan = self.method.in_vit(view)
-            if plan is None or plan.r == 0:
+            x_new = self._apply(index, self.method.in_vit(view), x, "mlp")
+            if x_new is None:
                 return None
-            self._check_plan(plan, b, n)
-            x_new, self.sizes = merge_tokens(x, self.sizes, plan)
-            if self.track_source:
-                if self.assign is None:
-                    self.assign = torch.arange(n, device=x.device).expand(b, n).clone()
-                self.assign = remap_assign(self.assign, plan, n)
-            self.reduced = True
             self._blk = _Block(merged=x_new)
-            kept = plan.kept(n)
-            self.records.append((index, n, n - plan.r, kept))
-            if self.on_record is not None:
-                self.on_record(index, n, n - plan.r, kept)
             if args:
                 return (x_new,) + tuple(args[1:]), kwargs
             kwargs["input"] = x_new
@@ -313,15 +432,13 @@ class InViTRunner:
 
     def _check_plan(self, plan: ViTMerge, b: int, n: int) -> None:
         name = self.method.name
-        if not isinstance(plan, ViTMerge):
-            raise TypeError(f"{name}.in_vit must return a vtok.vit.ViTMerge or None, got {type(plan).__name__}")
         if plan.src.shape != plan.dst.shape or plan.src.shape[0] != b:
             raise ValueError(
                 f"{name}: ViTMerge src/dst must both be [batch, r], got {tuple(plan.src.shape)}, {tuple(plan.dst.shape)}"
             )
         if plan.order is not None and tuple(plan.order.shape) != (b, n - plan.r):
             raise ValueError(f"{name}: ViTMerge order must be [batch, {n - plan.r}], got {tuple(plan.order.shape)}")
-        p = self.protected
+        p = self.protected_now
         if plan.r > n - p - 1 or bool((plan.src < p).any()) or bool((plan.dst < p).any()):
             raise ValueError(f"{name}: a merge touched one of the {p} protected prefix tokens or removed too many tokens")
 
@@ -427,13 +544,28 @@ class ViTAdapter(Adapter):
             on_reset=self.handle.stats.clear,
             on_record=self._record,
             tower=self.tower(),
+            groups=self._row_groups,
         )
         self.runner.install()
 
-    def _record(self, block, n_in, n_out, kept):
-        b = kept.shape[0]
+    def _row_groups(self, rows: int) -> torch.Tensor | None:
+        """The video of each batch row, from ``handle.context(frames=[...])`` (None: every row on its own)."""
+        frames = self.handle.call_context().get("frames")
+        if frames is None:
+            return None
+        if sum(frames) != rows:
+            raise ValueError(
+                f"handle.context(frames={frames}) describes {sum(frames)} frames, but the encoder got {rows} rows; "
+                "give one frame count per video of this batch, in order"
+            )
+        return torch.repeat_interleave(torch.arange(len(frames)), torch.tensor(frames))
+
+    def _record(self, block, n_in, n_out, kept, point):
+        b = kept.shape[0]  # rows of the block (frames, or clips once frames were concatenated)
         method = self.method("in_vit")
-        self.handle.stats.append(Reduction(method.name, "in_vit", block, [n_in] * b, [n_out] * b, list(kept.cpu())))
+        self.handle.stats.append(
+            Reduction(method.name, "in_vit", block, [n_in] * b, [n_out] * b, list(kept.cpu()), units=[(n_in, n_out)] * b, point=point)
+        )
 
     @property
     def source(self) -> ViTSource | None:

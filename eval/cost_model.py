@@ -272,11 +272,40 @@ def _vision_schedule(spec: ModelSpec, shapes: ForwardShapes, n: int, n_img: int)
     return out, per_img
 
 
+def _vision_rows_schedule(spec: ModelSpec, shapes: ForwardShapes, events: list) -> list:
+    """Per vision block and tower row: (tokens at its attention, tokens at its MLP), from in_vit events that
+    list every row of every tower call of the forward (``Reduction.units``, with the merge ``point``): a merge
+    at a block's input ("attn", which may concatenate the frames of a video into fewer rows) sets the counts
+    its attention runs on, one before the MLP ("mlp") the MLP's."""
+    v = spec.vision
+    cur = [v.tokens(h, w) for images, h, w in shapes.vision_calls for _ in range(images)]
+    by_layer: dict = {}
+    for e in events:
+        by_layer.setdefault(e.layer, []).append(e)
+    out = []
+    for layer in range(v.stack.layers):
+        attn = cur
+        mlp = None
+        for e in by_layer.get(layer, []):
+            counts = [o for _, o in e.units]
+            if e.point == "attn":
+                attn = counts
+            elif len(counts) != len(attn):
+                raise ValueError(f"in_vit events of block {layer} disagree on the number of tower rows")
+            else:
+                mlp = counts
+        mlp = attn if mlp is None else mlp
+        out.append(list(zip(attn, mlp)))
+        cur = mlp
+    return out
+
+
 def _llm_schedule(spec: ModelSpec, shapes: ForwardShapes):
     """Per decoder layer: (padded length, tokens of each sample)."""
     lens = list(shapes.lengths)
     padded = shapes.seq_len
-    entry = [e for e in shapes.events if e.stage in ("in_vit", "before_llm", "projector")]
+    # in_vit counted per tower row (point set) is undone before the LLM: the placeholders keep their count
+    entry = [e for e in shapes.events if e.stage in ("in_vit", "before_llm", "projector") and e.point is None]
     if shapes.entry is not None:
         padded, lens = shapes.entry[0], list(shapes.entry[1])
     elif entry:
@@ -370,7 +399,23 @@ def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact"
 
     probes = [p for m in shapes.methods for p in m.probes()]
     # vision tower (and the methods' in-ViT overhead and ViT probes)
-    if spec.vision is not None:
+    rows_events = [e for e in shapes.events if e.stage == "in_vit" and e.point is not None]
+    if spec.vision is not None and rows_events:  # in_vit counted per tower row (AnyRes crops, video frames)
+        v = spec.vision
+        sched_v = _vision_rows_schedule(spec, shapes, rows_events)
+        vis_tokens = [blk[0][0] if blk else 0 for blk in sched_v]
+        vis_last = [nm for _, nm in sched_v[-1]]
+        t = sum(v.patch_embed(images, h, w) for images, h, w in shapes.vision_calls)
+        t += sum(v.stack.block(na, nm) for blk in sched_v for na, nm in blk)
+        t += sum(v.after_blocks(nm) for _, nm in sched_v[-1])
+        add("vision", t, _shares(t, weights))
+        over = sum(int(m.overhead_flops(e, spec, e.units)) for m in shapes.methods for e in rows_events if e.method == m.name)
+        for p in probes:
+            if isinstance(p, ViTAttention):
+                rows = 1 if p.kind == "cls" else None
+                over += sum(v.probe_flops(na, rows or na) for na, _ in sched_v[p.layer % v.stack.layers])
+        add("method", over, _shares(over, weights))
+    elif spec.vision is not None:
         v = spec.vision
         for k, (images, h, w) in enumerate(shapes.vision_calls):
             n = v.tokens(h, w)

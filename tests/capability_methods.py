@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vtok.vit import ViTMerge
 from vtok.method import (
     POSITION_POLICIES,
     LLMAttention,
@@ -126,3 +127,79 @@ class NearestMerge(Method):
     def overhead_flops(self, event, spec, units=None):
         d = spec.llm.hidden
         return sum(2 * (a - o) * o * d for a, o in zip(event.tokens_in, event.tokens_out) if a > o)
+
+
+def _bipartite(metric: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: int):
+    """Every token of ``a`` [k] picks its most cosine-similar token of ``b`` [m]; the ``r`` best pairs merge
+    (ties by index): (src, dst) [B, r] each."""
+    m = F.normalize(metric.float(), dim=-1)
+    score = m[:, a] @ m[:, b].transpose(1, 2)
+    best, arg = score.max(-1)
+    top = best.argsort(dim=1, descending=True, stable=True)[:, :r]
+    return a[top], b[arg.gather(1, top)]
+
+
+@register
+@dataclass
+class FramePairMerge(Method):
+    """Test method for cross-frame in_vit merges: at the input of block ``block`` (before attention) every two
+    neighbouring frames of a video become one row (``ViTMerge.regroup``) and ``k`` patch tokens of the first
+    frame merge into their most similar token of the second (cosine of the block's input states). Rows that
+    are not frames of a video with an even frame count merge ``k`` tokens within the row instead (even
+    positions into odd ones). At the block's MLP ``k`` more tokens merge within each row (keys as metric)."""
+
+    name = "t_frames"
+    stages = ("in_vit",)
+    noop = {"k": 0}
+    example = {"k": 2}
+
+    k: int = hparam(2, "tokens merged at each merge point (not `r`: a ToMe schedule means other things)", type=int, range="[0, inf)")
+    block: int = hparam(0, "the block whose input concatenates frame pairs", type=int, range="[0, inf)")
+    prop_attn: bool = hparam(True, "proportional attention after the merges", type=bool)
+    protect_cls: bool = True
+
+    def vit_schedule(self, num_blocks):
+        return [self.k if i == self.block else 0 for i in range(num_blocks)]
+
+    def _pairs(self, view) -> bool:
+        g = view.groups
+        if g is None or g.shape[0] % 2:
+            return False
+        g = g.view(-1, 2)
+        return bool((g[:, 0] == g[:, 1]).all())
+
+    def in_vit_pre(self, view):
+        if view.block != self.block or self.k == 0:
+            return None
+        p = view.protected
+        if self._pairs(view):
+            v = view.regrouped(2)
+            n = (v.x.shape[1] - v.protected) // 2  # patches per frame
+            first = torch.arange(v.protected, v.protected + n)
+            second = torch.arange(v.protected + n, v.x.shape[1])
+            src, dst = _bipartite(v.metric, first, second, self.k)
+            return ViTMerge(src, dst, regroup=2)
+        n = view.x.shape[1]
+        src, dst = _bipartite(view.metric, torch.arange(p, n, 2), torch.arange(p + 1, n, 2), self.k)
+        return ViTMerge(src, dst)
+
+    def in_vit(self, view):
+        n, p = view.x.shape[1], view.protected
+        src, dst = _bipartite(view.metric, torch.arange(p, n, 2), torch.arange(p + 1, n, 2), view.budget)
+        return ViTMerge(src, dst)
+
+    def overhead_flops(self, event, spec, units=None) -> int:
+        """The matching scores (first frame x second, or even x odd positions; metric width: the hidden size at
+        a block's input, the head dimension of the keys before the MLP), and the key projection the adapter
+        computes for ``nn.MultiheadAttention`` blocks."""
+        v = spec.vision
+        t = 0
+        for n, out in units or []:
+            r = n - out
+            p = v.prefix * (2 if event.point == "attn" and n > v.tokens() else 1)
+            a = b = (n - p) // 2
+            width = v.stack.hidden if event.point == "attn" else v.stack.head_dim
+            t += 2 * a * b * width if r else 0
+            if event.point == "mlp" and v.mha_keys:
+                t += 2 * n * v.stack.hidden * v.stack.hidden
+        return t

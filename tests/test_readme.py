@@ -21,16 +21,16 @@ def _examples() -> str:
     part = text[text.index("### Write your own method") :]
     part = part[: part.index("\n## ")]
     blocks = re.findall(r"```python\n(.*?)```", part, flags=re.S)
-    assert len(blocks) == 4, "one example per stage: before_llm, in_llm, in_vit, projector"
+    assert len(blocks) == 5, "one example per stage: before_llm, in_llm, in_vit (two: within rows, across frames), projector"
     return "import torch\n" + "\n".join(blocks)
 
 
 @pytest.fixture(scope="module")
 def readme_methods():
-    names = ("top_cls", "instruction_prune", "merge_neighbours", "pool_then_project")
+    names = ("top_cls", "instruction_prune", "merge_neighbours", "pair_frames", "pool_then_project")
     ns: dict = {}
     exec(compile(_examples(), str(README), "exec"), ns)  # noqa: S102 - the README's own code
-    yield {n: vtok.method.get_method_class(n) for n in names}
+    yield {**{n: vtok.method.get_method_class(n) for n in names}, "ns": ns}
     for n in names:  # keep the registry as the other tests expect it
         _REGISTRY.pop(n, None)
 
@@ -57,6 +57,14 @@ def test_readme_in_vit_method_runs(readme_methods):
     with vtok.apply(model, "merge_neighbours", r=2) as h, torch.no_grad():
         model(**batch)
     assert [(r.stage, r.tokens_in, r.tokens_out) for r in h.stats][0] == ("in_vit", [17], [15])
+
+
+def test_readme_cross_frame_example_prints_what_it_says(readme_methods):
+    ns = readme_methods["ns"]
+    src = ns["h"].adapter.source
+    # 6 frames of 16 patches + CLS: pairs become 3 rows of 34 tokens, 3 first-frame patches merged away
+    assert tuple(ns["out"].last_hidden_state.shape) == (3, 31, 32) and src.rows.tolist() == [0, 0, 1, 1, 2, 2]
+    assert src.sizes.sum(1).tolist() == [34.0] * 3 and int((src.sizes == 2).sum()) == 9
 
 
 def test_readme_projector_method_runs(readme_methods):

@@ -202,11 +202,18 @@ class Handle:
                 )
 
     @contextlib.contextmanager
-    def context(self, *, videos=None):
+    def context(self, *, videos=None, frames=None):
         """What the calls inside the block are about, for methods that read it (``CallVideos``): ``videos``, one
-        ``vtok.video.Frames`` (or None) per sample. Per thread; nested blocks restore the outer one."""
+        ``vtok.video.Frames`` (or None) per sample. ``frames``: for a standalone vision encoder, the batch rows
+        are videos of these frame counts, one after the other (``[8, 12]``: rows 0-7 one video, 8-19 the next),
+        so an in_vit method can merge across neighbouring frames (the VLM adapters know their videos
+        themselves). Per thread; nested blocks restore the outer one."""
+        if frames is not None:
+            frames = [int(f) for f in frames]
+            if not frames or min(frames) < 1:
+                raise ValueError(f"frames={frames}: give each video's frame count, at least 1")
         outer = getattr(self._context, "value", {})
-        self._context.value = {**outer, "videos": videos}
+        self._context.value = {**outer, "videos": videos, "frames": frames}
         try:
             yield self
         finally:

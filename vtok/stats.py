@@ -34,6 +34,10 @@ class Reduction:
     #: FLOPs of the method's own matrix products in this step that depend on the data (k-means iterations),
     #: counted by the method as it ran (``Method.step_flops``); its ``overhead_flops`` reports them
     flops: int | None = None
+    #: in_vit in towers that run many rows per sample (AnyRes crops, video frames): where in the block the
+    #: merge ran ("attn": the block's input, before attention; "mlp": before the MLP); ``units`` then holds
+    #: (tokens in, tokens out) of every tower row of the block (rows of concatenated frames count once)
+    point: str | None = None
 
     def __repr__(self) -> str:
         where = f" layer {self.layer}" if self.layer is not None else ""

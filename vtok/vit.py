@@ -11,7 +11,10 @@ import torch
 
 from . import kernels
 
-__all__ = ["ViTView", "ViTMerge", "ViTSource", "merge_tokens", "remap_assign", "first_source", "source_matrix"]
+__all__ = [
+    "ViTView", "ViTMerge", "ViTSource", "merge_tokens", "remap_assign", "first_source", "source_matrix",
+    "regroup_rows", "regroup_index", "check_regroup",
+]
 
 
 @dataclass
@@ -25,6 +28,11 @@ class ViTView:
     * ``in_vit(view: ViTView) -> ViTMerge | None``: at block ``view.block``, after the attention
       residual and before the MLP, which tokens merge into which (or None: nothing this time).
 
+    A method may also implement ``in_vit_pre(view) -> ViTMerge | None``: called at the *input* of every
+    block that reaches the output (``view.point == "attn"``, before attention; ``view.metric`` is then the
+    block's input states, as TempMe's cross-clip merge uses), where a merge may first concatenate
+    neighbouring rows of one video (``ViTMerge.regroup``: frames into clips, see :func:`regroup_rows`).
+
     and may declare ``prop_attn`` (bool: the adapter adds ``log(size)`` of every key to the attention
     logits of later blocks, as an additive float mask), ``protect_cls`` (bool: the encoder's prefix
     tokens -- class, register, distillation tokens -- are handed over as ``view.protected``) and
@@ -36,7 +44,10 @@ class ViTView:
     [B, N, d] keys of this block's attention averaged over heads; sizes: [B, N] float, original
     patches per token; protected: the first ``protected`` tokens must survive unchanged; probes:
     ViT attention statistics computed so far in this forward (each aligned with the tokens that
-    entered its own block).
+    entered its own block); groups: [B] long, the video each row belongs to (rows of one video are
+    contiguous, in frame order; an image is a group of its own); frames_per_row: [B] long, how many
+    original frames each row holds now (1 until rows were concatenated); point: "mlp" (after the attention
+    residual, ``in_vit``) or "attn" (the block's input, ``in_vit_pre``).
     """
 
     block: int
@@ -46,6 +57,24 @@ class ViTView:
     sizes: torch.Tensor
     protected: int
     probes: dict
+    groups: torch.Tensor | None = None
+    frames_per_row: torch.Tensor | None = None
+    point: str = "mlp"
+
+    def regrouped(self, f: int) -> "ViTView":
+        """This view with every ``f`` neighbouring rows of a video concatenated (what the adapter does
+        before applying a ``ViTMerge(regroup=f)``): compute the merge on it. ``metric`` follows ``x`` when it
+        is ``x`` itself (the attention point), else it is regrouped alongside."""
+        groups = self.groups if self.groups is not None else torch.arange(self.x.shape[0], device=self.x.device)
+        check_regroup(groups, f)
+        same = self.metric is self.x
+        x = regroup_rows(self.x, f, self.protected)
+        metric = x if same else (None if self.metric is None else regroup_rows(self.metric, f, self.protected))
+        fpr = self.frames_per_row if self.frames_per_row is not None else torch.ones_like(groups)
+        return ViTView(
+            self.block, self.budget, x, metric, regroup_rows(self.sizes.unsqueeze(-1), f, self.protected)[..., 0],
+            self.protected * f, self.probes, groups[::f], fpr.view(-1, f).sum(1), self.point,
+        )
 
 
 @dataclass
@@ -61,6 +90,12 @@ class ViTMerge:
     src: torch.Tensor
     dst: torch.Tensor
     order: torch.Tensor | None = None
+    #: at the attention point (``in_vit_pre``) only: first concatenate every ``regroup`` neighbouring rows of
+    #: one video into one row (:func:`regroup_rows`); ``src``/``dst``/``order`` index the concatenated rows
+    regroup: int = 1
+    #: optional [B', N', C] added to the (regrouped) tokens before the merge, e.g. a learned temporal
+    #: position embedding (TempMe's ``frame_pos``); gradients flow into it
+    add: torch.Tensor | None = None
 
     @property
     def r(self) -> int:
@@ -93,6 +128,17 @@ class ViTSource:
 
     assign: torch.Tensor
     sizes: torch.Tensor
+    #: [B0] long: the output row holding each input row's tokens (None: row b stays row b). Rows of one
+    #: video concatenated by a cross-frame merge share an output row; ``assign`` then indexes that row.
+    rows: torch.Tensor | None = None
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Per original token, the value of the output token holding it: ``values`` [B, N, ...] (one per
+        output token) -> [B0, N0, ...] (ToMe's unmerge)."""
+        b, n = values.shape[:2]
+        rows = self.rows if self.rows is not None else torch.arange(self.assign.shape[0], device=self.assign.device)
+        flat = (rows.to(self.assign.device).unsqueeze(1) * n + self.assign).to(values.device)
+        return values.reshape(b * n, *values.shape[2:])[flat.reshape(-1)].reshape(*flat.shape, *values.shape[2:])
 
     @property
     def num_tokens(self) -> int:
@@ -139,6 +185,37 @@ def remap_assign(assign: torch.Tensor, plan: ViTMerge, n: int) -> torch.Tensor:
     if plan.r:
         new_pos.scatter_(1, plan.src, new_pos.gather(1, plan.dst))
     return new_pos.gather(1, assign)
+
+
+def check_regroup(groups: torch.Tensor, f: int) -> None:
+    """Raise unless every ``f`` neighbouring rows belong to one video (each video's row count a multiple of f)."""
+    if f < 1:
+        raise ValueError(f"ViTMerge.regroup={f} must be at least 1")
+    if int(groups.shape[0]) % f or (f > 1 and not bool((groups.view(-1, f) == groups.view(-1, f)[:, :1]).all())):
+        raise ValueError(
+            f"a cross-frame merge concatenates every {f} neighbouring frames of one video, but some video here "
+            f"has a number of rows that is not a multiple of {f} (row groups {groups.tolist()}); give every video "
+            "a frame count divisible by the method's grouping"
+        )
+
+
+def regroup_index(n: int, f: int, protected: int, device=None) -> torch.Tensor:
+    """[f, n]: where token j of the k-th of ``f`` concatenated rows lands in the new row of f*n tokens:
+    the ``protected`` prefix tokens of every row first (row after row), then each row's other tokens."""
+    k = torch.arange(f, device=device).unsqueeze(1)
+    j = torch.arange(n, device=device).unsqueeze(0)
+    return torch.where(j < protected, k * protected + j, f * protected + k * (n - protected) + (j - protected))
+
+
+def regroup_rows(x: torch.Tensor, f: int, protected: int) -> torch.Tensor:
+    """[B, N, C] -> [B/f, f*N, C]: every f neighbouring rows as one, prefix tokens of all f rows first."""
+    b, n = x.shape[:2]
+    if f == 1:
+        return x
+    idx = regroup_index(n, f, protected, x.device).reshape(-1)
+    out = torch.empty(b // f, f * n, *x.shape[2:], dtype=x.dtype, device=x.device)
+    out[:, idx] = x.reshape(b // f, f * n, *x.shape[2:])
+    return out
 
 
 def first_source(assign: torch.Tensor, n: int) -> torch.Tensor:
