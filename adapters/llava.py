@@ -128,14 +128,6 @@ class LlavaAdapter(VLMAdapter):
         r = math.isqrt(n_tokens)
         return (r, r) if r * r == n_tokens else None
 
-    def num_vit_blocks(self) -> int | None:
-        return self._feature_layer_blocks() if isinstance(self.model.config.vision_feature_layer, int) else None
-
-    def _feature_layer_blocks(self) -> int:
-        """How many tower blocks feed the hidden state LLaVA takes (vision_feature_layer)."""
-        n = len(vision_blocks(self.vision_tower))
-        return self.model.config.vision_feature_layer % (n + 1)
-
     def validate(self) -> None:
         super().validate()
         method = self.method("in_vit")
@@ -147,25 +139,7 @@ class LlavaAdapter(VLMAdapter):
             )
         if method is None:
             return
-        hf_block_parts(self.vision_tower)  # raises for block structures vtok does not know
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise ValueError(
-                f"{method.name} merges tokens inside the vision tower, so every hidden state has its own token count; "
-                f"this model concatenates several feature layers (vision_feature_layer={layer}), which cannot work. "
-                "Use a before_llm method instead"
-            )
-        if self._feature_layer_blocks() == 0:
-            raise ValueError(
-                f"{method.name}: vision_feature_layer={layer} selects the patch embeddings, before any tower block; "
-                "there is no block to reduce in"
-            )
-        if self._drops_cls() and not getattr(method, "protect_cls", True):
-            raise ValueError(
-                f"{method.name}: this LLaVA drops token 0 of the tower output (vision_feature_select_strategy="
-                "'default'), so token 0 must stay unmerged; use protect_cls=True"
-            )
-        check_vit_method(method, hf_attn_implementation(self.vision_tower), self._feature_layer_blocks())
+        self.validate_tower_method(method, self._drops_cls())
         full = any(m.needs_full_grids for m in self.methods.get("before_llm", []))
         for m in self.all_methods():
             if any(isinstance(p, ViTAttention) for p in m.probes()) and not (full and m.needs_full_grids):

@@ -148,38 +148,11 @@ class LlavaNextAdapter(VLMAdapter):
         return pre
 
     # in_vit in the tower: every crop (NeXT, OneVision images) and frame (OneVision videos) -------------
-    def _feature_layer_blocks(self) -> int:
-        """How many tower blocks feed the hidden state the model takes (vision_feature_layer)."""
-        n = len(vision_blocks(self.vision_tower))
-        return self.model.config.vision_feature_layer % (n + 1)
-
-    def num_vit_blocks(self) -> int | None:
-        return self._feature_layer_blocks() if isinstance(self.model.config.vision_feature_layer, int) else None
-
     def validate(self) -> None:
         super().validate()
         method = self.method("in_vit")
-        if method is None:
-            return
-        hf_block_parts(self.vision_tower)  # raises for block structures vtok does not know
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise ValueError(
-                f"{method.name} merges tokens inside the vision tower, so every hidden state has its own token count; "
-                f"this model concatenates several feature layers (vision_feature_layer={layer}), which cannot work. "
-                "Use a before_llm method instead"
-            )
-        if self._feature_layer_blocks() == 0:
-            raise ValueError(
-                f"{method.name}: vision_feature_layer={layer} selects the patch embeddings, before any tower block; "
-                "there is no block to reduce in"
-            )
-        if self._strategy() == "default" and has_cls_token(self.vision_tower) and not getattr(method, "protect_cls", True):
-            raise ValueError(
-                f"{method.name}: this model drops token 0 of the tower output (vision_feature_select_strategy="
-                "'default'), so token 0 must stay unmerged; use protect_cls=True"
-            )
-        check_vit_method(method, hf_attn_implementation(self.vision_tower), self._feature_layer_blocks())
+        if method is not None:
+            self.validate_tower_method(method, self._strategy() == "default" and has_cls_token(self.vision_tower))
 
     def _feature_method(self):
         """Only a projector-stage method shapes what the placeholders get: in_vit merges are undone at the

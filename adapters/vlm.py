@@ -49,6 +49,8 @@ from .hf_vision import (
     vision_blocks,
 )
 from .llm_stage import InLLMStage
+from .vit import check_vit_method
+from .vit_blocks import hf_attn_implementation, hf_block_parts
 
 __all__ = ["VLMAdapter"]
 
@@ -204,6 +206,38 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
                     f"{method.name}: the vision tower {type(self.vision_tower).__name__} has no CLS token, so it "
                     "cannot serve ViTAttention(kind='cls'); use kind='colmean'"
                 )
+
+    # in_vit in the tower ----------------------------------------------------------
+    def _feature_layer_blocks(self) -> int:
+        """How many tower blocks feed the hidden state the model takes (vision_feature_layer)."""
+        n = len(vision_blocks(self.vision_tower))
+        return self.model.config.vision_feature_layer % (n + 1)
+
+    def num_vit_blocks(self) -> int | None:
+        return self._feature_layer_blocks() if isinstance(self.model.config.vision_feature_layer, int) else None
+
+    def validate_tower_method(self, method, drops_cls: bool) -> None:
+        """Refuse an in_vit method this tower cannot run (before any hook is installed); ``drops_cls``: the
+        model drops token 0 of the tower output (vision_feature_select_strategy='default')."""
+        hf_block_parts(self.vision_tower)  # raises for block structures vtok does not know
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"{method.name} merges tokens inside the vision tower, so every hidden state has its own token count; "
+                f"this model concatenates several feature layers (vision_feature_layer={layer}), which cannot work. "
+                "Use a before_llm method instead"
+            )
+        if self._feature_layer_blocks() == 0:
+            raise ValueError(
+                f"{method.name}: vision_feature_layer={layer} selects the patch embeddings, before any tower block; "
+                "there is no block to reduce in"
+            )
+        if drops_cls and not getattr(method, "protect_cls", True):
+            raise ValueError(
+                f"{method.name}: this model drops token 0 of the tower output (vision_feature_select_strategy="
+                "'default'), so token 0 must stay unmerged; use protect_cls=True"
+            )
+        check_vit_method(method, hf_attn_implementation(self.vision_tower), self._feature_layer_blocks())
 
     # attach ------------------------------------------------------------------
     def attach(self) -> None:
