@@ -15,7 +15,7 @@ from vtok.tokens import VisualTokens
 
 from .base import InstanceWrap, per_thread
 from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
-from .vit import InViTRunner, check_vit_method
+from .vit import InViTRunner, check_vit_method, install_qkv_lora
 from .vit_blocks import hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
@@ -167,6 +167,8 @@ class LlavaAdapter(VLMAdapter):
                 on_reset=self._vit_reset,
                 tower=tower,
             )
+            if callable(getattr(method, "qkv_lora", None)):
+                install_qkv_lora(self, hf_block_parts(tower), method)
             self._vit.install()
             self.hook(self.projector, self._projector_pre, pre=True)
         if self.method("projector") is not None:

@@ -21,7 +21,7 @@ from vtok.stats import Reduction
 from .anyres import LayoutStore, VisualLayout, parse_image, ramp
 from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
 from .base import InstanceWrap, per_thread
-from .vit import InViTRunner, check_vit_method
+from .vit import InViTRunner, check_vit_method, install_qkv_lora
 from .vit_blocks import hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
@@ -127,6 +127,8 @@ class LlavaNextAdapter(VLMAdapter):
                 tower=tower,
                 groups=lambda rows: self._tower_rows,
             )
+            if callable(getattr(method, "qkv_lora", None)):
+                install_qkv_lora(self, hf_block_parts(tower), method)
             self._vit.install()
             self.hook(self.model.model.multi_modal_projector, self._unmerge_projected, pre=False)
         self.hook_vit_probes()

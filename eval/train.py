@@ -94,6 +94,13 @@ def train(a) -> dict:
     from .train_projector import cached_features, one_cycle_lr
 
     name, hp = parse_method(a.method)
+    if name == "tempme":  # a vision-tower method: its own proxy task on real clips (vtok.eval.train_tempme)
+        from . import train_tempme
+
+        args = argparse.Namespace(out=a.out, resume=a.resume, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                                  seed=a.seed, log=a.log, log_every=a.log_every, frames=int(hp.get("frames", 12)),
+                                  scale=50.0)  # fmt: skip
+        return train_tempme.train(args)
     device = torch.device(a.device)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -221,6 +228,9 @@ def main(argv=None) -> int:
 
         vtok train matryoshka --out m3.safetensors --steps 300            # the projector copy, all nested scales
         vtok train tokenflex:train_n=(2,4,8,16) --distill-steps 200 --steps 300 --out tokenflex.safetensors
+        vtok train tempme --steps 60 --batch-size 8 --lr 3e-3 --out tempme.safetensors   # DINOv2, real clips
+
+    TempMe trains on a retrieval proxy built from real clips on the offline DINOv2 (``vtok.eval.train_tempme``).
 
     The vision tower runs once per train image (features cached under <cache>/offline/features); each step
     draws a batch of questions, asks the method for its training variants (M3: every nested scale; TokenFLEX:

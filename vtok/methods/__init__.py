@@ -1,3 +1,5 @@
 """Built-in methods; each file registers itself by name on import."""
 
-from . import doccorr, fastv, hiprune, holitom, matryoshka, pool, quota, random, todre, tokenflex, tome, transprune, vqtoken  # noqa: F401
+from . import (  # noqa: F401
+    doccorr, fastv, hiprune, holitom, matryoshka, pool, quota, random, tempme, todre, tokenflex, tome, transprune, vqtoken,
+)
