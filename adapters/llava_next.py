@@ -17,6 +17,7 @@ from vtok.method import ViTAttention
 from vtok.tokens import VisualTokens
 
 from .anyres import LayoutStore, VisualLayout, parse_image, ramp
+from .anyres_stages import AnyResStages
 from .hf_vision import has_cls_token, vit_probe_stats
 from .base import InstanceWrap, per_thread
 from .vlm import VLMAdapter
@@ -24,7 +25,7 @@ from .vlm import VLMAdapter
 __all__ = ["LlavaNextAdapter", "VisualLayout"]
 
 
-class LlavaNextAdapter(VLMAdapter):
+class LlavaNextAdapter(AnyResStages, VLMAdapter):
     """LLaVA-NeXT: one unit per image, base grid then unpadded high-resolution grid, newlines as layout.
 
     A unit's tokens are the base (thumbnail) image's ``h x w`` grid in raster order, followed by the
@@ -112,12 +113,13 @@ class LlavaNextAdapter(VLMAdapter):
     def _note_layouts(self, modality: str, layouts: list) -> None:
         """The layouts of the features the tower just produced, for the prefill in flight (a tower run
         outside a forward -- generate's pre-computation -- is found again through ``_feature_layouts``)."""
+        self._attach_stage_grids(modality, layouts)  # native grids / projector input, when a stage needs them
         if self._fw is not None:
             self._fw.layouts[modality] = layouts
 
     def _needs_layouts(self) -> bool:
-        """Units (and so layouts) are only built for a before_llm method."""
-        return "before_llm" in self.methods
+        """Units (and so layouts) are only built for a before_llm or a projector-stage method."""
+        return "before_llm" in self.methods or "projector" in self.methods
 
     def _vit_probes(self) -> list:
         return [p for m in self.all_methods() for p in m.probes() if isinstance(p, ViTAttention)]
@@ -242,7 +244,7 @@ class LlavaNextAdapter(VLMAdapter):
     # units at the LM entry ------------------------------------------------------------
     def _lm_prefill(self, kwargs):
         fw = self._fw
-        if fw.units is None and "before_llm" in self.methods:
+        if fw.units is None and self._needs_layouts():
             fw.units, fw.spans = self.build_units(kwargs["inputs_embeds"], fw.input_ids)
         return super()._lm_prefill(kwargs)
 
@@ -278,6 +280,8 @@ class LlavaNextAdapter(VLMAdapter):
                 entries.append((int(seg[0, 0]), int(seg[0, 1]), lay, seg[:, 1]))
         entries.sort(key=lambda e: (e[0], e[1]))
         self._fw.unit_layouts = [e[2] for e in entries]
+        if self._stage_mode() is not None:  # native grids / projector stage (``AnyResStages``)
+            return self._stage_units(features, entries), [e[3] for e in entries]
         return self._make_units(features, entries), [e[3] for e in entries]
 
     def _make_units(self, embeds, entries) -> VisualTokens:
