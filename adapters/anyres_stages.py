@@ -310,6 +310,7 @@ class AnyResStages:
         fw = self._fw
         if self._stage_mode() == "native" and fw.reduced is not None:
             fw.reduced = self._native_output(fw.units, fw.reduced)
+            fw.relaid = fw.reduced.layout is not None  # the prompt is laid out anew (else: placed in its slots)
 
     def _native_output(self, units: VisualTokens, out: VisualTokens) -> VisualTokens:
         """The method's output on native grids as the splice takes it: the model's own packing where the
