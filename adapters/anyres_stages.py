@@ -28,10 +28,13 @@ What the method returns is laid out per unit:
 
 Budgets (``Reduction.tokens_in``) therefore count native tokens: crops x g^2 per image, T x G^2 per video.
 
-**Projector stage** (``Method.projector(tokens, project)``, images only). The method gets one unit per
-AnyRes crop (the tower's ``[crops, n, D_vision]`` grid of each image, ``grid = (g, g)``, ``owner`` the
-sample: a setting per sample gives every crop of the sample's images the same value) and the model's own
-projector, and returns each crop's reduced square grid ``s x s`` (one ``s`` per image). The adapter lays
+**Projector stage** (``Method.projector(tokens, project)``). The method gets one unit per AnyRes crop and
+per video frame (the tower's ``[crops, n, D_vision]`` grid of each image, ``[T, n, D_vision]`` of each video,
+``grid = (g, g)``, ``owner`` the sample: a setting per sample gives every crop / frame of the sample the
+same value) and the model's own projector, and returns each crop's / frame's square grid ``s x s`` (one
+``s`` per image / video). A video keeps the model's layout (frames one after another, one closing
+newline); its frames' ``s x s`` grids replace the model's 2x2 pooling, except at the full grid, which the
+model pools as usual (so ``scale="full"`` is the untouched model there too). The adapter lays
 an image out as the model does at the reduced resolution: the base grid, then the crops stitched into
 ``(rows * s) x (cols * s)`` and unpadded by the model's own ``unpad_image`` at that resolution, a newline
 after each row. An image whose crops all keep the full grid is packed by the model's own
@@ -41,8 +44,8 @@ one. The prompt's placeholder span is resized to the image's tokens.
 
 Refused with a clear error: a native-grid method after another before_llm method, with ViT attention
 probes, or with pre-computed features the tower did not produce while it was attached; the projector
-stage together with before_llm methods, on OneVision videos, and in a direct ``get_image_features``
-call (its packed output has the unreduced length).
+stage together with before_llm methods or an in_vit method, and in a direct ``get_image_features`` /
+``get_video_features`` call (its packed output has the unreduced length).
 """
 
 from __future__ import annotations
@@ -150,7 +153,8 @@ class AnyResStages:
                 return orig(image_features, *args, **kwargs)
             if self.direct_call():
                 raise ValueError(
-                    f"get_image_features called directly returns the images packed at their full length, which "
+                    "get_image_features / get_video_features called directly return the features at their full length, "
+                    f"which "
                     f"{self.method('projector').name} changes on {self.name}; call the model (forward or generate) "
                     "with pixel_values instead"
                 )
@@ -204,13 +208,15 @@ class AnyResStages:
         def apply_pooling(image_features, *args, **kwargs):
             if not self._tower_running():
                 return orig(image_features, *args, **kwargs)
-            proj = self.method("projector")
-            if proj is not None:
-                raise ValueError(
-                    f"{proj.name} runs in place of the projector for images only on {self.name}; this call has "
-                    "videos. Use a before_llm method on videos (pool, quota with native=True), or pass images only"
-                )
-            self._stage_pending.setdefault("video", []).append(image_features)
+            grids = image_features
+            if self._stage_mode() == "projector":
+                grids, self._stage_input = self._stage_input, None
+                if grids is None or grids.shape[0] != image_features.shape[0]:
+                    raise RuntimeError(
+                        f"vtok's projector stage on {self.name} did not find the projector input of these frames; "
+                        "please report this with your transformers version"
+                    )
+            self._stage_pending.setdefault("video", []).append(grids)
             return orig(image_features, *args, **kwargs)
 
         return apply_pooling
@@ -394,12 +400,15 @@ class AnyResStages:
             s = math.isqrt(ks[0])
             if len(set(ks)) != 1 or s * s != ks[0]:
                 raise ValueError(
-                    f"{method.name}.projector returned crops of {ks} tokens for one image; on {self.name} every crop "
-                    "of an image must come back as one square grid side (one setting per image)"
+                    f"{method.name}.projector returned crops / frames of {ks} tokens for one image or video; on "
+                    f"{self.name} each must come back as one square grid side (one setting per sample)"
                 )
             grid = f[:, : s * s].to(embeds.dtype)
-            if s == side:
+            if s == side:  # the full grid: the model's own packing / pooling
                 seq, real = lay.repack(grid), lay.n
+            elif lay.frame is not None:  # a video: the frames' grids replace the model's pooling
+                newline = self.core.image_newline.to(grid.device, grid.dtype)
+                seq, real = torch.cat([grid.reshape(-1, grid.shape[-1]), newline[None]]), c * s * s
             else:
                 seq, real = self._stitch(grid, s, lay.size)
             tin[b] = tin.get(b, 0) + lay.n

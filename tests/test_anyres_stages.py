@@ -368,5 +368,30 @@ def test_what_the_projector_stage_cannot_serve_on_next_and_onevision_is_refused(
     with vtok.apply(model, "matryoshka", scale=4), pytest.raises(ValueError, match="call the model .*forward or generate"):
         model.model.get_image_features(batch["pixel_values"], batch["image_sizes"])
     vcase, vmodel, vsamples = _video_case()
-    with vtok.apply(vmodel, "matryoshka", scale=4), pytest.raises(ValueError, match="for images only on llava_onevision"):
-        _logits(vmodel, vcase.batch(vsamples[:1]))
+    pix = vcase.batch(vsamples[:1])["pixel_values_videos"]
+    with vtok.apply(vmodel, "matryoshka", scale=9), pytest.raises(ValueError, match="call the model"):
+        vmodel.model.get_video_features(pix)
+
+
+def test_m3_on_onevision_videos_pools_each_frame_in_place_of_the_models_pooling():
+    """Full scale: the model's own 2x2 bilinear pooling (the untouched model). Scale 9 (3x3 per 6x6 frame):
+    M3's average pooling of each frame laid out as the model lays out a video, which for an exact halving
+    is what the model's bilinear pooling computes too."""
+    case, model, samples = _video_case()
+    batch = case.batch(samples)
+    refs = [_logits(model, case.batch([s])) for s in samples]
+    for scale, exact in (("full", True), (9, False)):
+        with vtok.apply(model, "matryoshka", scale=scale) as h:
+            both = _logits(model, batch)
+            assert h.stats[0].tokens_out == [8 * 9, 12 * 9] and h.stats[0].stage == "projector"
+            for i, s in enumerate(samples):
+                alone = _logits(model, case.batch([s]))
+                if exact:
+                    assert torch.equal(alone, refs[i])
+                assert torch.allclose(alone, refs[i], atol=1e-5), (alone - refs[i]).abs().max()
+                valid = batch["attention_mask"][i].bool()
+                assert torch.allclose(both[i][valid], alone[0], atol=1e-5)
+    with vtok.apply(model, "matryoshka", scale=1) as h:
+        out = model.generate(**{k: v for k, v in batch.items() if k != "position_ids"}, max_new_tokens=2, do_sample=False)
+        assert h.stats[0].tokens_out == [8, 12]
+    assert out.shape[0] == 2
