@@ -395,3 +395,18 @@ def test_m3_on_onevision_videos_pools_each_frame_in_place_of_the_models_pooling(
         out = model.generate(**{k: v for k, v in batch.items() if k != "position_ids"}, max_new_tokens=2, do_sample=False)
         assert h.stats[0].tokens_out == [8, 12]
     assert out.shape[0] == 2
+
+
+def test_the_readme_snippet_runs_and_prints_what_it_says(capsys):
+    import re
+    from pathlib import Path
+
+    from vtok.method import _REGISTRY
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    part = text[text.index("### Native grids and the projector stage") :]
+    code = re.findall(r"```python\n(.*?)```", part, flags=re.S)[0]
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+    _REGISTRY.pop("every_other_frame", None)
+    printed = capsys.readouterr().out
+    assert "[288, 432] -> [144, 216]" in printed and "[72, 108] -> [72, 12]" in printed
