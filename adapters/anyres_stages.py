@@ -137,6 +137,12 @@ class AnyResStages:
         if mode == "projector":
             self._hooks.append(InstanceWrap(self.core.multi_modal_projector, "forward", self._wrap_projector_forward))
 
+    def _core_pre(self, module, args, kwargs):
+        """A new forward: nothing a failed earlier tower run left behind is taken for this one's grids."""
+        self._stage_pending = {}
+        self._stage_input = None
+        return super()._core_pre(module, args, kwargs)
+
     def _tower_running(self) -> bool:
         """Inside a tower run of the adapter's wrapped get_image_features / get_video_features (its
         ``_call_tower``), where the model's own packing sees real features, not a nested or a layout call."""
@@ -190,7 +196,7 @@ class AnyResStages:
                 size = sizes[i : i + 1]
                 repack = functools.partial(self._own_pack, orig, size, rest)
                 entries.append((g, repack, sizes[i]))
-            self._stage_pending.setdefault("image", []).extend(entries)
+            self._stage_pending["image"] = entries  # one packing per tower run of images
             return orig(*args, **kwargs)
 
         return pack_image_features

@@ -410,3 +410,26 @@ def test_the_readme_snippet_runs_and_prints_what_it_says(capsys):
     _REGISTRY.pop("every_other_frame", None)
     printed = capsys.readouterr().out
     assert "[288, 432] -> [144, 216]" in printed and "[72, 108] -> [72, 12]" in printed
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_quota_native_on_anyres_images_resizes_each_crop_and_batches(name):
+    """Images have no time: every native crop grid is scaled by sqrt(retain) and laid out by QuoTA."""
+    case, model, samples = _case(name)
+    batch = case.batch(samples)
+    q = get_method_class("quota")(retain=0.25, native=True, images_as_frames=False)  # no time between images
+    with vtok.apply(model, q, processor=tiny_processor(name)) as h:
+        both = _logits(model, batch)
+        gen = model.generate(**{k: v for k, v in batch.items() if k != "position_ids"}, max_new_tokens=3, do_sample=False)
+        e = h.stats[0]
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    half = round(side * 0.5)
+    assert [o * side * side for o in e.tokens_out] == [i * half * half for i in e.tokens_in]  # each crop: side/2 squared
+    n = batch["input_ids"].shape[1]
+    for i, s in enumerate(samples):
+        single = case.batch([s])
+        with vtok.apply(model, q, processor=tiny_processor(name)):
+            alone = _logits(model, single)
+            ref = model.generate(**{k: v for k, v in single.items() if k != "position_ids"}, max_new_tokens=3, do_sample=False)
+        assert torch.allclose(both[i][-1], alone[0][-1], atol=1e-5), (both[i][-1] - alone[0][-1]).abs().max()
+        assert torch.equal(gen[i, n:], ref[0, single["input_ids"].shape[1] :])
