@@ -136,8 +136,7 @@ def test_a_declared_native_layout_equals_the_prompt_built_by_hand():
     with vtok.apply(model, _NativeFullGrids()) as h:
         got = _logits(model, single)[0, -1]
     assert h.stats[0].tokens_out == [8 * 36]
-    pix = single["pixel_values_videos"]
-    pix = pix[0] if isinstance(pix, (list, tuple)) else pix[0]
+    pix = single["pixel_values_videos"][0]  # [8, C, H, W]
     frames = _frame_features(model, pix)  # [8, 36, D]
     nl = model.model.image_newline
     rows = frames.reshape(8, 6, 6, -1)
@@ -150,6 +149,41 @@ def test_a_declared_native_layout_equals_the_prompt_built_by_hand():
         prompt = torch.cat([emb[:first], video.to(emb.dtype), emb[first + int(vid.sum()) :]])
         ref = model.model.language_model(inputs_embeds=prompt[None]).last_hidden_state
         ref = model.lm_head(ref)[0, -1]
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+@dataclass
+class _BaseCropOnly(vtok.Method):
+    """The base image's native grid only (the AnyRes crops dropped), declared as one grid."""
+
+    name = "t_native_base"
+    stages = ("before_llm",)
+    native_grids = True
+
+    def before_llm(self, tokens, probes):
+        out = tokens.select(tokens.mask & (tokens.extra["crop"] == 0))
+        return replace(out, layout=[gs[:1] for gs in tokens.unit_grids()])
+
+
+def test_a_declared_native_layout_on_llava_next_equals_the_prompt_built_by_hand():
+    """Crop 0 of the native units is the base image: its 4x4 grid, a newline after each row."""
+    case, model, samples = _case("llava_next")
+    single = case.batch(samples[:1])
+    with vtok.apply(model, _BaseCropOnly()) as h:
+        got = _logits(model, single)[0, -1]
+    assert h.stats[0].tokens_out == [16]
+    core = model.model
+    with torch.no_grad():
+        hidden = core.vision_tower(single["pixel_values"][0, :1], output_hidden_states=True).hidden_states
+        base = core.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])[0]  # CLS dropped
+        nl = core.image_newline
+        image = torch.cat([base.reshape(4, 4, -1), nl.expand(4, 1, -1)], 1).reshape(-1, nl.shape[0])
+        ids = single["input_ids"][0]
+        img = ids == model.config.image_token_id
+        first = int(img.nonzero()[0])
+        emb = model.get_input_embeddings()(ids)
+        prompt = torch.cat([emb[:first], image.to(emb.dtype), emb[first + int(img.sum()) :]])
+        ref = model.lm_head(core.language_model(inputs_embeds=prompt[None]).last_hidden_state)[0, -1]
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
 
 
@@ -205,12 +239,9 @@ def test_quota_native_on_onevision_videos_splits_the_budget_over_native_frames_a
         assert torch.equal(gen[i, n:], ref[0, single["input_ids"].shape[1] :])
     # retain=1.0 hands every native token back: the model pools them as usual (the untouched model)
     single = case.batch(samples[:1])
+    untouched = _logits(model, single)
     with vtok.apply(model, get_method_class("quota")(retain=1.0, native=True, scorer=scorer)):
-        assert torch.allclose(_logits(model, single), _logits_untouched(model, single), atol=1e-6)
-
-
-def _logits_untouched(model, batch):
-    return _logits(model, batch)
+        assert torch.equal(_logits(model, single), untouched)
 
 
 def test_quota_native_with_its_default_scorer_generates():
@@ -238,7 +269,7 @@ def test_m3_full_scale_on_llava_next_is_the_untouched_model_bit_for_bit():
 
 def test_the_reduced_layout_at_full_scale_is_the_models_own_packing():
     """The stitching + the model's unpad_image at side s, checked where the model's own packing exists: s = g."""
-    case, model, samples = _case("llava_next")
+    model = tiny_model("llava_next")
     from vtok.adapters import find_adapter
 
     adapter_cls = find_adapter(model)
@@ -282,7 +313,7 @@ def test_a_projector_setting_per_sample_on_llava_next_equals_each_sample_alone(n
             gen = model.generate(**single, max_new_tokens=3, do_sample=False)
             assert h.stats[0].tokens_out == [e.tokens_out[i]]
         valid = batch["attention_mask"][i].bool()
-        assert torch.allclose(both[i][-1], alone[0][-1], atol=1e-5), (both[i][-1] - alone[0][-1]).abs().max()
+        assert torch.allclose(both[i][valid], alone[0], atol=1e-5), (both[i][valid] - alone[0]).abs().max()
         assert torch.equal(out[i, n:], gen[0, single["input_ids"].shape[1] :])
 
 
