@@ -16,7 +16,9 @@ functions (on coordinate tensors) are outside a tower run and are not kept.
 **Native grids** (a before_llm method with ``native_grids = True``, first in its chain). The units are one
 per image (all its crops: ``grids[u] = [(g, g)] * crops``, ``extra["crop"]`` 0 base, k the k-th crop;
 ``extra["row"]``/``["col"]``/``["patch"]`` inside the crop) and one per video (``frames``, ``grids[u] =
-[(G, G)] * T``, ``extra["crop"] = -1``), tokens in that order, features projected (the LLM's width).
+[(G, G)] * T``, ``extra["crop"] = -1``), tokens in that order, features projected (the LLM's width). A token's frame is ``frames``, its crop
+``extra["crop"]``; the frames' timestamps come with the ``CallVideos`` probe (the ``vtok.video.Frames`` a
+caller hands over with ``handle.context(videos=...)``), as for every before_llm method.
 What the method returns is laid out per unit:
 
 - every native token, in order, no declared layout (``positions`` 0..n-1, features may differ): the
