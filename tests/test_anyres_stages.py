@@ -109,6 +109,7 @@ def test_native_keep_all_on_a_onevision_video_batch_of_different_frame_counts_eq
     with vtok.apply(model, m):
         both = _logits(model, batch)
         gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert not {"pack_image_features", "apply_pooling"} & set(vars(model.model))  # the wrappers are gone
     assert [len(g) for g in m.seen.grids] == [8, 12] and m.seen.grid == (6, 6)  # 6x6 frames before 3x3 pooling
     assert int(m.seen.frames[1, 12 * 36 - 1]) == 11
     n = batch["input_ids"].shape[1]
