@@ -33,7 +33,8 @@ Budgets (``Reduction.tokens_in``) therefore count native tokens: crops x g^2 per
 **Projector stage** (``Method.projector(tokens, project)``). The method gets one unit per AnyRes crop and
 per video frame (the tower's ``[crops, n, D_vision]`` grid of each image, ``[T, n, D_vision]`` of each video,
 ``grid = (g, g)``, ``owner`` the sample: a setting per sample gives every crop / frame of the sample the
-same value) and the model's own projector, and returns each crop's / frame's square grid ``s x s`` (one
+same value; ``extra["image"]`` / ``["crop"]`` / ``["frame"]`` say which image or video a unit belongs to and
+which crop or frame of it it is) and the model's own projector, and returns each crop's / frame's square grid ``s x s`` (one
 ``s`` per image / video). A video keeps the model's layout (frames one after another, one closing
 newline); its frames' ``s x s`` grids replace the model's 2x2 pooling, except at the full grid, which the
 model pools as usual (so ``scale="full"`` is the untouched model there too). The adapter lays
@@ -389,7 +390,17 @@ class AnyResStages:
         n = x.shape[1]
         side = math.isqrt(n)
         owner = torch.tensor([e[0] for e in entries], dtype=torch.long)
-        tokens = VisualTokens.from_features(x, owner.repeat_interleave(torch.tensor(counts)).to(x.device), grid=(side, side))
+        reps = torch.tensor(counts)
+        tokens = VisualTokens.from_features(x, owner.repeat_interleave(reps).to(x.device), grid=(side, side))
+        # per unit (crop / frame): the image / video it belongs to, and its crop (0 base, k the k-th) or frame
+        part = torch.cat([torch.arange(c) for c in counts])
+        video = torch.tensor([lay.frame is not None for _, _, lay, _ in entries]).repeat_interleave(reps)
+        per_unit = {
+            "image": torch.arange(len(entries)).repeat_interleave(reps),
+            "crop": torch.where(video, -1, part),
+            "frame": torch.where(video, part, -1),
+        }
+        tokens.extra = {k: v.to(x.device)[:, None].expand(-1, n).clone() for k, v in per_unit.items()}
         out = method.projector(tokens, self._project)
         if not isinstance(out, VisualTokens):
             raise TypeError(f"{method.name}.projector must return VisualTokens, got {type(out).__name__}")

@@ -361,6 +361,32 @@ def test_m3_scale_on_llava_next_is_per_crop_pooling_before_unpadding():
     assert not torch.equal(emb[first + 4 + hi.shape[0]], nl)  # the text follows
 
 
+@dataclass
+class _SeeCrops(vtok.Method):
+    name = "t_see_crops"
+    stages = ("projector",)
+
+    def projector(self, tokens, project):
+        self.seen = tokens
+        return vtok.VisualTokens.from_features(project(tokens.features), tokens.owner, grid=tokens.grid)
+
+
+def test_the_projector_stage_gets_one_unit_per_crop_with_its_image_and_crop():
+    case, model, samples = _case("llava_next")
+    batch = case.batch(samples)
+    ref = _logits(model, batch)
+    m = _SeeCrops()
+    with vtok.apply(model, m):
+        assert torch.equal(_logits(model, batch), ref)  # the model's projector on every full grid: untouched
+    t = m.seen
+    assert t.grid == (4, 4) and t.features.shape[-1] == model.config.vision_config.hidden_size
+    image, crop = t.extra["image"][:, 0], t.extra["crop"][:, 0]
+    counts = torch.bincount(image).tolist()
+    assert len(counts) == 4 and torch.equal(crop, torch.cat([torch.arange(c) for c in counts]))
+    assert torch.equal(t.owner, torch.tensor([0, 1, 2, 2]).repeat_interleave(torch.tensor(counts)))
+    assert bool((t.extra["frame"] == -1).all())
+
+
 def test_tokenflex_trains_on_llava_next_saves_reloads_and_leaves_the_model_untouched(tmp_path):
     case = TINY_CASES["llava_next"]
     model = case.build()
