@@ -40,10 +40,10 @@ newline); its frames' ``s x s`` grids replace the model's 2x2 pooling, except at
 model pools as usual (so ``scale="full"`` is the untouched model there too). The adapter lays
 an image out as the model does at the reduced resolution: the base grid, then the crops stitched into
 ``(rows * s) x (cols * s)`` and unpadded by the model's own ``unpad_image`` at that resolution, a newline
-after each row. An image whose crops all keep the full grid is packed by the model's own
-``pack_image_features`` (so M3 ``scale="full"`` is the untouched model bit for bit). OneVision's
-``anyres_max`` down-scaling is applied only at full scale: a reduced grid is already (s/g)^2 of the full
-one. The prompt's placeholder span is resized to the image's tokens.
+after each row; on OneVision a stitched grid larger than ``anyres_max_N`` crops is down-scaled by the
+model's rule with the crop side ``s`` in place of the tower's (the same ratio at every side). An image
+whose crops all keep the full grid is packed by the model's own ``pack_image_features`` (so M3
+``scale="full"`` is the untouched model bit for bit). The prompt's placeholder span is resized to the image's tokens.
 
 Refused with a clear error: a native-grid method after another before_llm method, with ViT attention
 probes, or with pre-computed features the tower did not produce while it was attached; the projector
@@ -180,7 +180,9 @@ class AnyResStages:
         def pack_image_features(*args, **kwargs):
             if not self._tower_running():
                 return orig(*args, **kwargs)
-            a = sig.bind(*args, **kwargs).arguments
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
             feats, sizes = list(a["image_features"]), a["image_sizes"]
             rest = {k: v for k, v in a.items() if k not in ("image_features", "image_sizes")}
             rest.update(rest.pop("kwargs", {}) or {})
@@ -198,7 +200,7 @@ class AnyResStages:
             for i, g in enumerate(grids):
                 size = sizes[i : i + 1]
                 repack = functools.partial(self._own_pack, orig, size, rest)
-                entries.append((g, repack, sizes[i]))
+                entries.append((g, repack, sizes[i], rest.get("vision_aspect_ratio")))
             self._stage_pending["image"] = entries  # one packing per tower run of images
             return orig(*args, **kwargs)
 
@@ -248,8 +250,8 @@ class AnyResStages:
                     f"vtok kept {len(pending)} images' grids for {len(layouts)} image layouts; please report this "
                     "with your transformers version"
                 )
-            for lay, (grids, repack, size) in zip(layouts, pending):
-                lay.native, lay.repack, lay.size = grids, repack, size
+            for lay, (grids, repack, size, aspect) in zip(layouts, pending):
+                lay.native, lay.repack, lay.size, lay.aspect = grids, repack, size, aspect
             return
         frames = torch.cat(pending)
         counts = [len(lay.grids) for lay in layouts]
@@ -429,7 +431,7 @@ class AnyResStages:
                 newline = self.core.image_newline.to(grid.device, grid.dtype)
                 seq, real = torch.cat([grid.reshape(-1, grid.shape[-1]), newline[None]]), c * s * s
             else:
-                seq, real = self._stitch(grid, s, lay.size)
+                seq, real = self._stitch(grid, s, lay.size, lay.aspect)
             tin[b] = tin.get(b, 0) + lay.n
             tout[b] = tout.get(b, 0) + real
             units.append((lay.n, real))
@@ -443,11 +445,13 @@ class AnyResStages:
         self._fw.vit_reduced = True
         return self._prompt_units(owner.to(embeds.device), rows)
 
-    def _stitch(self, grids: torch.Tensor, s: int, size) -> torch.Tensor:
+    def _stitch(self, grids: torch.Tensor, s: int, size, aspect=None) -> torch.Tensor:
         """One image's reduced crops [crops, s*s, D] in the model's layout at side ``s``: the base grid, then
         the crops stitched in their (rows x cols) crop grid, unpadded by the model's own ``unpad_image`` at
-        that resolution, a newline after each row (base image alone: one closing newline). Returns the
-        sequence [L, D] and how many of its entries are tokens (not newlines)."""
+        that resolution, a newline after each row (base image alone: one closing newline). ``aspect``
+        (OneVision's ``vision_aspect_ratio``, ``"anyres_max_N"``): the model's down-scaling of a stitched grid
+        larger than N crops, with the crop side ``s`` in place of the tower's (the same ratio at every
+        side). Returns the sequence [L, D] and how many of its entries are tokens (not newlines)."""
         newline = self.core.image_newline.to(grids.device, grids.dtype)
         base = grids[0]
         if grids.shape[0] == 1:
@@ -458,5 +462,11 @@ class AnyResStages:
         d = grids.shape[-1]
         hi = grids[1:].reshape(rows, cols, s, s, d).permute(4, 0, 2, 1, 3).reshape(d, rows * s, cols * s)
         hi = hf.unpad_image(hi, size)
+        if aspect is not None:  # as OneVision's pack_image_features, at side s
+            max_crops = int(aspect.strip("anyres_max_"))
+            _, h, w = hi.shape
+            ratio = math.sqrt(h * w / (max_crops * s**2))
+            if ratio > 1.1:
+                hi = torch.nn.functional.interpolate(hi[None], [int(h // ratio), int(w // ratio)], mode="bilinear")[0]
         hi = torch.cat([hi, newline[:, None, None].expand(d, hi.shape[1], 1)], dim=-1)
         return torch.cat([base, hi.flatten(1, 2).transpose(0, 1)]), s * s + hi.shape[1] * (hi.shape[2] - 1)

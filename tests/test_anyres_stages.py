@@ -268,29 +268,32 @@ def test_m3_full_scale_on_llava_next_is_the_untouched_model_bit_for_bit():
             assert h.stats[0].stage == "projector" and h.stats[0].tokens_in == h.stats[0].tokens_out
 
 
-def test_the_reduced_layout_at_full_scale_is_the_models_own_packing():
-    """The stitching + the model's unpad_image at side s, checked where the model's own packing exists: s = g."""
-    model = tiny_model("llava_next")
-    from vtok.adapters import find_adapter
-
-    adapter_cls = find_adapter(model)
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_the_reduced_layout_at_full_scale_is_the_models_own_packing(name):
+    """The stitching, the model's unpad_image (and OneVision's anyres_max down-scaling) at side s, checked where
+    the model's own packing exists: s = g."""
+    model = tiny_model(name)
+    cfg = model.config
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    hf = __import__(type(model).__module__, fromlist=["get_anyres_image_grid_shape"])
+    nl = model.model.image_newline
     with vtok.apply(model, "matryoshka", scale="full") as h:
         adapter = h.adapter
-        assert isinstance(adapter, adapter_cls)
         torch.manual_seed(0)
-        unpadded = 0
-        for size in ([40, 70], [60, 30], [50, 50], [30, 80], [20, 90], [90, 25]):
+        cut = 0
+        for size in ([40, 70], [60, 30], [50, 50], [30, 80], [20, 90], [90, 25], [90, 85]):
             sizes = torch.tensor([size])
             crops = adapter.num_patches(sizes)[0]
-            feats = torch.randn(crops, 16, 64)
-            seq, n_tok = adapter._stitch(feats, 4, sizes[0])
-            own = model.model.pack_image_features(
-                [feats], sizes, vision_feature_select_strategy="default", image_newline=model.model.image_newline
-            )[0][0]
+            feats = torch.randn(crops, g * g, nl.shape[0])
+            aspect = getattr(cfg, "vision_aspect_ratio", None)
+            seq, n_tok = adapter._stitch(feats, g, sizes[0], aspect)
+            opts = {"vision_aspect_ratio": aspect} if aspect else {"vision_feature_select_strategy": "default"}
+            own = model.model.pack_image_features([feats], sizes, image_newline=nl, **opts)[0][0]
             assert torch.equal(seq, own), size
-            unpadded += seq.shape[0] < 16 + (crops - 1) * 16 + 4 * (2 if crops == 3 else 4)
-            assert n_tok == int((~(own == model.model.image_newline).all(-1)).sum())
-        assert unpadded >= 2  # some of these sizes are really unpadded (rows or columns cut)
+            assert n_tok == int((~(own == nl).all(-1)).sum())
+            rows, cols = hf.get_anyres_image_grid_shape(sizes[0], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            cut += n_tok < (1 + rows * cols) * g * g
+        assert cut >= 2  # some of these images are really unpadded (or down-scaled)
 
 
 @pytest.mark.filterwarnings("ignore:tokenflex. n=")
