@@ -463,7 +463,7 @@ class AnyResStages:
         hi = grids[1:].reshape(rows, cols, s, s, d).permute(4, 0, 2, 1, 3).reshape(d, rows * s, cols * s)
         hi = hf.unpad_image(hi, size)
         if aspect is not None:  # as OneVision's pack_image_features, at side s
-            max_crops = int(aspect.strip("anyres_max_"))
+            max_crops = int(aspect.strip("anyres_max_"))  # noqa: B005 - parsed as the model parses it
             _, h, w = hi.shape
             ratio = math.sqrt(h * w / (max_crops * s**2))
             if ratio > 1.1:
