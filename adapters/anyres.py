@@ -41,6 +41,14 @@ class VisualLayout:
     frame: torch.Tensor | None = None
     src: torch.Tensor | None = None
     vit: dict = field(default_factory=dict)
+    #: native grids (``anyres_stages``): the image's per-crop / the video's per-frame grids before the model's
+    #: packing ([crops or frames, n, D]; the projector's input for the projector stage), the model's own
+    #: packing of such grids (a callable), the image size (H, W) and OneVision's ``vision_aspect_ratio``
+    #: of the call; None unless a stage needs them
+    native: torch.Tensor | None = None
+    repack: object = None
+    size: object = None
+    aspect: str | None = None
 
 
 class LayoutStore:

@@ -19,7 +19,8 @@ from vtok.tokens import VisualTokens
 from vtok.stats import Reduction
 
 from .anyres import LayoutStore, VisualLayout, parse_image, ramp
-from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
+from .anyres_stages import AnyResStages
+from .hf_vision import has_cls_token, vit_probe_stats
 from .base import InstanceWrap, per_thread
 from .vit import InViTRunner, check_vit_method, install_qkv_lora
 from .vit_blocks import hf_attn_implementation, hf_block_parts
@@ -28,7 +29,7 @@ from .vlm import VLMAdapter
 __all__ = ["LlavaNextAdapter", "VisualLayout"]
 
 
-class LlavaNextAdapter(VLMAdapter):
+class LlavaNextAdapter(AnyResStages, VLMAdapter):
     """LLaVA-NeXT: one unit per image, base grid then unpadded high-resolution grid, newlines as layout.
 
     A unit's tokens are the base (thumbnail) image's ``h x w`` grid in raster order, followed by the
@@ -69,7 +70,7 @@ class LlavaNextAdapter(VLMAdapter):
 
     name = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
-    stages = ("in_vit", "before_llm", "in_llm")
+    stages = ("in_vit", "before_llm", "in_llm", "projector")
     #: in_vit merges are undone at the projector's output, so the model's own unpadding, pooling and
     #: newlines apply to every crop's / frame's full grid (see ``_unmerge_projected``)
     unmerges_for_grids = True
@@ -244,13 +245,18 @@ class LlavaNextAdapter(VLMAdapter):
     def _note_layouts(self, modality: str, layouts: list) -> None:
         """The layouts of the features the tower just produced, for the prefill in flight (a tower run
         outside a forward -- generate's pre-computation -- is found again through ``_feature_layouts``)."""
+        self._attach_stage_grids(modality, layouts)  # native grids / projector input, when a stage needs them
         if self._fw is not None:
             self._fw.layouts[modality] = layouts
 
     def _needs_layouts(self) -> bool:
-        """Units (and so layouts) are only built for a before_llm method; an in_vit method needs to know
-        which sample each tower row belongs to (its stats are per sample)."""
-        return "before_llm" in self.methods or "in_vit" in self.methods
+        """Layouts are read for a before_llm or a projector-stage method (which need units) and for an in_vit
+        method (which needs to know the sample each tower row belongs to: its stats are per sample)."""
+        return self._needs_units() or "in_vit" in self.methods
+
+    def _needs_units(self) -> bool:
+        """Units are only built for a before_llm or a projector-stage method."""
+        return "before_llm" in self.methods or "projector" in self.methods
 
     def _vit_probes(self) -> list:
         return [p for m in self.all_methods() for p in m.probes() if isinstance(p, ViTAttention)]
@@ -391,7 +397,7 @@ class LlavaNextAdapter(VLMAdapter):
         fw = self._fw
         if self._tower_calls:
             self._tower_stats()
-        if fw.units is None and "before_llm" in self.methods:
+        if fw.units is None and self._needs_units():
             fw.units, fw.spans = self.build_units(kwargs["inputs_embeds"], fw.input_ids)
         return super()._lm_prefill(kwargs)
 
@@ -427,6 +433,8 @@ class LlavaNextAdapter(VLMAdapter):
                 entries.append((int(seg[0, 0]), int(seg[0, 1]), lay, seg[:, 1]))
         entries.sort(key=lambda e: (e[0], e[1]))
         self._fw.unit_layouts = [e[2] for e in entries]
+        if self._stage_mode() is not None:  # native grids / projector stage (``AnyResStages``)
+            return self._stage_units(features, entries), [e[3] for e in entries]
         return self._make_units(features, entries), [e[3] for e in entries]
 
     def _make_units(self, embeds, entries) -> VisualTokens:

@@ -72,6 +72,7 @@ class _Forward:
     pos: torch.Tensor | None = None  # decode: position ids of the current layout
     labels: torch.Tensor | None = None
     vit_reduced: bool = False  # the units were already reduced inside the vision tower (in_vit)
+    relaid: bool = False  # the before_llm output was laid out anew from native grids (AnyRes families)
     refed: int = 0  # decode: leading input tokens that were already in the cache (dropped, zero logits)
     method_state: dict = field(default_factory=dict)  # id(method) -> the dict its LLMViews share
     transitions: dict = field(default_factory=dict)  # layer -> sub-block tensors captured so far
@@ -456,6 +457,7 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
         out, chain = fw.reduced, self.methods.get("before_llm", [])
         changed = out is not None and (
             fw.vit_reduced
+            or fw.relaid
             or out.features.shape != fw.units.features.shape
             or not torch.equal(out.features, fw.units.features)
         )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtok
-from vtok.testing import left_pad_batch, llava_samples, tiny_llava, tiny_llava_next
+from vtok.testing import left_pad_batch, llava_samples, tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,7 @@ def test_projector_settings_that_do_not_fit_the_model_are_refused(model, samples
         vtok.apply(model, "matryoshka", scale="half")
     with pytest.raises(ValueError, match="matryoshka works on the projector's input grid, which tome"):
         vtok.apply(model, ["tome", "matryoshka"])
-    with pytest.raises(ValueError, match="stage 'projector', which the llava_next adapter does not support"):
-        vtok.apply(tiny_llava_next(), "matryoshka")
+    # LLaVA-NeXT / OneVision serve the projector stage per crop: tests/test_anyres_stages.py
 
 
 def test_calls_the_projector_stage_cannot_serve_are_refused(model, samples):

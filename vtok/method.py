@@ -175,6 +175,13 @@ class Method:
     in_llm_merges: ClassVar[bool] = False
     #: whether before_llm needs every image's full token grid (so no in_vit merge may run before it)
     needs_full_grids: ClassVar[bool] = False
+    #: whether before_llm reads the native grids: on LLaVA-NeXT / OneVision every AnyRes crop's and video
+    #: frame's projected grid before the model's own unpadding / 2x2 pooling (one unit per image / video,
+    #: ``grids[u] = [(g, g)] * crops`` or ``[(G, G)] * frames``). The model's packing then applies to what the
+    #: method returns if it keeps every native token in order; otherwise the method declares the layout
+    #: (``VisualTokens.layout``). Only the first method of a before_llm chain may; other adapters' units are
+    #: already native (LLaVA-1.5: the projected grid). See ``vtok.adapters.anyres_stages``.
+    native_grids: ClassVar[bool] = False
     #: whether the method's modules are meaningless untrained: a forward in eval mode without loaded
     #: ``weights=`` is refused (training them, in ``handle.train()`` mode, is allowed)
     needs_weights: ClassVar[bool] = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +142,14 @@ class QuoTA(Method):
     prompt when the list is empty). The paper's scorer is a separate Qwen2-VL-2B on raw frames and its
     budget is the vanilla model's token count with upsampling allowed; here frames never exceed their native
     grid, so retain=1.0 is the no-op whatever the scores. A frame's grid is the one the LLM gets: on OneVision
-    after the model's 2-D pooling (the paper resizes the unpooled 27 x 27 grid; vtok has no stage before the
-    model's pooling yet). Custom ``scorer(frames, questions, ask)``:
+    after the model's 2-D pooling, unless ``native=True``: then (LLaVA-NeXT / OneVision) QuoTA reads the
+    native grids before the model's pooling and unpadding (``Method.native_grids``), as the paper resizes
+    each unpooled 27 x 27 frame: ``retain`` is then a share of the native tokens (the paper's budget, the
+    vanilla model's T x 196 pooled tokens, is ``retain=196/729``), each frame / AnyRes crop is resized on its
+    native grid and QuoTA lays the result out itself (per frame / crop its resized grid, a newline after each
+    row); retain=1.0 still hands every native token back, which the model then pools as usual. ``native``
+    is off by default so that ``retain`` keeps its meaning (a share of the tokens the LLM gets) on every
+    model. Custom ``scorer(frames, questions, ask)``:
     ``frames`` one [T, n, D] tensor per temporal clip of the batch (LLM width), ``questions`` the question
     of each clip's sample, ``ask`` the ``AskModel`` callable (both None without a processor); returns one
     sequence of T scores (finite, >= 0) per clip. The default scorer needs
@@ -172,6 +178,10 @@ class QuoTA(Method):
     prompt: str = hparam(DEFAULT_PROMPT, "the relevance question asked per frame; {question} is filled in", type=str)
     answer: str = hparam("Yes", "the answer whose first token's probability is a frame's score", type=str)
     decouple: bool = hparam(False, "first ask the model which objects the question needs (query decoupling)", type=bool)
+    native: bool = hparam(
+        False, "resize each frame's / crop's native grid before the model's own pooling and unpadding (LLaVA-NeXT, "
+        "OneVision; the paper's 27x27 frames); retain is then a share of the native tokens", type=bool,
+    )  # fmt: skip
     position_policy: str = hparam(
         "compact", "'compact' renumbers RoPE positions, 'keep' gives a token its patch's index", choices=POSITION_POLICIES
     )
@@ -185,6 +195,11 @@ class QuoTA(Method):
             raise ValueError(f"quota: prompt={self.prompt!r} must be a str.format template with only {{question}} ({e})") from None
         if not self.answer.strip():
             raise ValueError(f"quota: answer={self.answer!r} is empty; give the word whose probability is a frame's score, e.g. 'Yes'")
+
+    @property
+    def native_grids(self) -> bool:
+        """Native grids when ``native`` is set (see the class docstring)."""
+        return self.native
 
     def probes(self):
         """Optional: without a processor, images still work (nothing to score); videos need the scorer."""
@@ -243,17 +258,32 @@ class QuoTA(Method):
             asked = probes.get(QUESTION) or [None] * (int(tokens.owner.max()) + 1)
             questions = [asked[int(tokens.owner[c.units[0]])] for c in temporal]
             scores = dict(zip(map(id, temporal), self._scores(frames, questions, probes.get(ASK))))
-        pieces = [self._clip_pieces(tokens, c, scores.get(id(c))) for c in clip_list]
-        return assemble(tokens, clip_list, pieces)
+        targets = [self._clip_grids(c, scores.get(id(c))) for c in clip_list]
+        pieces = [self._clip_pieces(tokens, c, g) for c, g in zip(clip_list, targets)]
+        out = assemble(tokens, clip_list, pieces)
+        if not self.native:
+            return out
+        # native grids: QuoTA lays the resized grids out itself, frame after frame (crop after crop)
+        layout = [None] * tokens.num_units
+        for clip, grids in zip(clip_list, targets):
+            kept = [(oh, ow) for oh, ow in grids if oh * ow]
+            if clip.one_unit:
+                layout[clip.units[0]] = kept
+            else:
+                for u, g in zip(clip.units, grids):
+                    layout[u] = [g] if g[0] * g[1] else []
+        return replace(out, layout=layout)
 
-    def _clip_pieces(self, tokens: VisualTokens, clip: Clip, scores) -> list[Piece]:
-        """The resized frames of one clip: budgets from ``scores`` (temporal), else one ratio for all."""
+    def _clip_grids(self, clip: Clip, scores) -> list[tuple[int, int]]:
+        """The target grid of each frame of one clip: budgets from ``scores`` (temporal), else one ratio for all."""
         if scores is None:
-            grids = [scaled_grid(h, w, self.retain) for h, w in clip.grids]
-        else:
-            sizes = [h * w for h, w in clip.grids]
-            budgets = frame_budgets(keep_count(sum(sizes), self.retain), sizes, frame_weights(scores, self.power))
-            grids = [v1_grid(c, h, w) for c, (h, w) in zip(budgets, clip.grids)]
+            return [scaled_grid(h, w, self.retain) for h, w in clip.grids]
+        sizes = [h * w for h, w in clip.grids]
+        budgets = frame_budgets(keep_count(sum(sizes), self.retain), sizes, frame_weights(scores, self.power))
+        return [v1_grid(c, h, w) for c, (h, w) in zip(budgets, clip.grids)]
+
+    def _clip_pieces(self, tokens: VisualTokens, clip: Clip, grids: list) -> list[Piece]:
+        """The frames of one clip resized to ``grids``."""
         by_shape: dict = {}  # frames of one (grid, target) resized together
         for t, ((h, w), (oh, ow)) in enumerate(zip(clip.grids, grids)):
             if oh * ow:
