@@ -103,6 +103,9 @@ class Adapter:
     #: whether an in_vit merge can be undone for a before_llm method that needs full grids (each patch then
     #: takes its merged token's value: the tower ran on fewer tokens, the method decides what the LLM gets)
     unmerges_for_grids: ClassVar[bool] = False
+    #: whether an in_vit method alone shortens the LLM's prompt (False where the tower's merges are always
+    #: undone for the model's own packing: LLaVA-NeXT / OneVision)
+    in_vit_shortens_prompt: ClassVar[bool] = True
     probe_types: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, model: nn.Module, methods: dict[str, list[Method]], handle):

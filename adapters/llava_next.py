@@ -22,7 +22,7 @@ from .anyres import LayoutStore, VisualLayout, parse_image, ramp
 from .anyres_stages import AnyResStages
 from .hf_vision import has_cls_token, vit_probe_stats
 from .base import InstanceWrap, per_thread
-from .vit import InViTRunner, check_vit_method, install_qkv_lora
+from .vit import InViTRunner, install_qkv_lora
 from .vit_blocks import hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
@@ -74,6 +74,7 @@ class LlavaNextAdapter(AnyResStages, VLMAdapter):
     #: in_vit merges are undone at the projector's output, so the model's own unpadding, pooling and
     #: newlines apply to every crop's / frame's full grid (see ``_unmerge_projected``)
     unmerges_for_grids = True
+    in_vit_shortens_prompt = False
 
     @classmethod
     def matches(cls, model) -> bool:
