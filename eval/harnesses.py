@@ -150,8 +150,8 @@ class VideoNeedleQA(EasyVQA):
 
     name = "video-needle"
 
-    def __init__(self, helper, n: int = 50, seed: int = 0, frames: int = 8):
-        super().__init__(helper, n, seed)
+    def __init__(self, helper, n: int = 50, seed: int = 0, frames: int = 8, split: str = "test"):
+        super().__init__(helper, n, seed, split=split)
         if frames < 2:
             raise ValueError(f"frames={frames} must be >= 2 (clip frames plus the needle)")
         self.frames = frames

@@ -101,6 +101,10 @@ def train(a) -> dict:
                                   seed=a.seed, log=a.log, log_every=a.log_every, frames=int(hp.get("frames", 12)),
                                   scale=50.0)  # fmt: skip
         return train_tempme.train(args)
+    if name == "vqtoken":  # a before_llm module trained on the video-needle task (vtok.eval.train_vqtoken)
+        from . import train_vqtoken
+
+        return train_vqtoken.train(a, dict(hp))
     device = torch.device(a.device)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -229,8 +233,10 @@ def main(argv=None) -> int:
         vtok train matryoshka --out m3.safetensors --steps 300            # the projector copy, all nested scales
         vtok train tokenflex:train_n=(2,4,8,16) --distill-steps 200 --steps 300 --out tokenflex.safetensors
         vtok train tempme --steps 60 --batch-size 8 --lr 3e-3 --out tempme.safetensors   # DINOv2, real clips
+        vtok train vqtoken:k=16 --steps 150 --batch-size 4 --out vqtoken.safetensors  # VQ-attention, video-needle
 
-    TempMe trains on a retrieval proxy built from real clips on the offline DINOv2 (``vtok.eval.train_tempme``).
+    TempMe trains on a retrieval proxy built from real clips on the offline DINOv2 (``vtok.eval.train_tempme``),
+    VQToken's VQ-attention module on the video-needle task (``vtok.eval.train_vqtoken``).
 
     The vision tower runs once per train image (features cached under <cache>/offline/features); each step
     draws a batch of questions, asks the method for its training variants (M3: every nested scale; TokenFLEX:

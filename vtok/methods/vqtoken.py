@@ -134,6 +134,10 @@ class VQToken(Method):
     iters: int = hparam(100, "k-means iterations at most", type=int, range="[1, inf)")
     seed: int = hparam(0, "seed of the k-means++ draws (per video, independent of batching)", type=int)
     attn: bool = hparam(False, "add the trainable VQ-attention module (needs trained weights)", type=bool)
+    frame_tokens: int | None = hparam(
+        None, "tokens per frame the VQ-attention module is built for (None: the tower's configured size; a tower "
+        "run at another input size, e.g. the demo VLM's DINOv2 at 224 px = 256, needs it)", type=int, range="[1, inf)",
+    )
     rescale: bool = hparam(False, "scale each unit-norm code to its members' mean norm (for a VLM not fine-tuned on codes)", type=bool)
     images_as_frames: bool = hparam(True, "the images of one prompt are the frames of one video", type=bool)
     position_policy: str = hparam("compact", "positions: renumbered (codes stand for no single patch)", choices=("compact",))
@@ -159,7 +163,7 @@ class VQToken(Method):
             return None
         width = int(dims["llm_hidden"])
         heads = next(h for h in (8, 4, 2, 1) if width % h == 0)
-        n = int(dims.get("vit_tokens") or 1)
+        n = int(self.frame_tokens or dims.get("vit_tokens") or 1)
         return {"vq_attention": VQAttention(n, width, heads)}
 
     def _choose(self, x: torch.Tensor, gen_seed: list):
@@ -206,7 +210,8 @@ class VQToken(Method):
                 same = all(f.shape[0] == n for f in frames)
                 if not same or n != self.modules["vq_attention"].embed.in_features:
                     raise ValueError(f"vqtoken: the VQ-attention module was built for frames of "
-                                     f"{self.modules['vq_attention'].embed.in_features} tokens; these have {[f.shape[0] for f in frames]}")
+                                     f"{self.modules['vq_attention'].embed.in_features} tokens; these have "
+                                     f"{[f.shape[0] for f in frames]} (set frame_tokens= to the frames' count)")
                 codes = self.modules["vq_attention"](codes, labels.view(len(frames), n), k).float()
             maps.append(labels)
             pieces.append(self._place(clip, frames, x, labels, codes, counts))
