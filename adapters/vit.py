@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
+from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import Callable
 
@@ -752,6 +753,27 @@ class OpenClipViTAdapter(ViTAdapter):
 
     def block_parts(self):
         return open_clip_block_parts(self.tower())
+
+    def text_block_parts(self) -> list[BlockParts]:
+        """The text tower's blocks of a whole open_clip CLIP model (none for a bare VisionTransformer)."""
+        text = getattr(self.model, "transformer", None)
+        if self.model is self.tower() or getattr(text, "resblocks", None) is None:
+            return []
+        return open_clip_block_parts(self.model)
+
+    def dims(self) -> dict:
+        out = super().dims()
+        text = self.text_block_parts()
+        if text:
+            out.update(text_blocks=len(text), text_hidden=int(text[0].mlp_in.normalized_shape[0]))
+        return out
+
+    def attach(self) -> None:
+        super().attach()
+        method = self.method("in_vit")
+        text = self.text_block_parts()
+        if text and callable(getattr(method, "text_qkv_lora", None)):  # a PEFT method's text-tower LoRA (TempMe)
+            install_qkv_lora(self, text, SimpleNamespace(name=method.name, qkv_lora=method.text_qkv_lora))
 
     def num_prefix_tokens(self) -> int:
         return 1  # open_clip's VisionTransformer always prepends its class embedding

@@ -182,3 +182,28 @@ def test_a_video_of_several_windows_reads_every_frames_class_token():
         cls = h.adapter.frame_class_tokens()
         emb = video_embeddings(h)
     assert len(cls) == 1 and cls[0].shape[0] == 8 and emb.shape[0] == 1
+
+
+def test_a_whole_open_clip_model_gets_text_tower_lora_too_and_the_papers_half_million():
+    import open_clip
+
+    with torch.device("meta"):
+        big = open_clip.CLIP(embed_dim=512, vision_cfg=dict(layers=12, width=768, patch_size=16, image_size=224),
+                             text_cfg=dict(layers=12, width=512, heads=8, context_length=77, vocab_size=49408))  # fmt: skip
+    # 294,912 vision LoRA + 16,128 clip tables + 196,608 text LoRA (width 512, 12 blocks): the paper's 0.50 M
+    assert "trainable parameters on this CLIP: 507,648" in describe("tempme", big)
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg=dict(layers=2, width=32, patch_size=8, image_size=32, head_width=16),
+                           text_cfg=dict(layers=2, width=32, heads=2, context_length=8, vocab_size=50)).eval()  # fmt: skip
+    text = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    with vtok.apply(model, "tempme", frames=2, merge_frames=(2,), img_r=1) as h, torch.no_grad():
+        _randomise(h)
+        got = model.encode_text(text)
+        updates = [h.methods[0].text_qkv_lora(i) for i in range(2)]
+        updates = [(a.clone(), b.clone()) for a, b in updates]
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for blk, (a, b) in zip(ref_model.transformer.resblocks, updates):
+            blk.attn.in_proj_weight += b @ a
+        torch.testing.assert_close(got, ref_model.encode_text(text), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, model.encode_text(text))  # removed: the untouched text tower again

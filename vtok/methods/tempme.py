@@ -66,9 +66,9 @@ class TempMe(Method):
     of ``frames`` frames (TempMe resamples every video to 12); its frame count must be a multiple of
     ``frames``. A single image (a batch row of its own) is a one-frame video: ImgMe, then each ClipMe block's
     merges within the image (no position table). A tower shallower than ``len(merge_frames) + 1`` blocks keeps
-    the first ClipMe blocks that fit. LoRA (rank ``lora_rank``, on the packed q|k|v of every block reaching the
-    output) is the vision side of the paper's PEFT; the text tower's LoRA is not vtok's (a text tower is not a
-    vision tower). On ``nn.MultiheadAttention`` blocks the keys that matching reads come from the frozen
+    the first ClipMe blocks that fit. LoRA (rank ``lora_rank``) goes on the packed q|k|v of every vision block
+    reaching the output, and, attached to a whole open_clip CLIP model, of every text block too (the paper's
+    PEFT: 0.50 M at ViT-B shapes); a bare vision tower gets the vision side only. On ``nn.MultiheadAttention`` blocks the keys that matching reads come from the frozen
     projection (vtok computes them itself); elsewhere they include the update.
     """
 
@@ -128,6 +128,10 @@ class TempMe(Method):
         mods: dict = {}
         if self.lora_rank:
             mods["lora"] = nn.ModuleList(_LoRA(width, self.lora_rank) for _ in range(n))
+            if dims.get("text_hidden"):  # a whole CLIP model: its text tower's blocks too (the paper's PEFT)
+                mods["text_lora"] = nn.ModuleList(
+                    _LoRA(int(dims["text_hidden"]), self.lora_rank) for _ in range(int(dims["text_blocks"]))
+                )
         if self.frame_pos:
             _, fs = self._blocks(n)
             sizes, clips = [], self.frames
@@ -142,6 +146,13 @@ class TempMe(Method):
         if mods is None or "lora" not in mods or block >= len(mods["lora"]):
             return None
         m = mods["lora"][block]
+        return m.A, m.B
+
+    def text_qkv_lora(self, block: int):
+        mods = getattr(self, "modules", None)
+        if mods is None or "text_lora" not in mods or block >= len(mods["text_lora"]):
+            return None
+        m = mods["text_lora"][block]
         return m.A, m.B
 
     # windows ------------------------------------------------------------------------------
