@@ -150,7 +150,7 @@ def train(a) -> dict:
            "lr": a.lr, "frames": a.frames, "clips": len(clips), "trainable_parameters": sum(p.numel() for p in params),
            "threads": torch.get_num_threads(), "seed": a.seed}  # fmt: skip
     _log(log, rec)
-    t0 = time.time()
+    t0, run = time.time(), []
     bar = tqdm(total=a.steps, desc="train tempme", unit="step")
     try:
         for step in range(1, a.steps + 1):
@@ -165,11 +165,13 @@ def train(a) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            run.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{run[-1]:.3f}")
             if step % a.log_every == 0 or step == a.steps:
-                rec = {"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - t0, 1)}
+                rec = {"step": step, "loss": round(sum(run) / len(run), 4), "elapsed_s": round(time.time() - t0, 1)}
                 _log(log, rec)
+                run = []
     finally:
         bar.close()
         handle.eval()
@@ -193,7 +195,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8, help="videos per step (InfoNCE negatives)")
     p.add_argument("--frames", type=int, default=12)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--scale", type=float, default=50.0, help="InfoNCE logit scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None)
