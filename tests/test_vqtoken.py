@@ -100,3 +100,23 @@ def test_vq_attention_untrained_is_refused_in_eval_mode():
         model(**batch)
     with vtok.apply(model, VQToken(k=4)), torch.no_grad():
         model(**batch)  # the codebook alone has nothing to train
+
+
+def test_native_codes_cluster_the_unpooled_frames_on_onevision_and_batching_does_not_change_them():
+    """native=True: k-means over every frame's 6x6 tower grid (before the model's 2x2 pooling to 3x3), the codes go
+    to the LLM as a sequence; batch == each video alone, generate runs."""
+    model = tiny_model("llava_onevision")
+    case = LLAVA_ONEVISION_VIDEO
+    samples = case.make_samples(model, case.specs, 0)
+    batch = case.batch(samples)
+    m = VQToken(k=4, native=True)
+    with vtok.apply(model, m) as h, torch.no_grad():
+        out = model(**batch).logits
+        (red,) = h.stats
+        assert red.tokens_in == [8 * 36, 12 * 36] and red.tokens_out == [4, 4]
+        assert [len(lab) for lab in m.last_index_map] == [8 * 36, 12 * 36]
+        for i, s in enumerate(samples):
+            one = model(**case.batch([s])).logits
+            torch.testing.assert_close(out[i, -one.shape[1] :], one[0], atol=2e-5, rtol=1e-4)
+        gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] == batch["input_ids"].shape[1] + 3

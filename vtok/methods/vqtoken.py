@@ -7,7 +7,7 @@ module (``VQAttention``) is trainable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import threading
 
@@ -140,7 +140,16 @@ class VQToken(Method):
     )
     rescale: bool = hparam(False, "scale each unit-norm code to its members' mean norm (for a VLM not fine-tuned on codes)", type=bool)
     images_as_frames: bool = hparam(True, "the images of one prompt are the frames of one video", type=bool)
+    native: bool = hparam(
+        False, "cluster each frame's native grid, before the model's own pooling (LLaVA-NeXT / OneVision: the paper's "
+        "T x 729 tokens); the codes then go to the LLM as a sequence", type=bool,
+    )
     position_policy: str = hparam("compact", "positions: renumbered (codes stand for no single patch)", choices=("compact",))
+
+    @property
+    def native_grids(self) -> bool:
+        """Native grids when ``native`` is set."""
+        return self.native
 
     def validate(self) -> None:
         if self.k_min > self.k_max:
@@ -217,7 +226,10 @@ class VQToken(Method):
             pieces.append(self._place(clip, frames, x, labels, codes, counts))
         #: per video of the last call: the [T*N] code of every token (the token hash), frame after frame
         self.last_index_map = maps
-        return assemble(tokens, found, pieces)
+        out = assemble(tokens, found, pieces)
+        if self.native:  # the codes replace the native grids: laid out as a sequence, not the model's pooled grid
+            out = replace(out, layout=["sequence"] * out.num_units)
+        return out
 
     @staticmethod
     def _place(clip, frames, x, labels, codes, counts) -> list[Piece]:
