@@ -100,10 +100,14 @@ def _video_vectors(model, handle, clips, win: Windows, rows, frames: int) -> tor
         return video_embeddings(handle).float()
 
 
-def _recall(video: torch.Tensor, text: torch.Tensor) -> dict:
+def _recall(video: torch.Tensor, text: torch.Tensor, clip: list) -> dict:
+    """Text-to-video R@1 / R@5 (the caption's own window), and clip@1: the top video comes from the same clip (windows
+    of one clip overlap in time, so the exact window is often a near-tie)."""
     sim = text @ video.T
     rank = (sim > sim.diag().unsqueeze(1)).sum(1)
-    return {"R@1": float((rank < 1).float().mean()), "R@5": float((rank < 5).float().mean())}
+    c = torch.tensor(clip)
+    same = c[sim.argmax(1)] == c
+    return {"R@1": float((rank < 1).float().mean()), "R@5": float((rank < 5).float().mean()), "clip@1": float(same.float().mean())}
 
 
 def evaluate(model, clips, frames: int = 12, n: int = 200, seed: int = 1, weights=None, batch: int = 8) -> list[dict]:
@@ -114,7 +118,7 @@ def evaluate(model, clips, frames: int = 12, n: int = 200, seed: int = 1, weight
     text = torch.cat([class_embeddings(model, clips[c][[i]]) for c, i in zip(win.clip, win.caption)])
     rows = []
     full = torch.stack([F.normalize(class_embeddings(model, win.pixels(clips, [r])).mean(0), dim=-1) for r in range(n)])
-    rows.append({"method": "untouched (every token)", "tokens_per_video": frames * 50, **_recall(full, text)})
+    rows.append({"method": "untouched (every token)", "tokens_per_video": frames * 50, **_recall(full, text, win.clip)})
     for label, w in (("tempme untrained", "untrained"), ("tempme trained", weights)):
         if w is None:
             continue
@@ -122,7 +126,7 @@ def evaluate(model, clips, frames: int = 12, n: int = 200, seed: int = 1, weight
             vecs = torch.cat([_video_vectors(model, h, clips, win, list(range(i, min(n, i + batch))), frames)
                               for i in range(0, n, batch)])  # fmt: skip
             last = h.stats[-1]  # the last block of the last call: one row per video
-        rows.append({"method": label, "tokens_per_video": int(np.mean(last.tokens_out)), **_recall(vecs, text)})
+        rows.append({"method": label, "tokens_per_video": int(np.mean(last.tokens_out)), **_recall(vecs, text, win.clip)})
     return rows
 
 
@@ -214,6 +218,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.steps:
         train(a)
+    elif a.out and not Path(a.out).is_file():
+        raise FileNotFoundError(f"--steps 0 evaluates saved weights, and {a.out} does not exist")
     if a.evaluate:
         from .datasets import load_model
 
