@@ -161,7 +161,8 @@ def train(a) -> dict:
             for g in opt.param_groups:
                 g["lr"] = one_cycle_lr((step - 1) / a.steps, a.lr)
             win = Windows.sample(lengths, a.batch_size, a.frames, "train", rng)
-            text = torch.cat([class_embeddings(model, clips[c][[i]]) for c, i in zip(win.clip, win.caption)])
+            with handle.adapter.nested():  # captions: the untouched tower (no merges, no LoRA), as at evaluation
+                text = torch.cat([class_embeddings(model, clips[c][[i]]) for c, i in zip(win.clip, win.caption)])
             video = _video_vectors(model, handle, clips, win, list(range(a.batch_size)), a.frames)
             logits = a.scale * video @ text.T
             target = torch.arange(a.batch_size)
