@@ -345,10 +345,12 @@ class InViTRunner:
     def _apply(self, index: int, plan: ViTMerge | None, x: torch.Tensor, point: str):
         """Apply the method's plan to the tokens ``x`` [B, N, C] (concatenating rows first if it asks):
         the new tokens, or None when the plan does nothing."""
-        if plan is None or (plan.r == 0 and plan.regroup == 1 and plan.add is None):
+        if plan is None:
             return None
         if not isinstance(plan, ViTMerge):
             raise TypeError(f"{self.method.name}.in_vit must return a vtok.vit.ViTMerge or None, got {type(plan).__name__}")
+        if plan.r == 0 and plan.regroup == 1 and plan.add is None:
+            return None
         f = int(plan.regroup)
         if f != 1:
             if point != "attn":

@@ -246,3 +246,14 @@ def test_tome_then_holitom_on_onevision_videos(ov_video):
         plain = h2.methods[0].handed[0]
     assert not torch.allclose(plain.features, tokens.features)  # the tower did merge
     assert _untouched(model, singles, refs)
+
+
+def test_a_plan_that_is_not_a_vitmerge_is_refused_at_either_merge_point():
+    model = tiny_hf_vision("clip", seed=0).eval()
+
+    class Wrong(FramePairMerge):
+        def in_vit_pre(self, view):
+            return (view.x, None)
+
+    with vtok.apply(model, Wrong(k=1)), torch.no_grad(), pytest.raises(TypeError, match="must return a vtok.vit.ViTMerge"):
+        model(pixel_values=torch.randn(2, 3, 32, 32))
