@@ -83,6 +83,44 @@ def _log(path: Path | None, rec: dict) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
+def step_loop(handle, opt, loss_of, *, steps: int, lr: float, out, log: Path | None = None, log_every: int = 10,
+              save_every: int = 0, desc: str = "train") -> dict:
+    """The training loop of a method's own modules: ``loss_of(step)`` gives the step's loss (1-based); AdamW
+    steps under a one-cycle LR, a progress bar, the mean loss logged every ``log_every`` steps, the modules saved
+    every ``save_every`` steps and at the end (also on an error), then put in eval mode and taken off the model.
+    Returns the last log record."""
+    from tqdm import tqdm
+
+    from .train_projector import one_cycle_lr
+
+    t0, run = time.time(), []
+    bar = tqdm(total=steps, desc=desc, unit="step")
+    try:
+        for step in range(1, steps + 1):
+            for g in opt.param_groups:
+                g["lr"] = one_cycle_lr((step - 1) / steps, lr)
+            loss = loss_of(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{run[-1]:.3f}")
+            if step % log_every == 0 or step == steps:
+                _log(log, {"step": step, "loss": round(sum(run) / len(run), 4), "elapsed_s": round(time.time() - t0, 1)})
+                run = []
+            if save_every and step % save_every == 0:
+                handle.save(out)
+    finally:
+        bar.close()
+        handle.eval()
+        handle.save(out)
+        handle.remove()
+    rec = {"event": "end", "steps": steps, "elapsed_s": round(time.time() - t0, 1), "saved": Path(out).name}
+    _log(log, rec)
+    return rec
+
+
 def train(a) -> dict:
     """The loop (see ``main`` for the command line). Returns the last log record."""
     from tqdm import tqdm

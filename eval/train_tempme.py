@@ -132,12 +132,10 @@ def evaluate(model, clips, frames: int = 12, n: int = 200, seed: int = 1, weight
 
 def train(a) -> dict:
     """The loop (see ``main``); returns the last log record."""
-    from tqdm import tqdm
-
     import vtok
 
     from .datasets import load_model
-    from .train_projector import one_cycle_lr
+    from .train import _log, step_loop
 
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -154,44 +152,18 @@ def train(a) -> dict:
            "lr": a.lr, "frames": a.frames, "clips": len(clips), "trainable_parameters": sum(p.numel() for p in params),
            "threads": torch.get_num_threads(), "seed": a.seed}  # fmt: skip
     _log(log, rec)
-    t0, run = time.time(), []
-    bar = tqdm(total=a.steps, desc="train tempme", unit="step")
-    try:
-        for step in range(1, a.steps + 1):
-            for g in opt.param_groups:
-                g["lr"] = one_cycle_lr((step - 1) / a.steps, a.lr)
-            win = Windows.sample(lengths, a.batch_size, a.frames, "train", rng)
-            with handle.adapter.nested():  # captions: the untouched tower (no merges, no LoRA), as at evaluation
-                text = torch.cat([class_embeddings(model, clips[c][[i]]) for c, i in zip(win.clip, win.caption)])
-            video = _video_vectors(model, handle, clips, win, list(range(a.batch_size)), a.frames)
-            logits = a.scale * video @ text.T
-            target = torch.arange(a.batch_size)
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{run[-1]:.3f}")
-            if step % a.log_every == 0 or step == a.steps:
-                rec = {"step": step, "loss": round(sum(run) / len(run), 4), "elapsed_s": round(time.time() - t0, 1)}
-                _log(log, rec)
-                run = []
-    finally:
-        bar.close()
-        handle.eval()
-        handle.save(a.out)
-        handle.remove()
-    rec = {"event": "end", "steps": a.steps, "elapsed_s": round(time.time() - t0, 1), "saved": Path(a.out).name}
-    _log(log, rec)
-    return rec
 
+    def loss_of(step: int) -> torch.Tensor:
+        win = Windows.sample(lengths, a.batch_size, a.frames, "train", rng)
+        with handle.adapter.nested():  # captions: the untouched tower (no merges, no LoRA), as at evaluation
+            text = torch.cat([class_embeddings(model, clips[c][[i]]) for c, i in zip(win.clip, win.caption)])
+        video = _video_vectors(model, handle, clips, win, list(range(a.batch_size)), a.frames)
+        logits = a.scale * video @ text.T
+        target = torch.arange(a.batch_size)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
-def _log(path: Path | None, rec: dict) -> None:
-    print(json.dumps(rec), flush=True)
-    if path is not None:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    return step_loop(handle, opt, loss_of, steps=a.steps, lr=a.lr, out=a.out, log=log, log_every=a.log_every,
+                     desc="train tempme")
 
 
 def add_arguments(p) -> None:

@@ -24,14 +24,11 @@ __all__ = ["train"]
 
 def train(a, hp: dict) -> dict:
     """The loop; ``a``: `vtok train`'s arguments, ``hp``: the method's settings (``k``, ``frames``)."""
-    from tqdm import tqdm
-
     import vtok
 
     from . import offline as O
     from .harnesses import VideoNeedleQA
-    from .train import _log
-    from .train_projector import one_cycle_lr
+    from .train import _log, step_loop
 
     frames = int(hp.pop("frames", 16))
     hp = {"k": 16, "frame_tokens": O.num_image_tokens(O.IMAGE_SIZE), **hp, "attn": True}
@@ -49,33 +46,12 @@ def train(a, hp: dict) -> dict:
            "frames": frames, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
            "trainable_parameters": sum(p.numel() for p in params), "threads": torch.get_num_threads()}  # fmt: skip
     _log(log, rec)
-    t0, run = time.time(), []
-    bar = tqdm(total=a.steps, desc="train vqtoken", unit="step")
-    try:
-        for step in range(1, a.steps + 1):
-            for g in opt.param_groups:
-                g["lr"] = one_cycle_lr((step - 1) / a.steps, a.lr)
-            b = data.batch(list(range((step - 1) * a.batch_size, step * a.batch_size)))
-            out = model(**b["inputs"], logits_to_keep=1, use_cache=False)
-            logits = out.logits[:, -1].float()[:, answers.to(out.logits.device)]
-            loss = F.cross_entropy(logits, torch.tensor(b["gold"], device=logits.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{run[-1]:.3f}")
-            if step % a.log_every == 0 or step == a.steps:
-                rec = {"step": step, "loss": round(sum(run) / len(run), 4), "elapsed_s": round(time.time() - t0, 1)}
-                _log(log, rec)
-                run = []
-            if a.save_every and step % a.save_every == 0:
-                handle.save(a.out)
-    finally:
-        bar.close()
-        handle.eval()
-        handle.save(a.out)
-        handle.remove()
-    rec = {"event": "end", "steps": a.steps, "elapsed_s": round(time.time() - t0, 1), "saved": Path(a.out).name}
-    _log(log, rec)
-    return rec
+
+    def loss_of(step: int) -> torch.Tensor:
+        b = data.batch(list(range((step - 1) * a.batch_size, step * a.batch_size)))
+        out = model(**b["inputs"], logits_to_keep=1, use_cache=False)
+        logits = out.logits[:, -1].float()[:, answers.to(out.logits.device)]
+        return F.cross_entropy(logits, torch.tensor(b["gold"], device=logits.device))
+
+    return step_loop(handle, opt, loss_of, steps=a.steps, lr=a.lr, out=a.out, log=log, log_every=a.log_every,
+                     save_every=a.save_every, desc="train vqtoken")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 from conftest import tiny_model, tiny_processor
+from test_projector_stage import tokenflex_trains_saves_and_reloads
 
 import vtok
 from vtok.method import get_method_class, keep_count
@@ -394,31 +395,7 @@ def test_tokenflex_trains_on_llava_next_saves_reloads_and_leaves_the_model_untou
     case = TINY_CASES["llava_next"]
     model = case.build()
     batch = case.batch(case.make_samples(model, case.specs[:2], 0))
-    batch.pop("position_ids", None)
-    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
-    labels = labels.masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.requires_grad_(False)
-    h = vtok.apply(model, "tokenflex", n=[2, 1], train_n=(1, 2))
-    h.train()
-    opt = torch.optim.Adam(h.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(10):
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
-    h.eval()
-    trained = _logits(model, batch)
-    path = tmp_path / "tf.safetensors"
-    h.save(path)
-    h.remove()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not any("forward" in vars(m) for m in model.modules())
-    with vtok.apply(model, "tokenflex", n=[2, 1], train_n=(1, 2), weights=path):
-        assert torch.equal(_logits(model, batch), trained)
+    tokenflex_trains_saves_and_reloads(model, batch, tmp_path, steps=10)
 
 
 def test_what_the_projector_stage_cannot_serve_on_next_and_onevision_is_refused():

@@ -71,20 +71,21 @@ def test_a_setting_per_sample_equals_each_sample_alone(model, samples, name, key
         assert torch.equal(out[i, n:], gen[0, k:])
 
 
-def test_tokenflex_trains_through_the_hooks_saves_reloads_and_leaves_the_model_untouched(tmp_path):
-    model = tiny_llava(seed=3)
-    batch = left_pad_batch(llava_samples(model, [(3, 1, 4), (5, 1, 2)], seed=1))
+def tokenflex_trains_saves_and_reloads(model, batch, tmp_path, steps: int):
+    """TokenFLEX (n = [2, 1], one per sample) trained ``steps`` Adam steps on the prompt loss through the hooks: the
+    loss falls, remove() leaves the model's state_dict and instance attributes as they were, and the saved weights
+    reload to identical logits. Returns the weights' path."""
+    batch = dict(batch)
     batch.pop("position_ids", None)
     labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
     labels = labels.masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.requires_grad_(False)
     h = vtok.apply(model, "tokenflex", n=[2, 1], train_n=(1, 2))
-    assert sum(p.numel() for p in h.parameters()) == 2 * (32 * 64 + 64) + 64 * 64 + 64  # gate, up; down
     h.train()
     opt = torch.optim.Adam(h.parameters(), lr=3e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(steps):
         loss = model(**batch, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -97,8 +98,18 @@ def test_tokenflex_trains_through_the_hooks_saves_reloads_and_leaves_the_model_u
     h.save(path)
     h.remove()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any("forward" in vars(m) for m in model.modules())
     with vtok.apply(model, "tokenflex", n=[2, 1], train_n=(1, 2), weights=path):
         assert torch.equal(_logits(model, batch), trained)
+    return path
+
+
+def test_tokenflex_trains_through_the_hooks_saves_reloads_and_leaves_the_model_untouched(tmp_path):
+    model = tiny_llava(seed=3)
+    batch = left_pad_batch(llava_samples(model, [(3, 1, 4), (5, 1, 2)], seed=1))
+    with vtok.apply(model, "tokenflex", n=[2, 1], train_n=(1, 2)) as h:
+        assert sum(p.numel() for p in h.parameters()) == 2 * (32 * 64 + 64) + 64 * 64 + 64  # gate, up; down
+    path = tokenflex_trains_saves_and_reloads(model, batch, tmp_path, steps=12)
     with vtok.apply(model, "tokenflex", n=2, weights=path) as h:  # what the weights were trained on comes back
         assert h.methods[0].train_n == (1, 2)
 
