@@ -141,19 +141,19 @@ class TempMe(Method):
             mods["pos"] = nn.ParameterList(nn.Parameter(torch.zeros(c, width)) for c in sizes)
         return mods or None
 
-    def qkv_lora(self, block: int):
+    def _lora(self, key: str, block: int):
         mods = getattr(self, "modules", None)
-        if mods is None or "lora" not in mods or block >= len(mods["lora"]):
+        if mods is None or key not in mods or block >= len(mods[key]):
             return None
-        m = mods["lora"][block]
-        return m.A, m.B
+        return mods[key][block].A, mods[key][block].B
+
+    def qkv_lora(self, block: int):
+        """(A, B) of the vision tower's block ``block`` (None: no update there)."""
+        return self._lora("lora", block)
 
     def text_qkv_lora(self, block: int):
-        mods = getattr(self, "modules", None)
-        if mods is None or "text_lora" not in mods or block >= len(mods["text_lora"]):
-            return None
-        m = mods["text_lora"][block]
-        return m.A, m.B
+        """(A, B) of the text tower's block ``block`` (a whole open_clip CLIP model)."""
+        return self._lora("text_lora", block)
 
     # windows ------------------------------------------------------------------------------
     def _windows(self, view) -> torch.Tensor:
