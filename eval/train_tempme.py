@@ -65,20 +65,32 @@ class Windows:
 
     @classmethod
     def sample(cls, lengths: list[int], n: int, frames: int, part: str, rng: np.random.Generator) -> "Windows":
+        """``n`` videos of ``frames`` distinct frames inside the ``part`` ("train": the first 70 % of a clip,
+        "test": the rest), evenly spaced with a random stride >= 2 and the caption between two of them; where the
+        part is too short for stride 2, consecutive frames and the caption next to them; clips whose part cannot
+        hold ``frames + 1`` frames are not drawn."""
+        spans = [(0, int(0.7 * t)) if part == "train" else (int(0.7 * t), t) for t in lengths]
+        usable = [c for c, (lo, hi) in enumerate(spans) if hi - lo >= frames + 1]
+        if not usable:
+            raise ValueError(f"no clip has {frames + 1} frames in its {part} part")
         clip, idx, cap = [], [], []
         for _ in range(n):
-            c = int(rng.integers(len(lengths)))
-            lo, hi = (0, int(0.7 * lengths[c])) if part == "train" else (int(0.7 * lengths[c]), lengths[c])
-            stride = int(rng.integers(2, max(3, (hi - lo) // frames + 1)))
-            span = stride * (frames - 1) + 1
-            if span > hi - lo:
-                stride, span = 2, 2 * (frames - 1) + 1
-            start = lo + int(rng.integers(0, max(1, hi - lo - span + 1)))
-            f = [min(start + k * stride, lengths[c] - 1) for k in range(frames)]
-            gap = int(rng.integers(frames - 1))
+            c = usable[int(rng.integers(len(usable)))]
+            lo, hi = spans[c]
+            longest = (hi - lo - 1) // (frames - 1) if frames > 1 else hi - lo
+            if longest >= 2:
+                stride = int(rng.integers(2, longest + 1))
+                start = lo + int(rng.integers(0, hi - lo - stride * (frames - 1)))
+                f = [start + k * stride for k in range(frames)]
+                gap = int(rng.integers(frames - 1)) if frames > 1 else 0
+                caption = f[gap] + 1
+            else:
+                start = lo + int(rng.integers(0, hi - lo - frames + 1))
+                f = list(range(start, start + frames))
+                caption = start - 1 if start > lo else start + frames
             clip.append(c)
             idx.append(f)
-            cap.append(min(f[gap] + 1, lengths[c] - 1))  # between two of the video's frames
+            cap.append(caption)
         return cls(clip, idx, cap)
 
     def pixels(self, clips, rows) -> torch.Tensor:
