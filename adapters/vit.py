@@ -382,23 +382,13 @@ class InViTRunner:
     def _track(self, plan: ViTMerge, b: int, n: int, device) -> None:
         if self.assign is None:
             self.assign = torch.arange(n, device=device).expand(b, n).clone()
-        if self.rows is None:
-            self.assign = remap_assign(self.assign, plan, n)
-            return
-        order = plan.output_order(n)
-        new_pos = torch.empty(b, n, dtype=torch.long, device=order.device)
-        new_pos.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand(b, -1))
-        if plan.r:
-            new_pos.scatter_(1, plan.src, new_pos.gather(1, plan.dst))
-        self.assign = new_pos[self.rows.to(new_pos.device)].gather(1, self.assign)
+        self.assign = remap_assign(self.assign, plan, n, self.rows)
 
     def _regroup(self, x: torch.Tensor, f: int) -> torch.Tensor:
         """Concatenate every ``f`` rows of one video: tokens, sizes, the source map and the row groups."""
         b, n = x.shape[:2]
         p = self.protected_now
-        if self.sizes is None:
-            self.sizes = torch.ones(b, n, dtype=torch.float32, device=x.device)
-        self.sizes = regroup_rows(self.sizes.unsqueeze(-1), f, p)[..., 0]
+        self.sizes = regroup_rows(self.sizes.unsqueeze(-1), f, p)[..., 0]  # set by _view before any plan
         if self.track_source:
             if self.assign is None:
                 self.assign = torch.arange(n, device=x.device).expand(b, n).clone()
@@ -519,11 +509,6 @@ def install_qkv_lora(adapter: Adapter, parts: list[BlockParts], method) -> None:
                 "Linear layers, a fused qkv Linear, or nn.MultiheadAttention"
             )
         kind, target = part.qkv
-
-        def delta(x, i=i):
-            a, b = method.qkv_lora(i)
-            return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
-
         if kind == "split":
             local = threading.local()  # A x of the block's input, computed once for q, k and v
 
@@ -541,8 +526,12 @@ def install_qkv_lora(adapter: Adapter, parts: list[BlockParts], method) -> None:
 
                 adapter.hook(lin, post, pre=False, prepend=True)
         elif kind == "fused":
-            adapter.hook(target, lambda m, args, kwargs, out, d=delta: out + d(args[0] if args else next(iter(kwargs.values()))),
-                         pre=False, prepend=True)
+            def fused(module, args, kwargs, out, i=i):
+                a, b = method.qkv_lora(i)
+                x = args[0] if args else next(iter(kwargs.values()))
+                return out + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
+            adapter.hook(target, fused, pre=False, prepend=True)
         else:  # nn.MultiheadAttention: its own forward on the updated packed weight
             def make(orig, mha=target, i=i):
                 cls_forward = type(mha).forward

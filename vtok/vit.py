@@ -176,14 +176,17 @@ def merge_tokens(x: torch.Tensor, sizes: torch.Tensor, plan: ViTMerge):
     return x_out, s_out
 
 
-def remap_assign(assign: torch.Tensor, plan: ViTMerge, n: int) -> torch.Tensor:
-    """Update a source map ``assign`` [B, N0] (values in [0, n)) through one merge."""
+def remap_assign(assign: torch.Tensor, plan: ViTMerge, n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Update a source map ``assign`` [B0, N0] (values in [0, n)) through one merge of [B, n] tokens; ``rows``
+    [B0]: the row of the merge each input row is in now (None: row b is row b)."""
     order = plan.output_order(n)
     b = order.shape[0]
     new_pos = torch.empty(b, n, dtype=torch.long, device=order.device)
     new_pos.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand(b, -1))
     if plan.r:
         new_pos.scatter_(1, plan.src, new_pos.gather(1, plan.dst))
+    if rows is not None:
+        new_pos = new_pos[rows.to(new_pos.device)]
     return new_pos.gather(1, assign)
 
 
