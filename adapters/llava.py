@@ -14,9 +14,8 @@ from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
 from .base import InstanceWrap, per_thread
-from .hf_vision import has_cls_token, vision_blocks, vit_probe_stats
-from .vit import InViTRunner, check_vit_method, install_qkv_lora
-from .vit_blocks import hf_attn_implementation, hf_block_parts
+from .hf_vision import has_cls_token, vit_probe_stats
+from .vit import InViTRunner
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaAdapter"]
@@ -156,20 +155,7 @@ class LlavaAdapter(VLMAdapter):
         if method is not None:
             tower = self.vision_tower
             protect = self._drops_cls() or (has_cls_token(tower) and getattr(method, "protect_cls", True))
-            self._vit = InViTRunner(
-                self,
-                method,
-                hf_block_parts(tower),
-                protected=int(protect),
-                active=self._feature_layer_blocks(),
-                track_source=True,
-                attn_implementation=lambda: hf_attn_implementation(tower),
-                on_reset=self._vit_reset,
-                tower=tower,
-            )
-            if callable(getattr(method, "qkv_lora", None)):
-                install_qkv_lora(self, hf_block_parts(tower), method)
-            self._vit.install()
+            self._vit = self.install_tower_runner(method, protected=int(protect), on_reset=self._vit_reset)
             self.hook(self.projector, self._projector_pre, pre=True)
         if self.method("projector") is not None:
             self._hooks.append(InstanceWrap(self.projector, "forward", self._wrap_projector))

@@ -14,16 +14,13 @@ import torch
 
 from vtok.hf_compat import family_module, precomputed_visual_features
 from vtok.method import ViTAttention
-from vtok.tokens import VisualTokens
-
 from vtok.stats import Reduction
+from vtok.tokens import VisualTokens
 
 from .anyres import LayoutStore, VisualLayout, parse_image, ramp
 from .anyres_stages import AnyResStages
 from .hf_vision import has_cls_token, vit_probe_stats
 from .base import InstanceWrap, per_thread
-from .vit import InViTRunner, install_qkv_lora
-from .vit_blocks import hf_attn_implementation, hf_block_parts
 from .vlm import VLMAdapter
 
 __all__ = ["LlavaNextAdapter", "VisualLayout"]
@@ -115,23 +112,11 @@ class LlavaNextAdapter(AnyResStages, VLMAdapter):
         self._vit = None
         method = self.method("in_vit")
         if method is not None:
-            tower = self.vision_tower
-            protect = self._strategy() == "default" or (has_cls_token(tower) and getattr(method, "protect_cls", True))
-            self._vit = InViTRunner(
-                self,
-                method,
-                hf_block_parts(tower),
-                protected=int(protect and has_cls_token(tower)),
-                active=self._feature_layer_blocks(),
-                track_source=True,
-                attn_implementation=lambda: hf_attn_implementation(tower),
-                on_reset=self._tower_reset,
-                tower=tower,
+            protect = self._drops_cls() or (has_cls_token(self.vision_tower) and getattr(method, "protect_cls", True))
+            self._vit = self.install_tower_runner(
+                method, protected=int(protect and has_cls_token(self.vision_tower)), on_reset=self._tower_reset,
                 groups=lambda rows: self._tower_rows,
             )
-            if callable(getattr(method, "qkv_lora", None)):
-                install_qkv_lora(self, hf_block_parts(tower), method)
-            self._vit.install()
             self.hook(self.model.model.multi_modal_projector, self._unmerge_projected, pre=False)
         self.hook_vit_probes()
 
@@ -156,7 +141,11 @@ class LlavaNextAdapter(AnyResStages, VLMAdapter):
         super().validate()
         method = self.method("in_vit")
         if method is not None:
-            self.validate_tower_method(method, self._strategy() == "default" and has_cls_token(self.vision_tower))
+            self.validate_tower_method(method, self._drops_cls())
+
+    def _drops_cls(self) -> bool:
+        """Whether the model drops token 0 of every tower row (the class token) before the projector."""
+        return self._strategy() == "default" and has_cls_token(self.vision_tower)
 
     def _feature_method(self):
         """Only a projector-stage method shapes what the placeholders get: in_vit merges are undone at the
@@ -178,7 +167,7 @@ class LlavaNextAdapter(AnyResStages, VLMAdapter):
         src = runner.source()
         if src is None:
             return None
-        drop = int(self._strategy() == "default" and has_cls_token(self.vision_tower))
+        drop = int(self._drops_cls())
         rows_out, n_out = int(src.sizes.shape[0]), int(src.sizes.shape[1])
         if output.dim() != 3 or output.shape[0] != rows_out or output.shape[1] != n_out - drop:
             raise ValueError(

@@ -49,7 +49,7 @@ from .hf_vision import (
     vision_blocks,
 )
 from .llm_stage import InLLMStage
-from .vit import check_vit_method
+from .vit import InViTRunner, check_vit_method, install_qkv_lora
 from .vit_blocks import hf_attn_implementation, hf_block_parts
 
 __all__ = ["VLMAdapter"]
@@ -216,6 +216,20 @@ class VLMAdapter(BeforeLLMStage, InLLMStage, Adapter):
 
     def num_vit_blocks(self) -> int | None:
         return self._feature_layer_blocks() if isinstance(self.model.config.vision_feature_layer, int) else None
+
+    def install_tower_runner(self, method, *, protected: int, on_reset, groups=None) -> InViTRunner:
+        """The in_vit runner in this model's vision tower, installed, with the method's q/k/v low-rank updates
+        (``qkv_lora``) in place first; ``groups``: rows -> the video of each tower row, or None."""
+        tower = self.vision_tower
+        parts = hf_block_parts(tower)
+        runner = InViTRunner(
+            self, method, parts, protected=protected, active=self._feature_layer_blocks(), track_source=True,
+            attn_implementation=lambda: hf_attn_implementation(tower), on_reset=on_reset, tower=tower, groups=groups,
+        )
+        if callable(getattr(method, "qkv_lora", None)):
+            install_qkv_lora(self, parts, method)
+        runner.install()
+        return runner
 
     def validate_tower_method(self, method, drops_cls: bool) -> None:
         """Refuse an in_vit method this tower cannot run (before any hook is installed); ``drops_cls``: the
