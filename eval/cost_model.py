@@ -272,6 +272,16 @@ def _vision_schedule(spec: ModelSpec, shapes: ForwardShapes, n: int, n_img: int)
     return out, per_img
 
 
+def _vit_probe_flops(v, probes: list, sched_v: list) -> int:
+    """The ViT attention probes' side computations: a CLS row or every query row, at each row of their block."""
+    over = 0
+    for p in probes:
+        if isinstance(p, ViTAttention):
+            rows = 1 if p.kind == "cls" else None
+            over += sum(v.probe_flops(na, rows or na) for na, _ in sched_v[p.layer % v.stack.layers])
+    return over
+
+
 def _vision_rows_schedule(spec: ModelSpec, shapes: ForwardShapes, events: list) -> list:
     """Per vision block and tower row: (tokens at its attention, tokens at its MLP), from in_vit events that
     list every row of every tower call of the forward (``Reduction.units``, with the merge ``point``): a merge
@@ -412,10 +422,7 @@ def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact"
         over = sum(int(m.overhead_flops(e, spec, e.units)) for m in shapes.methods for e in rows_events if e.method == m.name)
         # work a method adds at every block whether it merges there or not (TempMe's LoRA)
         over += sum(int(m.tower_flops(spec, sched_v)) for m in shapes.methods if callable(getattr(m, "tower_flops", None)))
-        for p in probes:
-            if isinstance(p, ViTAttention):
-                rows = 1 if p.kind == "cls" else None
-                over += sum(v.probe_flops(na, rows or na) for na, _ in sched_v[p.layer % v.stack.layers])
+        over += _vit_probe_flops(v, probes, sched_v)
         add("method", over, _shares(over, weights))
     elif spec.vision is not None:
         v = spec.vision
@@ -435,10 +442,7 @@ def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact"
                     for e in shapes.events:
                         if e.stage == "in_vit" and e.method == m.name:
                             over += int(m.overhead_flops(e, spec, sched_v[e.layer]))
-                for p in probes:
-                    if isinstance(p, ViTAttention):
-                        rows = 1 if p.kind == "cls" else None
-                        over += sum(v.probe_flops(na, rows or na) for na, _ in sched_v[p.layer % v.stack.layers])
+                over += _vit_probe_flops(v, probes, sched_v)
                 add("method", over, _shares(over, weights))
     # projector
     own = any(getattr(m, "replaces_projector", False) for m in shapes.methods)  # its cost is the method's
