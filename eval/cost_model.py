@@ -274,6 +274,8 @@ def _vision_schedule(spec: ModelSpec, shapes: ForwardShapes, n: int, n_img: int)
 
 def _vit_probe_flops(v, probes: list, sched_v: list) -> int:
     """The ViT attention probes' side computations: a CLS row or every query row, at each row of their block."""
+    from vtok.method import ViTAttention
+
     over = 0
     for p in probes:
         if isinstance(p, ViTAttention):
