@@ -376,7 +376,7 @@ def analyse(spec: ModelSpec, shapes: ForwardShapes, *, convention: str = "exact"
     after the prefill to produce R tokens (the first comes from the prefill's logits); step j attends over
     the layer's prefill KV length + j, at the reduced per-layer KV lengths.
     """
-    from vtok.method import LLMAttention, ViTAttention
+    from vtok.method import LLMAttention
 
     if convention not in CONVENTIONS:
         raise ValueError(f"convention={convention!r} is not one of {CONVENTIONS}")

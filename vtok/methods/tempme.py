@@ -6,7 +6,7 @@ tables (PEFT)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +188,8 @@ class TempMe(Method):
         windows = self._windows(view)
         if windows is None:  # single images: the block's cross-clip merge within each image
             f = 1
-        view.groups = windows if windows is not None else view.groups
+        if windows is not None:  # clips never span two windows
+            view = replace(view, groups=windows)
         v = view.regrouped(f)
         n = view.x.shape[1]
         m0 = min(int(self.clip_ratio * f * n), f * (n - view.protected) // 2)
@@ -210,10 +211,8 @@ class TempMe(Method):
         rank = torch.arange(b) - torch.searchsorted(g, g)  # row within its window (windows are contiguous)
         if int(rank.max()) >= table.shape[0]:
             raise ValueError(f"tempme: {int(rank.max()) + 1} clips enter block {view.block}, its table has {table.shape[0]}")
-        slot = torch.empty(f * n, dtype=torch.long)
-        idx = regroup_index(n, f, view.protected)
-        for j in range(f):
-            slot[idx[j]] = j
+        slot = torch.empty(f * n, dtype=torch.long)  # which of the f clips each token of a new row came from
+        slot[regroup_index(n, f, view.protected)] = torch.arange(f).unsqueeze(1).expand(f, n)
         clip_of = rank[::f].unsqueeze(1) + slot.unsqueeze(0)  # [rows', f*n] clip index within the window
         return table[clip_of.to(table.device)].to(v.x.dtype)
 
