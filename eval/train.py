@@ -34,30 +34,40 @@ def _stage_tokens(handle, method, feats: torch.Tensor, grid):
 
 
 def variant_loss(model, handle, method, helper, feats, questions, answers, grid) -> torch.Tensor:
-    """Answer cross-entropy (answer tokens + EOS) of one forward at the method's current settings: its tokens
-    spliced into prompts with one placeholder per token, as the attached model would run them."""
+    """Answer cross-entropy (answer tokens + EOS, mean over every answer token of the batch) at the method's
+    current settings: its tokens spliced into prompts with one placeholder per token, as the attached model
+    would run them. Samples are run in one LLM forward per token count, so a batch whose samples keep different
+    counts (a scale or n drawn per sample) is not padded to its longest prompt; the loss is the same."""
     from . import offline as O
 
     out = _stage_tokens(handle, method, feats, grid)
     counts = out.counts().tolist()
-    seqs, n_ans = [], []
-    for q, a, k in zip(questions, answers, counts):
-        ids, na = O.build_prompt_ids(helper.tokenizer, q, k, helper.image_token_id, a)
-        seqs.append(ids)
-        n_ans.append(na)
     tok = helper.tokenizer
-    ids, mask = O.left_pad(seqs, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    ids, mask = ids.to(feats.device), mask.to(feats.device)
-    emb = model.get_input_embeddings()(ids)
-    sel = ids == helper.image_token_id
-    emb = emb.masked_scatter(sel.unsqueeze(-1), out.features[out.mask].to(emb.dtype))
-    keep = max(n_ans) + 1
-    logits = model(inputs_embeds=emb, attention_mask=mask, position_ids=O.position_ids_from_mask(mask),
-                   logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
-    labels = torch.full((len(seqs), keep - 1), -100, dtype=torch.long, device=ids.device)
-    for i, na in enumerate(n_ans):
-        labels[i, keep - 1 - na:] = ids[i, ids.shape[1] - na:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    total, n_tokens = None, 0
+    for k in sorted(set(counts)):
+        members = [i for i, c in enumerate(counts) if c == k]
+        seqs, n_ans = [], []
+        for i in members:
+            ids, na = O.build_prompt_ids(tok, questions[i], k, helper.image_token_id, answers[i])
+            seqs.append(ids)
+            n_ans.append(na)
+        ids, mask = O.left_pad(seqs, pad)
+        ids, mask = ids.to(feats.device), mask.to(feats.device)
+        emb = model.get_input_embeddings()(ids)
+        sel = ids == helper.image_token_id
+        emb = emb.masked_scatter(sel.unsqueeze(-1), out.features[members][out.mask[members]].to(emb.dtype))
+        keep = max(n_ans) + 1
+        logits = model(inputs_embeds=emb, attention_mask=mask, position_ids=O.position_ids_from_mask(mask),
+                       logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+        labels = torch.full((len(seqs), keep - 1), -100, dtype=torch.long, device=ids.device)
+        for j, na in enumerate(n_ans):
+            labels[j, keep - 1 - na:] = ids[j, ids.shape[1] - na:]
+        part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total = part if total is None else total + part
+        n_tokens += sum(n_ans)
+    return total / n_tokens
 
 
 def distill_loss(handle, method, feats, grid) -> torch.Tensor:

@@ -322,3 +322,40 @@ def test_real_offline_vlm():
     with torch.no_grad():
         out = model(**b, logits_to_keep=1, use_cache=False)
     assert out.logits.shape == (2, 1, 49153) and torch.isfinite(out.logits).all()
+
+
+def test_variant_loss_groups_counts_and_equals_each_sample_alone(monkeypatch):
+    """`vtok train`'s answer loss with a scale per sample: one LLM forward per token count (no padding to the
+    longest prompt), and the mean over every answer token equals the samples computed one at a time."""
+    from types import SimpleNamespace
+
+    import vtok
+    from vtok.eval.train import variant_loss
+
+    vision, lm = _tiny_parts()
+    tok = _Tok()
+    monkeypatch.setattr(O, "IMAGE_SIZE", 16)
+    model = O.assemble_llava(vision, lm, tok).requires_grad_(False)
+    helper = SimpleNamespace(tokenizer=tok, image_token_id=model.config.image_token_id)
+    h = vtok.apply(model, "matryoshka", scale=[16, 4, 16, 1])
+    m = h.methods[0]
+    torch.manual_seed(0)
+    feats = torch.randn(4, 16, 16)
+    qs, ans = ["what is it?", "is it red?", "what color?", "is it?"], ["a circle", "no", "red", "yes"]
+    grid = h.adapter.grid(16)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda mod, a, kw: calls.append(kw["inputs_embeds"].shape), with_kwargs=True)
+    with h.adapter.hooks_stashed():
+        got = variant_loss(model, h, m, helper, feats, qs, ans, grid)
+        handle.remove()
+        assert sorted(s[0] for s in calls) == [1, 1, 2]  # counts 1, 4, and the two 16s together
+        sums, n = 0.0, 0
+        for i, scale in enumerate([16, 4, 16, 1]):
+            m.scale = scale
+            n_ans = O.build_prompt_ids(tok, qs[i], scale, helper.image_token_id, ans[i])[1]
+            sums += variant_loss(model, h, m, helper, feats[i : i + 1], qs[i : i + 1], ans[i : i + 1], grid) * n_ans
+            n += n_ans
+    h.remove()
+    torch.testing.assert_close(got, sums / n, rtol=1e-5, atol=1e-6)
+    got.backward()  # the method's projector copy gets the gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in h.parameters())
