@@ -27,9 +27,9 @@ def demo_settings(budgets, methods=None) -> list:
     if methods and unusable:
         raise ValueError(f"{unusable} have no setting for a token budget; give methods that do")
     classes = [c for c in classes if c.name not in unusable]
-    # projector methods have a few discrete counts (M3's nested scales): they take their nearest setting
+    # methods with a few discrete counts (M3's nested scales, TempMe's shares) take their nearest setting
     # and the runner adds the baselines at the budget they reach, instead of moving everyone's budget
-    common = [c for c in classes if "projector" not in c.stages]
+    common = [c for c in classes if not c.nearest_budget]
     snapped = []
     for b in budgets:
         for c in common:

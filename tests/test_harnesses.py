@@ -79,6 +79,10 @@ def test_demo_settings_follow_the_registry():
     if "tome" in names:  # budgets snap to what ToMe reaches exactly: 256 - 12 r patches
         assert ("tome", {"r": 16}) in settings and ("tome", {"r": 11}) in settings
         assert ("fastv", {"layer": 2, "retain": round((256 - 132) / 256, 4)}) in settings
+    if {"vqtoken", "tempme", "matryoshka"} <= names:  # the trained methods are in the demo too
+        assert ("vqtoken", {"k": 64, "rescale": True}) in settings  # K = the budget's count, one image a video
+        assert ("tempme", {"clip_ratio": 0.26}) in settings  # the share whose single-image count is 64
+        assert ("matryoshka", {"scale": 64}) in settings  # nearest setting: the others' budgets do not move
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         demo_settings([0.5], methods=["nope"])
     assert all(m not in names for m in ("random", "pool"))  # the baselines, added by the runner

@@ -207,3 +207,21 @@ def test_a_whole_open_clip_model_gets_text_tower_lora_too_and_the_papers_half_mi
             blk.attn.in_proj_weight += b @ a
         torch.testing.assert_close(got, ref_model.encode_text(text), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(got, model.encode_text(text))  # removed: the untouched text tower again
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25])
+def test_settings_for_a_budget_reach_the_single_image_count_they_predict(budget):
+    """On single images (the demo's comparisons), ``settings_for_budget`` picks the clip share whose count
+    ``single_image_tokens`` predicts; the tower run with it leaves exactly that many patches per image."""
+    from vtok.method import BudgetContext
+
+    model = _clip(image=224, patch=16)  # 196 patches + CLS, 12 blocks
+    context = BudgetContext(196, 12)
+    hp = TempMe.settings_for_budget(budget, context)
+    want = TempMe.single_image_tokens(196, 12, **hp)
+    assert want == round(TempMe.snap_budget(budget, context) * 196)
+    assert abs(want - budget * 196) <= 2
+    px = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with vtok.apply(model, "tempme", **hp), torch.no_grad():
+        out = model(pixel_values=px).last_hidden_state
+    assert out.shape[1] == 1 + want

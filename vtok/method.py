@@ -188,6 +188,10 @@ class Method:
     #: whether the projector stage runs the method's own projector instead of the model's (the FLOP count
     #: then has the method's ``overhead_flops`` in place of the model's projector)
     replaces_projector: ClassVar[bool] = False
+    #: whether ``settings_for_budget`` reaches only a few counts (M3's nested scales, TokenFLEX's n x n, TempMe's
+    #: fixed shares): comparisons give such a method its nearest setting and match the baselines to the count
+    #: it reached, instead of moving every other method's budget to it (``snap_budget``)
+    nearest_budget: ClassVar[bool] = False
     #: settings that describe the trained weights (e.g. the sizes trained on): loading weights restores
     #: them from the file's metadata
     trained_settings: ClassVar[tuple] = ()

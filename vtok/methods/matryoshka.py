@@ -43,7 +43,8 @@ class Matryoshka(Method):
     noop = {"scale": "full"}
     example = {"scale": 1}  # a nested scale of every tiny grid (4x4: 16/4/1, OneVision's 6x6: 36/9/1)
     paper = "scales 576/144/36/9/1 tokens per 24x24 grid, chosen per request; all five losses averaged in training"
-    kept_meaningful = False  # pooled tokens are new tokens
+    kept_meaningful = False
+    nearest_budget = True  # pooled tokens are new tokens
     trained_settings = ("train_scales", "train_draw")
 
     scale: object = hparam(

@@ -89,6 +89,51 @@ class TempMe(Method):
     frame_pos: bool = hparam(True, "learned clip position tables added before the cross-clip merge", type=bool)
     lora_rank: int = hparam(8, "rank of the q/k/v LoRA of every block (0: none)", type=int, range="[0, inf)")
 
+    nearest_budget = True
+
+    # budgets (comparisons on images: a single image is a one-frame video) --------------------------
+    @classmethod
+    def single_image_tokens(cls, patches: int, blocks: int, prefix: int = 1, **settings) -> int:
+        """Patches (prefix excluded) that leave a ``blocks``-block tower for one image of ``patches`` patches and
+        ``prefix`` class tokens, at ``settings`` (the defaults otherwise): the merges of ``in_vit_pre`` and
+        ``in_vit`` counted as they run (every merge at most half of the unprotected tokens)."""
+        m = cls(**settings)
+        clip, _ = m._blocks(blocks)
+        n, p = patches + prefix, prefix
+        for b in range(blocks):
+            if b in clip:
+                n -= min(int(m.clip_ratio * n), (n - p) // 2)
+                n -= min(int(m.intra_ratio * n), (n - p) // 2)
+            elif b == blocks - 1:
+                n -= min(int(m.last_ratio * n), (n - p) // 2)
+            else:
+                n -= min(m.img_r, (n - p) // 2)
+        return n - p
+
+    @classmethod
+    def _budget_setting(cls, budget: float, context) -> tuple[dict, int]:
+        """The ``clip_ratio`` (and, only if that cannot reach it, a smaller ``img_r``) whose single-image count is
+        nearest ``budget``, the other shares at the paper's; one class token assumed (CLIP, DINOv2)."""
+        target = round(budget * context.visual_tokens)
+        best = None
+        for img_r in (2, 1, 0):
+            for c in range(100):
+                hp = {"clip_ratio": c / 100} | ({} if img_r == 2 else {"img_r": img_r})
+                got = cls.single_image_tokens(context.visual_tokens, context.vit_blocks, **hp)
+                key = (abs(got - target), 2 - img_r, abs(c - 30))
+                if best is None or key < best[0]:
+                    best = (key, hp, got)
+        return best[1], best[2]
+
+    @classmethod
+    def settings_for_budget(cls, budget: float, context) -> dict:
+        """On images: the setting of ``_budget_setting`` (TempMe's fixed shares reach a few counts only)."""
+        return cls._budget_setting(budget, context)[0]
+
+    @classmethod
+    def snap_budget(cls, budget: float, context) -> float:
+        return cls._budget_setting(budget, context)[1] / context.visual_tokens
+
     def validate(self) -> None:
         fs = tuple(int(f) for f in self.merge_frames)
         if any(f < 1 for f in fs):

@@ -45,6 +45,7 @@ class TokenFlex(Method):
     example = {"n": 2, "train_n": (2, 4)}
     paper = "n x n tokens per image, n in {8, 12, 16} (64/144/256) chosen per request; n drawn per sample in training"
     kept_meaningful = False
+    nearest_budget = True
     needs_weights = True
     replaces_projector = True
     trained_settings = ("train_n", "train_weights")

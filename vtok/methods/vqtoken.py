@@ -158,7 +158,16 @@ class VQToken(Method):
 
     @classmethod
     def settings_for_budget(cls, budget, context):
-        return None  # K is a count per video, not a share
+        """A fixed K of ``budget`` times one image's visual tokens (at least 1), for comparisons on images (a
+        prompt's image is a video of one frame; K is a count per video, so on videos give ``k`` itself), and
+        ``rescale``: comparisons run models not fine-tuned on unit-norm codes (on the demo VLM, 16 easy-VQA
+        questions at K=64: 43.8% without, 100% with)."""
+        return {"k": max(1, round(budget * context.visual_tokens)), "rescale": True}
+
+    @classmethod
+    def snap_budget(cls, budget, context):
+        """Any budget whose count is at least 1 is reached as it is (K = its rounded count)."""
+        return budget if round(budget * context.visual_tokens) >= 1 else 1 / context.visual_tokens
 
     def token_schedule(self, visual_tokens: int, units: list[int]) -> list:
         from ..stats import Reduction
