@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["VisualLayout", "LayoutStore", "ramp", "parse_image", "video_layout"]
+__all__ = ["VisualLayout", "LayoutStore", "ramp", "parse_image", "video_layout", "pack_units"]
 
 
 @dataclass
@@ -161,4 +161,41 @@ def video_layout(frames: int, h: int, w: int) -> VisualLayout:
         grids=[(h, w)] * frames,
         frame=frame,
         src=ar,
+    )
+
+
+#: the per-token fields every AnyRes / video unit carries in ``VisualTokens.extra``
+UNIT_FIELDS = ("crop", "block", "row", "col", "patch")
+
+
+def pack_units(like: torch.Tensor, rows, owner, grids):
+    """``VisualTokens`` with one unit per entry of ``rows``, padded to the longest: each entry is (features
+    [k, D], {field: LongTensor[k]} for every ``UNIT_FIELDS``, frame LongTensor[k] or None for an image).
+    ``like`` gives the dtype and device, ``owner`` the sample of each unit, ``grids`` each unit's grids."""
+    from vtok.tokens import VisualTokens
+
+    dev = like.device
+    u, n = len(rows), max(f.shape[0] for f, _, _ in rows)
+    feats = like.new_zeros(u, n, like.shape[-1])
+    mask = torch.zeros(u, n, dtype=torch.bool, device=dev)
+    longs = {k: torch.zeros(u, n, dtype=torch.long, device=dev) for k in UNIT_FIELDS + ("frame",)}
+    for i, (f, fields, frame) in enumerate(rows):
+        k = f.shape[0]
+        feats[i, :k] = f.to(dev, like.dtype)
+        mask[i, :k] = True
+        for name in UNIT_FIELDS:
+            longs[name][i, :k] = fields[name].to(dev)
+        if frame is not None:
+            longs["frame"][i, :k] = frame.to(dev)
+    flat = {tuple(gr) for gs in grids for gr in gs}
+    return VisualTokens(
+        features=feats,
+        mask=mask,
+        positions=torch.arange(n, device=dev).expand(u, n) * mask,
+        sizes=mask.float(),
+        owner=torch.tensor(list(owner), dtype=torch.long, device=dev),
+        grid=next(iter(flat)) if len(flat) == 1 else None,
+        frames=longs["frame"] if any(fr is not None for _, _, fr in rows) else None,
+        extra={k: longs[k] for k in UNIT_FIELDS},
+        grids=grids,
     )

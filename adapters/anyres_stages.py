@@ -63,6 +63,7 @@ from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
+from .anyres import pack_units
 from .base import InstanceWrap, per_thread
 
 __all__ = ["AnyResStages"]
@@ -282,45 +283,21 @@ class AnyResStages:
         return self._native_units(embeds, entries)
 
     def _native_units(self, embeds, entries) -> VisualTokens:
-        dev, dt = embeds.device, embeds.dtype
-        grids_all = [lay.native for _, _, lay, _ in entries]
-        n = max(g.shape[0] * g.shape[1] for g in grids_all)
-        u = len(entries)
-        feats = embeds.new_zeros(u, n, embeds.shape[-1])
-        mask = torch.zeros(u, n, dtype=torch.bool, device=dev)
-        names = ("crop", "block", "row", "col", "patch", "frame")
-        longs = {k: torch.zeros(u, n, dtype=torch.long, device=dev) for k in names}
-        grids, video = [], False
-        for i, ((_, _, lay, _), g) in enumerate(zip(entries, grids_all)):
+        rows, grids = [], []
+        for _, _, lay, _ in entries:
+            g = lay.native
             t, m = g.shape[:2]
             side = math.isqrt(m)
             if side * side != m:
                 raise ValueError(f"{self.name}: the tower's grid of {m} tokens per crop / frame is not square")
-            k = t * m
-            feats[i, :k] = g.reshape(k, -1).to(dev, dt)
-            mask[i, :k] = True
-            ar = torch.arange(k, device=dev)
+            ar = torch.arange(t * m, device=embeds.device)
             part, within = ar // m, ar % m
-            is_video = lay.frame is not None
-            video |= is_video
-            longs["crop"][i, :k] = -1 if is_video else part
-            longs["frame"][i, :k] = part if is_video else 0
-            longs["block"][i, :k] = part
-            longs["row"][i, :k], longs["col"][i, :k] = within // side, within % side
-            longs["patch"][i, :k] = within
+            video = lay.frame is not None
+            fields = {"crop": torch.full_like(part, -1) if video else part, "block": part, "row": within // side,
+                      "col": within % side, "patch": within}
+            rows.append((g.reshape(t * m, -1), fields, part if video else None))
             grids.append([(side, side)] * t)
-        flat = {gr for gs in grids for gr in gs}
-        return VisualTokens(
-            features=feats,
-            mask=mask,
-            positions=torch.arange(n, device=dev).expand(u, n) * mask,
-            sizes=mask.float(),
-            owner=torch.tensor([e[0] for e in entries], dtype=torch.long, device=dev),
-            grid=next(iter(flat)) if len(flat) == 1 else None,
-            frames=longs["frame"] if video else None,
-            extra={k: longs[k] for k in names[:-1]},
-            grids=grids,
-        )
+        return pack_units(embeds, rows, [e[0] for e in entries], grids)
 
     def _run_before_llm(self) -> None:
         super()._run_before_llm()

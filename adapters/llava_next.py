@@ -17,7 +17,7 @@ from vtok.method import ViTAttention
 from vtok.stats import Reduction
 from vtok.tokens import VisualTokens
 
-from .anyres import LayoutStore, VisualLayout, parse_image, ramp
+from .anyres import UNIT_FIELDS, LayoutStore, VisualLayout, pack_units, parse_image, ramp
 from .anyres_stages import AnyResStages
 from .hf_vision import has_cls_token, vit_probe_stats
 from .base import InstanceWrap, per_thread
@@ -428,47 +428,19 @@ class LlavaNextAdapter(AnyResStages, VLMAdapter):
         return self._make_units(features, entries), [e[3] for e in entries]
 
     def _make_units(self, embeds, entries) -> VisualTokens:
-        dev = embeds.device
-        u = len(entries)
-        n = max(e[2].n for e in entries)
-        feats = embeds.new_zeros(u, n, embeds.shape[-1])
-        mask = torch.zeros(u, n, dtype=torch.bool, device=dev)
-        longs = {
-            k: torch.zeros(u, n, dtype=torch.long, device=dev) for k in ("block", "row", "col", "crop", "patch", "frame")
-        }
-        vit = {p: torch.zeros(u, n, dtype=torch.float32, device=dev) for p in self._vit_probes()}
-        for i, (b, _, lay, span) in enumerate(entries):
-            k = lay.n
-            feats[i, :k] = embeds[b, span[lay.token_slot.to(span.device)]]
-            mask[i, :k] = True
-            for name in ("block", "row", "col", "crop", "patch"):
-                longs[name][i, :k] = getattr(lay, name).to(dev)
-            if lay.frame is not None:
-                longs["frame"][i, :k] = lay.frame.to(dev)
-            for p in vit:
+        rows = [(embeds[b, span[lay.token_slot.to(span.device)]], {k: getattr(lay, k) for k in UNIT_FIELDS}, lay.frame)
+                for b, _, lay, span in entries]
+        units = pack_units(embeds, rows, [e[0] for e in entries], [e[2].grids for e in entries])
+        u, n = units.mask.shape
+        for p in self._vit_probes():
+            v = torch.zeros(u, n, dtype=torch.float32, device=embeds.device)
+            for i, (_, _, lay, _) in enumerate(entries):
                 if p not in lay.vit:
                     raise ValueError(
                         f"{p!r} was not computed for these features (were they passed in pre-computed, without "
                         "running the vision tower while vtok was attached?)"
                     )
-                vit[p][i, :k] = lay.vit[p].to(dev)
-        grids = [e[2].grids for e in entries]
-        flat = {tuple(gr) for gs in grids for gr in gs}
-        grid = next(iter(flat)) if len(flat) == 1 else None
-        has_video = any(e[2].frame is not None for e in entries)
-        owner = torch.tensor([e[0] for e in entries], dtype=torch.long, device=dev)
-        units = VisualTokens(
-            features=feats,
-            mask=mask,
-            positions=torch.arange(n, device=dev).expand(u, n) * mask,
-            sizes=mask.float(),
-            owner=owner,
-            grid=grid,
-            frames=longs["frame"] if has_video else None,
-            extra={k: longs[k] for k in ("crop", "block", "row", "col", "patch")},
-            grids=grids,
-        )
-        for p, v in vit.items():
+                v[i, : lay.n] = lay.vit[p].to(embeds.device)
             self._captured[p] = v
         return units
 
