@@ -219,3 +219,31 @@ def test_tome_then_holitom_on_llava():
             assert torch.equal(gen[i, s_len : s_len + new.numel()], new)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, ref)
+
+
+def test_last_split_is_each_threads_own_call():
+    """A model served from two threads: each thread reads the split of its own call, not the other's."""
+    import threading
+
+    case = TINY_CASES["llava"]
+    model = tiny_model("llava")
+    samples = case.make_samples(model, [(1, 3, 4)], 0)
+    same = [dict(s) for s in samples]
+    same[0]["pixel_values"] = samples[0]["pixel_values"].clone()
+    same[0]["pixel_values"][1:] = same[0]["pixel_values"][0]  # identical frames: one static segment
+    m = HoliTom(retain=1.0, tau=0.99, inner_drop=0.0)
+    seen = {}
+    with vtok.apply(model, m), torch.no_grad():
+        model(**case.batch(same))
+        mine = m.last_split
+
+        def other():
+            seen["before"] = m.last_split
+            model(**case.batch(samples))  # random frames: no static positions
+            seen["after"] = m.last_split
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert m.last_split is mine and mine[0]["segments"] == [(0, 2)]
+    assert seen["before"] is None and seen["after"] is not mine and seen["after"][0]["segments"] != [(0, 2)]

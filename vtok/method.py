@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import math
 import numbers
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -36,11 +37,27 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [  # and, re-exported, every name of vtok.probes.__all__ (the probes and the in-LLM view)
     "STAGES", "Method", "register", "get_method_class", "list_methods", "describe", "hparam",
-    "BudgetContext", "keep_count", "allocate",
+    "BudgetContext", "keep_count", "allocate", "last_call",
 ] + list(_probes_all)
 
 STAGES = ("in_vit", "before_llm", "in_llm", "projector")
 POSITION_POLICIES = ("keep", "compact")
+
+
+class last_call:
+    """A method attribute describing the last call of this thread (e.g. HoliTom's ``last_split``): a model served
+    from several threads gives each thread its own call's value, never another thread's. None before a call."""
+
+    def __set_name__(self, owner, name):
+        self.key = f"_last_call_{name}"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return obj.__dict__.get(self.key, {}).get(threading.get_ident())
+
+    def __set__(self, obj, value):
+        obj.__dict__.setdefault(self.key, {})[threading.get_ident()] = value
 
 
 def hparam(default, help: str, *, type=None, range: str | None = None, choices=None, **kw):
