@@ -140,8 +140,9 @@ def greedy_select(x, k, *, mode="kcenter", pivot=None, mask=None):
 
     Ties go to the lowest token index. ``pivot``: ``[B]`` int64 (or an int for all samples); default
     the first valid token (index 0 when there is no mask). ``mask [B, N]`` bool marks valid tokens;
-    invalid (padding) tokens are never selected. When a sample has fewer than ``k`` valid tokens
-    the selection stops there and the remaining slots of its row hold ``-1``. ``k`` is clamped to N.
+    invalid (padding) tokens are never selected, nor are tokens with a NaN or infinite feature (both
+    backends treat them as masked; an explicit pivot on one is refused). When a sample has fewer than
+    ``k`` valid tokens the selection stops there and the remaining slots of its row hold ``-1``. ``k`` is clamped to N.
     """
     impl = greedy_select_triton if backend_for(x) == "triton" else greedy_select_torch
     return impl(x, k, mode=mode, pivot=pivot, mask=mask)

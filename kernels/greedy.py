@@ -28,7 +28,8 @@ def _gram_budget(device) -> int:
 
 
 def _prepare(x, k, mode, pivot, mask):
-    """Checked arguments (k clamped to N, pivot [B] on x's device, mask) and the output ``idx`` [B, k], all -1."""
+    """Checked arguments (x with non-finite tokens zeroed, k clamped to N, pivot [B] on x's device, mask: those
+    tokens masked) and the output ``idx`` [B, k], all -1."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, d]; got {tuple(x.shape)}")
     if mode not in _MODES:
@@ -44,6 +45,10 @@ def _prepare(x, k, mode, pivot, mask):
         if mask.dtype != torch.bool or mask.shape != (B, N):
             raise ValueError(f"mask must be a bool tensor [B, N] = [{B}, {N}]; got {tuple(mask.shape)} {mask.dtype}")
         mask = mask.to(dev)
+    if N and not bool(torch.isfinite(x).all()):  # a NaN / inf token has no similarity: never selected
+        finite = torch.isfinite(x).all(-1)
+        mask = finite if mask is None else mask & finite.to(mask.device)
+        x = x.masked_fill(~finite[..., None], 0)  # so no NaN reaches the state of the tokens it is compared with
     if pivot is None:
         if mask is None:
             pivot = torch.zeros(B, dtype=torch.long, device=dev)
@@ -63,8 +68,9 @@ def _prepare(x, k, mode, pivot, mask):
             ok = mask.gather(1, pivot[:, None]).squeeze(1)
             if not bool(ok.all()):
                 bad = (~ok).nonzero().flatten().tolist()
-                raise ValueError(f"pivot points at a masked (invalid) token in samples {bad}; pass a valid pivot")
-    return k, pivot, mask, torch.full((B, k), -1, dtype=torch.long, device=dev)
+                raise ValueError(f"pivot points at a masked (invalid) or non-finite token in samples {bad}; pass a "
+                                 "valid pivot")
+    return x, k, pivot, mask, torch.full((B, k), -1, dtype=torch.long, device=dev)
 
 
 @torch.no_grad()
@@ -72,7 +78,7 @@ def greedy_select_torch(x, k, *, mode="kcenter", pivot=None, mask=None):
     """Per-step torch loop; reference of :func:`vtok.kernels.greedy_select` (its docstring is the contract).
 
     Used by ToDRE's stage 1 (max-sum, its v2 default, or k-center, its v1)."""
-    k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
+    x, k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
     if k == 0:
         return out
     B, N, _ = x.shape
@@ -274,7 +280,7 @@ def greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None):
 def _greedy_select_triton(x, k, *, mode="kcenter", pivot=None, mask=None, path=None, block_n=None):
     """:func:`greedy_select_triton` with the knobs tests use: ``path`` ("regs", "gram", "stream")
     and ``block_n`` force a code path."""
-    k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
+    x, k, pivot, mask, out = _prepare(x, k, mode, pivot, mask)
     if k == 0:
         return out
     B, N, D = x.shape

@@ -594,6 +594,25 @@ def test_greedy_select_triton_stream_multi_block_ties():
             assert torch.equal(greedy._greedy_select_triton(x, 24, mode=mode, path=path), ref), (mode, path)
 
 
+@pytest.mark.parametrize("mode", ["kcenter", "maxsum"])
+def test_greedy_select_skips_non_finite_tokens_on_both_backends(mode):
+    """A token with a NaN or inf feature is never selected, by either backend, and the rest of the selection is
+    the one with that token masked out; the default pivot moves past it, an explicit pivot on it is refused."""
+    x = _tokens(3, 12, 8, torch.float32, "float", 4)
+    x[0, 3, 1] = float("nan")
+    x[1, 0, 2] = float("inf")  # the default pivot: the first finite token becomes it
+    x[2, 5] = float("nan")
+    finite = torch.isfinite(x).all(-1)
+    want = K.greedy_select_torch(x.nan_to_num(0.0, 0.0, 0.0), 12, mode=mode, mask=finite)
+    assert (want[:, -1] == -1).tolist() == [True, True, True]  # 11 valid tokens each
+    got = K.greedy_select_torch(x, 12, mode=mode)
+    assert torch.equal(got, want) and got[1, 0].item() == 1
+    for path in ("regs", "gram", "stream"):
+        assert torch.equal(greedy._greedy_select_triton(x, 12, mode=mode, path=path), want), path
+    with pytest.raises(ValueError, match="non-finite"):
+        K.greedy_select_torch(x, 4, mode=mode, pivot=torch.tensor([3, 2, 1]))
+
+
 def _probe_inputs(B, Hkv, G, M, Nk, d, dtype, seed):
     g = _gen(seed)
     q = torch.randn(B, Hkv * G, M, d, generator=g).to(dtype)
