@@ -33,11 +33,12 @@ def _stage_tokens(handle, method, feats: torch.Tensor, grid):
     return method.projector(tokens, project)
 
 
-def variant_loss(model, handle, method, helper, feats, questions, answers, grid) -> torch.Tensor:
+def variant_loss(model, handle, method, helper, feats, questions, answers, grid, by_count: dict | None = None) -> torch.Tensor:
     """Answer cross-entropy (answer tokens + EOS, mean over every answer token of the batch) at the method's
     current settings: its tokens spliced into prompts with one placeholder per token, as the attached model
     would run them. Samples are run in one LLM forward per token count, so a batch whose samples keep different
-    counts (a scale or n drawn per sample) is not padded to its longest prompt; the loss is the same."""
+    counts (a scale or n drawn per sample) is not padded to its longest prompt; the loss is the same.
+    ``by_count``: adds each count's [summed loss, answer tokens] to it (the log's loss per token count)."""
     from . import offline as O
 
     out = _stage_tokens(handle, method, feats, grid)
@@ -67,6 +68,10 @@ def variant_loss(model, handle, method, helper, feats, questions, answers, grid)
                                                  ignore_index=-100, reduction="sum")
         total = part if total is None else total + part
         n_tokens += sum(n_ans)
+        if by_count is not None:
+            acc = by_count.setdefault(int(k), [0.0, 0])
+            acc[0] += part.item()
+            acc[1] += sum(n_ans)
     return total / n_tokens
 
 
@@ -180,6 +185,7 @@ def train(a) -> dict:
              "resume": Path(a.resume).name if a.resume else None}
     _log(log, start)
     t0, step, seen, run = time.time(), 0, 0, []
+    by_count: dict = {}
     total = a.distill_steps + a.steps
     bar = tqdm(total=total, desc=f"train {name}", unit="step")
     stop = {"now": False}
@@ -212,7 +218,7 @@ def train(a) -> dict:
                     else:
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
                             losses.append(variant_loss(model, handle, method, helper, feats, [qs[i] for i in idx],
-                                                       [ans[i] for i in idx], grid).float())
+                                                       [ans[i] for i in idx], grid, by_count).float())
                 finally:
                     _override(method, old_settings)
             loss = torch.stack(losses).mean()
@@ -227,6 +233,9 @@ def train(a) -> dict:
             if step % a.log_every == 0 or step == total:
                 rec = {"step": step, "phase": "distill" if step <= a.distill_steps else "lm",
                        "loss": sum(run) / len(run), "elapsed_s": round(time.time() - t0, 1), "samples": seen}
+                if by_count:  # answer loss per visual-token count (M3's scales, TokenFLEX's n x n) in this window
+                    rec["loss_by_tokens"] = {str(k): round(v[0] / v[1], 4) for k, v in sorted(by_count.items())}
+                by_count.clear()
                 _log(log, rec)
                 run = []
             if a.save_every and step % a.save_every == 0:

@@ -346,16 +346,22 @@ def test_variant_loss_groups_counts_and_equals_each_sample_alone(monkeypatch):
     calls = []
     handle = model.register_forward_pre_hook(lambda mod, a, kw: calls.append(kw["inputs_embeds"].shape), with_kwargs=True)
     with h.adapter.hooks_stashed():
-        got = variant_loss(model, h, m, helper, feats, qs, ans, grid)
+        by_count = {}
+        got = variant_loss(model, h, m, helper, feats, qs, ans, grid, by_count)
         handle.remove()
         assert sorted(s[0] for s in calls) == [1, 1, 2]  # counts 1, 4, and the two 16s together
-        sums, n = 0.0, 0
+        sums, n, per = 0.0, 0, {}
         for i, scale in enumerate([16, 4, 16, 1]):
             m.scale = scale
             n_ans = O.build_prompt_ids(tok, qs[i], scale, helper.image_token_id, ans[i])[1]
-            sums += variant_loss(model, h, m, helper, feats[i : i + 1], qs[i : i + 1], ans[i : i + 1], grid) * n_ans
+            one = variant_loss(model, h, m, helper, feats[i : i + 1], qs[i : i + 1], ans[i : i + 1], grid) * n_ans
+            sums += one
             n += n_ans
+            per[scale] = [per.get(scale, [0.0, 0])[0] + one.item(), per.get(scale, [0.0, 0])[1] + n_ans]
     h.remove()
     torch.testing.assert_close(got, sums / n, rtol=1e-5, atol=1e-6)
+    assert sorted(by_count) == [1, 4, 16] and {k: v[1] for k, v in by_count.items()} == {k: v[1] for k, v in per.items()}
+    for k, (loss_sum, _) in by_count.items():  # the log's loss per token count
+        assert loss_sum == pytest.approx(per[k][0], rel=1e-5)
     got.backward()  # the method's projector copy gets the gradient
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in h.parameters())
