@@ -11,31 +11,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vtok.method import LLM_PROBES, Method, Probe
+from vtok.method import LLM_PROBES, Method, Probe, per_thread
 
 __all__ = ["Adapter", "InstanceWrap", "per_thread"]
-
-
-class per_thread:
-    """An adapter attribute kept per thread: per-call state (the forward in flight, the prefill a decode
-    step continues, captured probes) must not be shared by calls running in different threads."""
-
-    def __init__(self, factory=None):
-        self.factory = factory
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, obj, owner=None):
-        if obj is None:
-            return self
-        local = obj._local
-        if not hasattr(local, self.name):
-            setattr(local, self.name, self.factory() if self.factory else None)
-        return getattr(local, self.name)
-
-    def __set__(self, obj, value):
-        setattr(obj._local, self.name, value)
 
 
 #: Why vtok's hooks run outside a torch.compile'd graph; torch puts it into the error that

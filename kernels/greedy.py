@@ -45,8 +45,8 @@ def _prepare(x, k, mode, pivot, mask):
         if mask.dtype != torch.bool or mask.shape != (B, N):
             raise ValueError(f"mask must be a bool tensor [B, N] = [{B}, {N}]; got {tuple(mask.shape)} {mask.dtype}")
         mask = mask.to(dev)
-    if N and not bool(torch.isfinite(x).all()):  # a NaN / inf token has no similarity: never selected
-        finite = torch.isfinite(x).all(-1)
+    finite = torch.isfinite(x).all(-1)
+    if N and not bool(finite.all()):  # a NaN / inf token has no similarity: never selected
         mask = finite if mask is None else mask & finite.to(mask.device)
         x = x.masked_fill(~finite[..., None], 0)  # so no NaN reaches the state of the tokens it is compared with
     if pivot is None:

@@ -37,27 +37,50 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [  # and, re-exported, every name of vtok.probes.__all__ (the probes and the in-LLM view)
     "STAGES", "Method", "register", "get_method_class", "list_methods", "describe", "hparam",
-    "BudgetContext", "keep_count", "allocate", "last_call",
+    "BudgetContext", "keep_count", "allocate", "per_thread",
 ] + list(_probes_all)
 
 STAGES = ("in_vit", "before_llm", "in_llm", "projector")
 POSITION_POLICIES = ("keep", "compact")
 
 
-class last_call:
-    """A method attribute describing the last call of this thread (e.g. HoliTom's ``last_split``): a model served
-    from several threads gives each thread its own call's value, never another thread's. None before a call."""
+class _ThreadState(threading.local):
+    """Per-thread attribute storage; a copy of its owner starts with none (a copy has made no call yet)."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
+class per_thread:
+    """An attribute kept per thread, in the owner's ``_local`` (created on first use): per-call state of an adapter
+    (the forward in flight, the prefill a decode step continues, captured probes) and what a method's last call
+    found (HoliTom's ``last_split``) must not be shared by calls running in different threads. ``factory`` gives
+    a thread's first value (default None)."""
+
+    def __init__(self, factory=None):
+        self.factory = factory
 
     def __set_name__(self, owner, name):
-        self.key = f"_last_call_{name}"
+        self.name = name
+
+    @staticmethod
+    def _state(obj):
+        local = obj.__dict__.get("_local")
+        return local if local is not None else obj.__dict__.setdefault("_local", _ThreadState())
 
     def __get__(self, obj, owner=None):
         if obj is None:
             return self
-        return obj.__dict__.get(self.key, {}).get(threading.get_ident())
+        local = self._state(obj)
+        if not hasattr(local, self.name):
+            setattr(local, self.name, self.factory() if self.factory else None)
+        return getattr(local, self.name)
 
     def __set__(self, obj, value):
-        obj.__dict__.setdefault(self.key, {})[threading.get_ident()] = value
+        setattr(self._state(obj), self.name, value)
 
 
 def hparam(default, help: str, *, type=None, range: str | None = None, choices=None, **kw):

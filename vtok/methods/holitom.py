@@ -22,7 +22,7 @@ from ..method import (
     ViTAttention,
     hparam,
     keep_count,
-    last_call,
+    per_thread,
     register,
 )
 from ..tokens import VisualTokens
@@ -186,7 +186,7 @@ class HoliTom(Method):
     """
 
     name = "holitom"
-    last_split = last_call()  # per clip of this thread's last call (see before_llm)
+    last_split = per_thread()  # per clip of this thread's last call (see before_llm)
     stages = ("before_llm", "in_llm")
     noop = {"retain": 1.0, "tau": 1.0, "inner_drop": 0.0}
     example = {"retain": 0.5, "tau": 0.3, "inner_layer": 2}  # tiny random videos: cosines ~0-0.7

@@ -14,7 +14,7 @@ import threading
 import torch
 from torch import nn
 
-from ..method import Method, hparam, last_call, register
+from ..method import Method, hparam, per_thread, register
 from ..tokens import VisualTokens, seeded_generator
 from .clips import Piece, assemble, clips
 
@@ -122,7 +122,7 @@ class VQToken(Method):
     """
 
     name = "vqtoken"
-    last_index_map = last_call()  # per video of this thread's last call: the token hash
+    last_index_map = per_thread()  # per video of this thread's last call: the token hash
     stages = ("before_llm",)
     example = {"k": 3}
     kept_meaningful = False
