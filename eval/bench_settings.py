@@ -124,7 +124,7 @@ def _budget_hparams(cls, budget: float, vit: _ViTShape | None):
         r, reached = per_block_r(vit.blocks, vit.tokens, vit.visual, target)
         note = "" if reached == target else f"per-block r reaches {reached} visual tokens, not {target}"
         return {"r": r}, note
-    hp = None if vit is None else cls.settings_for_budget(budget, BudgetContext(vit.visual, vit.blocks))
+    hp = None if vit is None else cls.settings_for_budget(budget, BudgetContext(vit.visual, vit.blocks, max(0, vit.tokens - vit.visual)))
     if hp is None:
         return None, f"{cls.name} has no budget setting on this model: reported at its default only"
     return hp, ""

@@ -180,10 +180,12 @@ def check_hparams(method: "Method") -> None:
 @dataclass(frozen=True)
 class BudgetContext:
     """What a method needs to know about a model to reach a token budget: visual tokens per image
-    (patches entering the vision tower's blocks, CLS excluded) and the tower's blocks that reach them."""
+    (patches entering the vision tower's blocks, CLS excluded), the tower's blocks that reach them, and the
+    tokens before the patches in each tower row (the class token, registers)."""
 
     visual_tokens: int
     vit_blocks: int
+    prefix_tokens: int = 1
 
 
 @dataclass

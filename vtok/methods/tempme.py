@@ -113,13 +113,13 @@ class TempMe(Method):
     @classmethod
     def _budget_setting(cls, budget: float, context) -> tuple[dict, int]:
         """The ``clip_ratio`` (and, only if that cannot reach it, a smaller ``img_r``) whose single-image count is
-        nearest ``budget``, the other shares at the paper's; one class token assumed (CLIP, DINOv2)."""
+        nearest ``budget``, the other shares at the paper's."""
         target = round(budget * context.visual_tokens)
         best = None
         for img_r in (2, 1, 0):
             for c in range(100):
                 hp = {"clip_ratio": c / 100} | ({} if img_r == 2 else {"img_r": img_r})
-                got = cls.single_image_tokens(context.visual_tokens, context.vit_blocks, **hp)
+                got = cls.single_image_tokens(context.visual_tokens, context.vit_blocks, context.prefix_tokens, **hp)
                 key = (abs(got - target), 2 - img_r, abs(c - 30))
                 if best is None or key < best[0]:
                     best = (key, hp, got)
